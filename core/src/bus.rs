@@ -1,0 +1,264 @@
+//! The two traits every backend implements, [`Publisher`] and [`Subscriber`], and
+//! [`Bus`], the cheap-to-clone handle services pass around.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::delivery::DeliveryStream;
+use crate::error::{Error, Kind, PublishError, Result};
+use crate::message::Message;
+use crate::subscription::Subscription;
+use crate::topic::Topic;
+
+/// What the broker said when it took a message (C4). Fields a backend cannot know
+/// are `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Receipt {
+    /// The partition the message went to (Kafka).
+    pub partition: Option<i32>,
+    /// Its offset in that partition (Kafka), or its sequence number (memory).
+    pub offset: Option<i64>,
+}
+
+impl Receipt {
+    /// A receipt with a partition and an offset.
+    pub fn at(partition: Option<i32>, offset: Option<i64>) -> Self {
+        Receipt { partition, offset }
+    }
+}
+
+/// Publishes messages. Object-safe: `Arc<dyn Publisher>` works.
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// Publish `message` to `topic`. Returns `Ok` only once the broker has taken
+    /// responsibility for it (C4); on failure the message comes back inside the
+    /// error. Headers under `polybus-` are dropped: they are the library's.
+    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt, PublishError>;
+
+    /// Publish several messages to `topic`, pipelined: all are in flight at once,
+    /// and each gets its own result, in order.
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<Message>,
+    ) -> Vec<Result<Receipt, PublishError>> {
+        futures::future::join_all(messages.into_iter().map(|m| self.publish(topic, m))).await
+    }
+
+    /// Stop publishing: wait for outstanding confirms, then refuse new publishes
+    /// with a [`Closed`](Kind::Closed) error (C10).
+    async fn close(&self) -> Result<()>;
+}
+
+/// Opens subscriptions. Object-safe: `Arc<dyn Subscriber>` works.
+#[async_trait]
+pub trait Subscriber: Send + Sync {
+    /// Open a subscription. When this returns, the subscription is live: anything
+    /// published afterwards reaches it (C3). Invalid options are rejected before
+    /// any I/O.
+    async fn subscribe(&self, subscription: Subscription) -> Result<DeliveryStream>;
+}
+
+/// What a backend offers beyond the contract. Conformance cases that need one run
+/// only where the backend claims it, and are reported as skipped elsewhere.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Capability {
+    /// Messages published while no durable group exists can be read later
+    /// ([`StartFrom::Earliest`](crate::StartFrom::Earliest)).
+    Replay,
+    /// Accepted messages and pending retries survive a broker restart.
+    SurvivesRestart,
+    /// Runs in process under `tokio::time::pause()`, so delays can be tested
+    /// without waiting.
+    VirtualTime,
+}
+
+impl fmt::Display for Capability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Capability::Replay => "replay",
+            Capability::SurvivesRestart => "survives-restart",
+            Capability::VirtualTime => "virtual-time",
+        })
+    }
+}
+
+/// The capabilities of a backend, and its limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    set: BTreeSet<Capability>,
+    max_payload: Option<usize>,
+}
+
+impl Capabilities {
+    /// No capabilities, no stated payload limit.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add a capability.
+    pub fn with(mut self, capability: Capability) -> Self {
+        self.set.insert(capability);
+        self
+    }
+
+    /// State the largest payload the backend accepts.
+    pub fn with_max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = Some(bytes);
+        self
+    }
+
+    /// Whether the backend claims `capability`.
+    pub fn has(&self, capability: Capability) -> bool {
+        self.set.contains(&capability)
+    }
+
+    /// The largest payload accepted, if the backend knows it.
+    pub fn max_payload(&self) -> Option<usize> {
+        self.max_payload
+    }
+
+    /// All claimed capabilities.
+    pub fn iter(&self) -> impl Iterator<Item = Capability> + '_ {
+        self.set.iter().copied()
+    }
+}
+
+/// A backend: a publisher and a subscriber that can say what it offers.
+pub trait Backend: Publisher + Subscriber + fmt::Debug + 'static {
+    /// What this backend offers beyond the contract.
+    fn capabilities(&self) -> Capabilities;
+}
+
+/// A connection to a broker, cheap to clone, whatever the backend.
+///
+/// ```
+/// # async fn demo(bus: polybus_core::Bus) -> Result<(), polybus_core::Error> {
+/// use polybus_core::{Message, Subscription};
+/// use futures::StreamExt;
+///
+/// let mut sub = bus.subscribe(Subscription::new("user.*").group("audit")).await?;
+/// bus.publish("user.created", Message::new("u1")).await?;
+/// let delivery = sub.next().await.expect("live subscription")?;
+/// delivery.ack().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<dyn Backend>,
+}
+
+impl Bus {
+    /// Wrap a backend.
+    pub fn new(backend: impl Backend) -> Self {
+        Bus {
+            inner: Arc::new(backend),
+        }
+    }
+
+    /// Publish; see [`Publisher::publish`].
+    pub async fn publish(&self, topic: &str, message: Message) -> Result<Receipt, PublishError> {
+        self.inner.publish(topic, message).await
+    }
+
+    /// Publish several, pipelined; see [`Publisher::publish_batch`].
+    pub async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<Message>,
+    ) -> Vec<Result<Receipt, PublishError>> {
+        self.inner.publish_batch(topic, messages).await
+    }
+
+    /// Subscribe; see [`Subscriber::subscribe`].
+    pub async fn subscribe(&self, subscription: Subscription) -> Result<DeliveryStream> {
+        self.inner.subscribe(subscription).await
+    }
+
+    /// What the backend offers beyond the contract.
+    pub fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    /// Close the publishing side; see [`Publisher::close`].
+    pub async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+
+    /// The backend, as a publisher trait object (for middleware).
+    pub fn as_publisher(&self) -> Arc<dyn Publisher> {
+        self.inner.clone()
+    }
+
+    /// The backend, as a subscriber trait object.
+    pub fn as_subscriber(&self) -> Arc<dyn Subscriber> {
+        self.inner.clone()
+    }
+}
+
+impl fmt::Debug for Bus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Bus").field(&self.inner).finish()
+    }
+}
+
+#[async_trait]
+impl Publisher for Bus {
+    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt, PublishError> {
+        self.inner.publish(topic, message).await
+    }
+
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<Message>,
+    ) -> Vec<Result<Receipt, PublishError>> {
+        self.inner.publish_batch(topic, messages).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+#[async_trait]
+impl Subscriber for Bus {
+    async fn subscribe(&self, subscription: Subscription) -> Result<DeliveryStream> {
+        self.inner.subscribe(subscription).await
+    }
+}
+
+/// The checks every backend makes before a publish does any I/O: a valid topic
+/// (C1), a payload within `max_payload` (C12), and no caller-set library headers.
+/// On failure the message comes back in the error.
+pub fn prepare_publish(
+    topic: &str,
+    mut message: Message,
+    max_payload: usize,
+) -> Result<(Topic, Message), PublishError> {
+    let topic = match Topic::new(topic) {
+        Ok(t) => t,
+        Err(e) => return Err(PublishError::not_delivered(e, message)),
+    };
+    let len = message.payload().len();
+    if len > max_payload {
+        let e = Error::new(
+            Kind::PayloadTooLarge,
+            format!(
+                "payload of message {} is {len} bytes, the limit is {max_payload}",
+                message.id()
+            ),
+        );
+        return Err(PublishError::not_delivered(e, message));
+    }
+    message.strip_library_headers();
+    Ok((topic, message))
+}
+
+// Object safety, checked at compile time.
+const _: fn(&dyn Publisher, &dyn Subscriber, &dyn Backend) = |_, _, _| {};

@@ -1,0 +1,258 @@
+//! Errors: one opaque [`Error`] with a [`Kind`], and [`PublishError`], which hands
+//! the unpublished message back.
+
+use std::error::Error as StdError;
+use std::fmt;
+
+use crate::Message;
+
+/// What went wrong, broadly. New kinds may be added, so match with a wildcard arm.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A name, option or value the caller gave is not valid; nothing was sent.
+    InvalidInput,
+    /// The payload is larger than the backend accepts; nothing was sent.
+    PayloadTooLarge,
+    /// The broker could not be reached, or the connection was lost.
+    Connection,
+    /// The broker rejected the credentials or the virtual host.
+    Authentication,
+    /// An operation did not finish within its deadline.
+    Timeout,
+    /// The broker answered, and refused (a publisher nack, a missing topic, ...).
+    Refused,
+    /// A payload could not be decoded into the requested type.
+    Decode,
+    /// A payload could not be encoded.
+    Encode,
+    /// The bus, publisher, subscription or delivery is closed.
+    Closed,
+    /// The backend does not offer what was asked for.
+    Unsupported,
+    /// A circuit breaker is open and fails calls fast.
+    CircuitOpen,
+    /// Anything else; the source says more.
+    Other,
+}
+
+impl Kind {
+    fn describe(self) -> &'static str {
+        match self {
+            Kind::InvalidInput => "invalid input",
+            Kind::PayloadTooLarge => "payload too large",
+            Kind::Connection => "connection error",
+            Kind::Authentication => "authentication failed",
+            Kind::Timeout => "timed out",
+            Kind::Refused => "refused by broker",
+            Kind::Decode => "decode error",
+            Kind::Encode => "encode error",
+            Kind::Closed => "closed",
+            Kind::Unsupported => "unsupported",
+            Kind::CircuitOpen => "circuit open",
+            Kind::Other => "error",
+        }
+    }
+}
+
+/// The error of every polybus operation.
+///
+/// Opaque on purpose: ask it with [`kind`](Error::kind) and the predicates. Its
+/// message is lowercase and names the offending value; it never contains
+/// credentials.
+pub struct Error {
+    kind: Kind,
+    message: String,
+    source: Option<Box<dyn StdError + Send + Sync + 'static>>,
+}
+
+impl Error {
+    /// A new error of `kind` with a lowercase, specific message.
+    pub fn new(kind: Kind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Attach the underlying cause.
+    pub fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// Shorthand for [`Kind::InvalidInput`].
+    pub fn invalid_input(message: impl Into<String>) -> Self {
+        Error::new(Kind::InvalidInput, message)
+    }
+
+    /// Shorthand for [`Kind::Closed`].
+    pub fn closed(message: impl Into<String>) -> Self {
+        Error::new(Kind::Closed, message)
+    }
+
+    /// What went wrong, broadly.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Whether trying the same operation again later may succeed: lost connections,
+    /// time-outs, an open circuit. Invalid input, oversize payloads, bad credentials
+    /// and decode errors will fail the same way again.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::Connection | Kind::Timeout | Kind::CircuitOpen
+        )
+    }
+
+    /// The caller's input was rejected before any I/O.
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(self.kind, Kind::InvalidInput | Kind::PayloadTooLarge)
+    }
+
+    /// The connection was lost or could not be made.
+    pub fn is_connection(&self) -> bool {
+        self.kind == Kind::Connection
+    }
+
+    /// The operation ran out of time.
+    pub fn is_timeout(&self) -> bool {
+        self.kind == Kind::Timeout
+    }
+
+    /// Something was already closed.
+    pub fn is_closed(&self) -> bool {
+        self.kind == Kind::Closed
+    }
+
+    /// A payload did not decode.
+    pub fn is_decode(&self) -> bool {
+        self.kind == Kind::Decode
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Error");
+        d.field("kind", &self.kind).field("message", &self.message);
+        if let Some(source) = &self.source {
+            d.field("source", source);
+        }
+        d.finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.message.is_empty() {
+            f.write_str(self.kind.describe())
+        } else {
+            f.write_str(&self.message)
+        }
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|s| s as &(dyn StdError + 'static))
+    }
+}
+
+/// A publish that failed. It hands the message back, and says whether the broker
+/// may have taken it anyway (for example when the connection dropped after the
+/// message was written but before its confirm arrived).
+pub struct PublishError {
+    error: Error,
+    message: Box<Message>,
+    maybe_delivered: bool,
+}
+
+impl PublishError {
+    /// A failure where the broker certainly did not take the message.
+    pub fn not_delivered(error: Error, message: Message) -> Self {
+        PublishError {
+            error,
+            message: Box::new(message),
+            maybe_delivered: false,
+        }
+    }
+
+    /// A failure where the broker may still have taken the message: retrying may
+    /// duplicate it.
+    pub fn maybe_delivered(error: Error, message: Message) -> Self {
+        PublishError {
+            error,
+            message: Box::new(message),
+            maybe_delivered: true,
+        }
+    }
+
+    /// The cause.
+    pub fn error(&self) -> &Error {
+        &self.error
+    }
+
+    /// The cause's kind.
+    pub fn kind(&self) -> Kind {
+        self.error.kind
+    }
+
+    /// Whether the broker may have taken the message despite the error.
+    pub fn may_have_been_delivered(&self) -> bool {
+        self.maybe_delivered
+    }
+
+    /// The message that was not (or not certainly) published.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// Take the message back, to retry it or store it elsewhere.
+    pub fn into_message(self) -> Message {
+        *self.message
+    }
+
+    /// Split into the cause and the message.
+    pub fn into_parts(self) -> (Error, Message) {
+        (self.error, *self.message)
+    }
+}
+
+impl fmt::Debug for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PublishError")
+            .field("error", &self.error)
+            .field("message_id", &self.message.id())
+            .field("maybe_delivered", &self.maybe_delivered)
+            .finish()
+    }
+}
+
+impl fmt::Display for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "publish of message {} failed: {}", self.message.id(), self.error)?;
+        if self.maybe_delivered {
+            f.write_str(" (it may still have been delivered)")?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for PublishError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl From<PublishError> for Error {
+    fn from(e: PublishError) -> Self {
+        e.error
+    }
+}
+
+/// Shorthand for results whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

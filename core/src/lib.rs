@@ -1,0 +1,41 @@
+//! The core of [polybus](https://docs.rs/polybus): the types, traits and delivery
+//! contract that every backend shares.
+//!
+//! Services normally depend on the `polybus` facade crate; backend authors depend on
+//! this one, implement [`Publisher`], [`Subscriber`] and [`Backend`], and run the
+//! conformance suite in [`testkit`] (feature `testkit`) to prove they keep the
+//! contract.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`topic`] | [`Topic`] and [`Pattern`]: validation and AMQP-style matching (C1) |
+//! | [`message`] | [`Message`], headers, [`Codec`] and [`Json`] (C13) |
+//! | [`subscription`] | [`Subscription`] options: patterns, group, prefetch, retry, dead letters |
+//! | [`delivery`] | [`Delivery`] and its settlement; [`DeliveryStream`] (C6, C7, C10) |
+//! | [`retry`] | [`RetryPolicy`]: backoff and maximum attempts (C8) |
+//! | [`bus`] | [`Publisher`], [`Subscriber`], [`Backend`], [`Bus`], [`Capabilities`] |
+//! | [`error`] | [`Error`], [`Kind`], [`PublishError`] |
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod bus;
+pub mod delivery;
+pub mod error;
+pub mod message;
+pub mod retry;
+pub mod subscription;
+pub mod topic;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use bus::{Backend, Bus, Capabilities, Capability, Publisher, Receipt, Subscriber, prepare_publish};
+pub use delivery::{Acker, Delivery, DeliverySource, DeliveryStream, Settlement};
+pub use error::{Error, Kind, PublishError, Result};
+pub use message::{Codec, Headers, Json, Message, header};
+pub use retry::RetryPolicy;
+pub use subscription::{StartFrom, Subscription, ValidSubscription};
+pub use topic::{Pattern, Topic};
+
+#[doc(hidden)]
+pub use async_trait::async_trait;

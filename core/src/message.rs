@@ -1,0 +1,281 @@
+//! [`Message`]: what is published and delivered, with its metadata (clause C13).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Kind, Result};
+
+/// Message headers: string keys, string values, kept exactly as given.
+pub type Headers = BTreeMap<String, String>;
+
+/// Names of the headers the library owns. Everything under the `polybus-` prefix is
+/// the library's: [`publish`](crate::Publisher::publish) drops such headers from the
+/// caller's message, so a message re-published from a dead-letter topic starts again
+/// at attempt 1.
+pub mod header {
+    /// The prefix of every library header.
+    pub const PREFIX: &str = "polybus-";
+    /// The delivery attempt, 1-based, carried across redeliveries.
+    pub const ATTEMPT: &str = "polybus-attempt";
+    /// On a dead letter: why it was dead-lettered.
+    pub const DEAD_LETTER_REASON: &str = "polybus-dead-letter-reason";
+    /// On a dead letter: the topic it was first published to.
+    pub const ORIGINAL_TOPIC: &str = "polybus-original-topic";
+    /// On a dead letter: how many times it was delivered before it was dead-lettered.
+    pub const ATTEMPTS: &str = "polybus-attempts";
+    /// On a dead letter: the group that dead-lettered it.
+    pub const GROUP: &str = "polybus-group";
+
+    /// Whether `name` is in the library's namespace.
+    pub fn is_reserved(name: &str) -> bool {
+        name.starts_with(PREFIX)
+    }
+}
+
+/// A message: an id, an optional key, headers, a payload, a content type and a
+/// timestamp.
+///
+/// The payload is [`Bytes`], so cloning a message or fanning it out to several
+/// groups never copies it. The timestamp has millisecond precision, the finest
+/// every backend carries, so it round-trips unchanged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Message {
+    id: String,
+    key: Option<String>,
+    headers: Headers,
+    payload: Bytes,
+    content_type: Option<String>,
+    timestamp: SystemTime,
+}
+
+fn now_millis() -> SystemTime {
+    truncate_to_millis(SystemTime::now())
+}
+
+fn truncate_to_millis(t: SystemTime) -> SystemTime {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => UNIX_EPOCH + Duration::from_millis(d.as_millis() as u64),
+        Err(_) => UNIX_EPOCH,
+    }
+}
+
+impl Message {
+    /// A message with `payload`, a fresh unique id (UUIDv7, so ids sort by
+    /// creation time) and the current time.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Message {
+            id: uuid::Uuid::now_v7().to_string(),
+            key: None,
+            headers: Headers::new(),
+            payload: payload.into(),
+            content_type: None,
+            timestamp: now_millis(),
+        }
+    }
+
+    /// A message whose payload is `value` encoded with `codec`, and whose content type
+    /// is the codec's.
+    pub fn encode<C: Codec, T: Serialize + ?Sized>(value: &T) -> Result<Self> {
+        Ok(Message::new(C::encode(value)?).with_content_type(C::CONTENT_TYPE))
+    }
+
+    /// A message whose payload is `value` as JSON (`application/json`).
+    pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self> {
+        Self::encode::<Json, T>(value)
+    }
+
+    /// Decode the payload with `codec`.
+    pub fn decode<C: Codec, T: DeserializeOwned>(&self) -> Result<T> {
+        C::decode(&self.payload)
+    }
+
+    /// Decode the payload as JSON. A payload that is not valid JSON for `T` is a
+    /// [`Kind::Decode`] error that says why.
+    pub fn json_payload<T: DeserializeOwned>(&self) -> Result<T> {
+        self.decode::<Json, T>()
+    }
+
+    /// Set the id. Ids are the caller's to keep unique.
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// Set the key. Messages with the same key keep their order (C5); on Kafka the
+    /// key picks the partition.
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Add or replace a header.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Set the content type (a MIME type such as `application/json`).
+    pub fn with_content_type(mut self, content_type: impl Into<String>) -> Self {
+        self.content_type = Some(content_type.into());
+        self
+    }
+
+    /// Set the timestamp; it is truncated to milliseconds.
+    pub fn with_timestamp(mut self, timestamp: SystemTime) -> Self {
+        self.timestamp = truncate_to_millis(timestamp);
+        self
+    }
+
+    /// The id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The key, if any.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// All headers.
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+
+    /// Mutable access to the headers.
+    pub fn headers_mut(&mut self) -> &mut Headers {
+        &mut self.headers
+    }
+
+    /// One header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Take the payload.
+    pub fn into_payload(self) -> Bytes {
+        self.payload
+    }
+
+    /// The content type, if any.
+    pub fn content_type(&self) -> Option<&str> {
+        self.content_type.as_deref()
+    }
+
+    /// The time the message was created (or set with [`with_timestamp`](Self::with_timestamp)).
+    pub fn timestamp(&self) -> SystemTime {
+        self.timestamp
+    }
+
+    /// The timestamp as milliseconds since the Unix epoch.
+    pub fn timestamp_millis(&self) -> u64 {
+        self.timestamp
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    /// Drop every header in the library's `polybus-` namespace. Publishing does
+    /// this, so callers cannot forge attempts; backends call it on what they accept.
+    pub fn strip_library_headers(&mut self) {
+        // Checked first so the common case (no such header) does not rebuild the map.
+        if self.headers.keys().any(|k| header::is_reserved(k)) {
+            self.headers.retain(|k, _| !header::is_reserved(k));
+        }
+    }
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("id", &self.id)
+            .field("key", &self.key)
+            .field("headers", &self.headers)
+            .field("payload_len", &self.payload.len())
+            .field("content_type", &self.content_type)
+            .field("timestamp_millis", &self.timestamp_millis())
+            .finish()
+    }
+}
+
+/// A serde format for payloads.
+pub trait Codec {
+    /// The content type the codec writes and reads.
+    const CONTENT_TYPE: &'static str;
+    /// Encode a value.
+    fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes>;
+    /// Decode a value; failures are [`Kind::Decode`] errors.
+    fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T>;
+}
+
+/// JSON through `serde_json`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Json;
+
+impl Codec for Json {
+    const CONTENT_TYPE: &'static str = "application/json";
+
+    fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes> {
+        serde_json::to_vec(value).map(Bytes::from).map_err(|e| {
+            Error::new(Kind::Encode, format!("cannot encode json: {e}")).with_source(e)
+        })
+    }
+
+    fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+        serde_json::from_slice(bytes).map_err(|e| {
+            Error::new(
+                Kind::Decode,
+                format!("cannot decode json as {}: {e}", std::any::type_name::<T>()),
+            )
+            .with_source(e)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct User {
+        id: String,
+    }
+
+    #[test]
+    fn ids_are_unique_and_timestamps_are_millis() {
+        let a = Message::new("x");
+        let b = Message::new("x");
+        assert_ne!(a.id(), b.id());
+        let nanos = a.timestamp().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+        assert_eq!(nanos % 1_000_000, 0);
+    }
+
+    #[test]
+    fn json_round_trips_and_bad_json_is_a_decode_error() {
+        let m = Message::json(&User { id: "u1".into() }).unwrap();
+        assert_eq!(m.content_type(), Some("application/json"));
+        assert_eq!(m.json_payload::<User>().unwrap(), User { id: "u1".into() });
+        let e = Message::new("not json").json_payload::<User>().unwrap_err();
+        assert!(e.is_decode());
+        assert!(e.to_string().starts_with("cannot decode json as"), "{e}");
+    }
+
+    #[test]
+    fn strip_removes_only_library_headers() {
+        let mut m = Message::new("x")
+            .with_header("polybus-attempt", "9")
+            .with_header("trace", "t");
+        m.strip_library_headers();
+        assert_eq!(m.headers().len(), 1);
+        assert_eq!(m.header("trace"), Some("t"));
+    }
+}
