@@ -1,1 +1,124 @@
+//! # polybus
+//!
+//! One asynchronous publish/subscribe API over RabbitMQ, Kafka and an in-memory
+//! broker, with one written delivery contract that every backend keeps and one
+//! conformance suite that proves it.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), polybus::Error> {
+//! use futures::StreamExt;
+//! use polybus::{Message, Subscription};
+//!
+//! let bus = polybus::connect("memory://").await?;
+//! let mut sub = bus.subscribe(Subscription::new("user.*").group("billing").prefetch(32)).await?;
+//! bus.publish("user.created", Message::new("u1").with_key("u1")).await?;
+//!
+//! let delivery = sub.next().await.expect("subscription is live")?;
+//! assert_eq!(delivery.message().key(), Some("u1"));
+//! delivery.ack().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Features
+//!
+//! | feature | default | backend | URL |
+//! |---|---|---|---|
+//! | `memory` | yes | in-process broker simulation ([`polybus_memory`]) | `memory://[NAME][?max_payload=BYTES]` |
+//! | `amqp` | no | RabbitMQ through lapin (planned) | `amqp://user:pass@host:5672/vhost` |
+//! | `kafka` | no | Kafka through rdkafka (planned) | `kafka://host:9092,host2:9092` |
+//! | `full` | no | every backend | |
+//!
+//! No broker client is compiled by default.
+//!
+//! ## The delivery contract
+//!
+//! Every backend keeps clauses C1–C13 (topics and patterns, groups, readiness,
+//! publish confirms, per-key order, prefetch, settlement, poison messages,
+//! crashes, shutdown, reconnect, bad input, metadata); see the README. The suite
+//! that proves them is [`polybus_core::testkit`].
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
+pub use polybus_core::{
+    Acker, Backend, Bus, Capabilities, Capability, Codec, Delivery, DeliverySource, DeliveryStream,
+    Error, Headers, Json, Kind, Message, Pattern, PublishError, Publisher, Receipt, Result,
+    RetryPolicy, Settlement, StartFrom, Subscriber, Subscription, Topic, header,
+};
+
+#[cfg(feature = "memory")]
+pub use polybus_memory as memory;
+
+/// Connect to the broker `url` names; the scheme picks the backend.
+///
+/// | scheme | needs feature |
+/// |---|---|
+/// | `memory://` | `memory` |
+/// | `amqp://`, `amqps://` | `amqp` |
+/// | `kafka://` | `kafka` |
+///
+/// An unknown scheme, or one whose feature is off, is an
+/// [`InvalidInput`](Kind::InvalidInput) error that says which feature to enable.
+pub async fn connect(url: &str) -> Result<Bus> {
+    let Some((scheme, _)) = url.split_once("://") else {
+        return Err(Error::invalid_input(format!(
+            "invalid url `{}`: expected scheme://…, such as memory:// or amqp://host",
+            redact(url)
+        )));
+    };
+    match scheme {
+        #[cfg(feature = "memory")]
+        "memory" => polybus_memory::connect(url),
+        #[cfg(not(feature = "memory"))]
+        "memory" => Err(needs_feature(scheme, "memory")),
+        "amqp" | "amqps" => Err(needs_feature(scheme, "amqp")),
+        "kafka" => Err(needs_feature(scheme, "kafka")),
+        other => Err(Error::invalid_input(format!(
+            "unknown scheme `{other}` in url `{}`: known schemes are memory, amqp, amqps and kafka",
+            redact(url)
+        ))),
+    }
+}
+
+fn needs_feature(scheme: &str, feature: &str) -> Error {
+    Error::new(
+        Kind::Unsupported,
+        format!("scheme {scheme} needs the `{feature}` feature of polybus"),
+    )
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((auth, host)) = rest.rsplit_once('@') {
+            let user = auth.split(':').next().unwrap_or("");
+            return format!("{scheme}://{user}:***@{host}");
+        }
+    }
+    url.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn schemes_map_to_features() {
+        assert!(connect("memory://").await.is_ok());
+        let e = connect("amqp://guest:secret@localhost").await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "scheme amqp needs the `amqp` feature of polybus"
+        );
+        let e = connect("kafka://localhost:9092").await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "scheme kafka needs the `kafka` feature of polybus"
+        );
+        let e = connect("redis://u:secret@host").await.unwrap_err();
+        assert!(e.is_invalid_input());
+        assert!(!e.to_string().contains("secret"), "{e}");
+        assert!(e.to_string().contains("`redis`"), "{e}");
+        assert!(connect("nonsense").await.unwrap_err().is_invalid_input());
+    }
+}

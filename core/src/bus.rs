@@ -235,16 +235,15 @@ impl Subscriber for Bus {
 
 /// The checks every backend makes before a publish does any I/O: a valid topic
 /// (C1), a payload within `max_payload` (C12), and no caller-set library headers.
-/// On failure the message comes back in the error.
+/// On failure the message comes back in the error. Allocates nothing.
 pub fn prepare_publish(
     topic: &str,
     mut message: Message,
     max_payload: usize,
-) -> Result<(Topic, Message), PublishError> {
-    let topic = match Topic::new(topic) {
-        Ok(t) => t,
-        Err(e) => return Err(PublishError::not_delivered(e, message)),
-    };
+) -> Result<Message, PublishError> {
+    if let Err(e) = Topic::validate(topic) {
+        return Err(PublishError::not_delivered(e, message));
+    }
     let len = message.payload().len();
     if len > max_payload {
         let e = Error::new(
@@ -257,7 +256,7 @@ pub fn prepare_publish(
         return Err(PublishError::not_delivered(e, message));
     }
     message.strip_library_headers();
-    Ok((topic, message))
+    Ok(message)
 }
 
 // Object safety, checked at compile time.

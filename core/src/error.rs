@@ -234,7 +234,12 @@ impl fmt::Debug for PublishError {
 
 impl fmt::Display for PublishError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "publish of message {} failed: {}", self.message.id(), self.error)?;
+        write!(
+            f,
+            "publish of message {} failed: {}",
+            self.message.id(),
+            self.error
+        )?;
         if self.maybe_delivered {
             f.write_str(" (it may still have been delivered)")?;
         }

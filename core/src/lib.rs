@@ -29,7 +29,9 @@ pub mod topic;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-pub use bus::{Backend, Bus, Capabilities, Capability, Publisher, Receipt, Subscriber, prepare_publish};
+pub use bus::{
+    Backend, Bus, Capabilities, Capability, Publisher, Receipt, Subscriber, prepare_publish,
+};
 pub use delivery::{Acker, Delivery, DeliverySource, DeliveryStream, Settlement};
 pub use error::{Error, Kind, PublishError, Result};
 pub use message::{Codec, Headers, Json, Message, header};

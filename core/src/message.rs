@@ -255,7 +255,11 @@ mod tests {
         let a = Message::new("x");
         let b = Message::new("x");
         assert_ne!(a.id(), b.id());
-        let nanos = a.timestamp().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+        let nanos = a
+            .timestamp()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
         assert_eq!(nanos % 1_000_000, 0);
     }
 

@@ -156,11 +156,14 @@ mod tests {
 
     #[test]
     fn jitter_stays_between_base_and_cap() {
-        let p = RetryPolicy::exponential(Duration::from_millis(100))
-            .max_delay(Duration::from_secs(1));
+        let p =
+            RetryPolicy::exponential(Duration::from_millis(100)).max_delay(Duration::from_secs(1));
         for _ in 0..200 {
             let d = p.delay_after(2);
-            assert!(d >= Duration::from_millis(200) && d < Duration::from_millis(400), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(200) && d < Duration::from_millis(400),
+                "{d:?}"
+            );
         }
     }
 

@@ -142,7 +142,9 @@ impl Subscription {
     /// `private_group` names the group of a subscription that has none.
     pub fn validate(&self, private_group: impl FnOnce() -> String) -> Result<ValidSubscription> {
         if self.patterns.is_empty() {
-            return Err(Error::invalid_input("a subscription needs at least one pattern"));
+            return Err(Error::invalid_input(
+                "a subscription needs at least one pattern",
+            ));
         }
         let patterns = self
             .patterns
@@ -240,9 +242,17 @@ mod tests {
     fn bad_options_are_typed_errors() {
         let v = |s: Subscription| s.validate(|| "p".into()).unwrap_err();
         assert!(v(Subscription::new("a..b")).is_invalid_input());
-        assert!(v(Subscription::new("a").prefetch(0)).to_string().contains("prefetch 0"));
+        assert!(
+            v(Subscription::new("a").prefetch(0))
+                .to_string()
+                .contains("prefetch 0")
+        );
         assert!(v(Subscription::new("a").prefetch(70_000)).is_invalid_input());
-        assert!(v(Subscription::new("a").group("has space")).to_string().contains("`has space`"));
+        assert!(
+            v(Subscription::new("a").group("has space"))
+                .to_string()
+                .contains("`has space`")
+        );
         assert!(v(Subscription::new("a").group("")).is_invalid_input());
         assert!(v(Subscription::new("a").group("a..b")).is_invalid_input());
         assert!(v(Subscription::new("a").dead_letter_topic("x.*")).is_invalid_input());
@@ -250,10 +260,15 @@ mod tests {
 
     #[test]
     fn defaults_resolve() {
-        let s = Subscription::new("user.*").group("billing").validate(|| "p".into()).unwrap();
+        let s = Subscription::new("user.*")
+            .group("billing")
+            .validate(|| "p".into())
+            .unwrap();
         assert!(s.durable);
         assert_eq!(s.dead_letter_topic.as_str(), "polybus.dead-letter.billing");
-        let s = Subscription::new("user.*").validate(|| "private-1".into()).unwrap();
+        let s = Subscription::new("user.*")
+            .validate(|| "private-1".into())
+            .unwrap();
         assert!(!s.durable);
         assert_eq!(s.group, "private-1");
         assert!(s.matches("user.created") && !s.matches("order.created"));

@@ -53,7 +53,9 @@ impl Topic {
     /// Check `name` without allocating.
     pub fn validate(name: &str) -> Result<()> {
         if name.is_empty() {
-            return Err(Error::invalid_input("invalid topic ``: a topic has at least one word"));
+            return Err(Error::invalid_input(
+                "invalid topic ``: a topic has at least one word",
+            ));
         }
         if name.len() > MAX_TOPIC_LEN {
             return Err(Error::invalid_input(format!(
@@ -297,7 +299,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn word() -> impl Strategy<Value = String> {
-        prop_oneof![Just("a".to_string()), Just("b".to_string()), Just("c-1".to_string())]
+        prop_oneof![
+            Just("a".to_string()),
+            Just("b".to_string()),
+            Just("c-1".to_string())
+        ]
     }
 
     fn seg() -> impl Strategy<Value = String> {

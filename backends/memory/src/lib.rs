@@ -1,1 +1,282 @@
-pub fn f(){}
+//! The in-memory backend of polybus: a broker simulation in process.
+//!
+//! It keeps the whole delivery contract, so code tested against it behaves the
+//! same on RabbitMQ and Kafka: durable and private groups with competing members,
+//! prefetch, delayed redelivery with attempts, a dead-letter topic per group,
+//! per-key order, close semantics and a payload limit. It fails the way a broker
+//! fails: an unsettled delivery comes back, an oversize payload is refused, a
+//! closed subscription cannot settle.
+//!
+//! Delays run on tokio's clock, so under `tokio::time::pause()` a test of a
+//! one-minute retry finishes at once and deterministically.
+//!
+//! URLs: `memory://` opens a new private broker; `memory://NAME` opens or joins
+//! the broker called NAME in this process (it lives while a connection to it is
+//! open); `?max_payload=BYTES` sets the payload limit (default 1 MiB, Kafka's
+//! default, the strictest of the brokers).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), polybus_core::Error> {
+//! use futures::StreamExt;
+//! use polybus_core::{Message, Subscription};
+//!
+//! let bus = polybus_memory::connect("memory://")?;
+//! let mut sub = bus.subscribe(Subscription::new("user.*").group("audit")).await?;
+//! bus.publish("user.created", Message::new("u1")).await?;
+//! let delivery = sub.next().await.expect("live")?;
+//! assert_eq!(delivery.message().payload().as_ref(), b"u1");
+//! delivery.ack().await?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod broker;
+mod group;
+mod subscriber;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use polybus_core::{
+    Backend, Bus, Capabilities, Capability, DeliveryStream, Error, Kind, Message, Pattern,
+    PublishError, Publisher, Receipt, Result, StartFrom, Subscriber, Subscription, async_trait,
+    prepare_publish,
+};
+use tokio::sync::Notify;
+
+use crate::broker::Broker;
+use crate::subscriber::{Member, MemorySource};
+
+/// The default payload limit: 1 MiB.
+pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+
+/// Options of an in-memory broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryOptions {
+    name: Option<String>,
+    max_payload: usize,
+}
+
+impl Default for MemoryOptions {
+    fn default() -> Self {
+        MemoryOptions {
+            name: None,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+        }
+    }
+}
+
+impl MemoryOptions {
+    /// Join (or create) the broker called `name` in this process.
+    pub fn named(name: impl Into<String>) -> Self {
+        MemoryOptions {
+            name: Some(name.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Refuse payloads larger than `bytes`. A named broker keeps the limit it was
+    /// created with.
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = bytes;
+        self
+    }
+
+    /// Parse a `memory://[NAME][?max_payload=BYTES]` URL.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let rest = url.strip_prefix("memory://").ok_or_else(|| {
+            Error::invalid_input(format!(
+                "invalid memory url `{url}`: it must start with memory://"
+            ))
+        })?;
+        let (name, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let mut options = if name.is_empty() {
+            MemoryOptions::default()
+        } else {
+            MemoryOptions::named(name)
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("max_payload", v)) => {
+                    options.max_payload = v.parse().map_err(|_| {
+                        Error::invalid_input(format!(
+                            "invalid memory url `{url}`: max_payload `{v}` is not a number of bytes"
+                        ))
+                    })?;
+                }
+                _ => {
+                    return Err(Error::invalid_input(format!(
+                        "invalid memory url `{url}`: unknown option `{pair}` (known: max_payload)"
+                    )));
+                }
+            }
+        }
+        Ok(options)
+    }
+}
+
+/// A connection to an in-memory broker.
+pub struct MemoryBus {
+    broker: Arc<Broker>,
+    name: Option<String>,
+    closed: AtomicBool,
+}
+
+impl MemoryBus {
+    /// Open a broker with `options`.
+    pub fn open(options: MemoryOptions) -> Self {
+        let broker = match &options.name {
+            Some(name) => Broker::named(name, options.max_payload),
+            None => Broker::new(options.max_payload),
+        };
+        MemoryBus {
+            broker,
+            name: options.name,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// How many messages `group` holds: ready, waiting for a retry delay, and
+    /// delivered but unsettled. `None` if there is no such group.
+    pub fn group_depth(&self, group: &str) -> Option<GroupDepth> {
+        let (ready, delayed, unsettled) = self.broker.group(group)?.depth();
+        Some(GroupDepth {
+            ready,
+            delayed,
+            unsettled,
+        })
+    }
+}
+
+/// The contents of a group, from [`MemoryBus::group_depth`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupDepth {
+    /// Waiting to be delivered.
+    pub ready: usize,
+    /// Waiting for their retry delay.
+    pub delayed: usize,
+    /// Delivered and not yet settled.
+    pub unsettled: usize,
+}
+
+/// Open the broker a `memory://` URL names, as a [`Bus`].
+pub fn connect(url: &str) -> Result<Bus> {
+    Ok(Bus::new(MemoryBus::open(MemoryOptions::from_url(url)?)))
+}
+
+impl fmt::Debug for MemoryBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryBus")
+            .field("name", &self.name)
+            .field("max_payload", &self.broker.max_payload)
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl MemoryBus {
+    fn check_open(&self, what: &str) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::closed(format!(
+                "cannot {what}: the memory bus is closed"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Publisher for MemoryBus {
+    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt, PublishError> {
+        if let Err(e) = self.check_open("publish") {
+            return Err(PublishError::not_delivered(e, message));
+        }
+        let message = prepare_publish(topic, message, self.broker.max_payload)?;
+        let seq = self.broker.next_seq();
+        self.broker.enqueue(topic, message);
+        Ok(Receipt::at(None, Some(seq)))
+    }
+
+    async fn close(&self) -> Result<()> {
+        // Enqueueing is the memory broker's confirm, so nothing is outstanding.
+        self.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Subscriber for MemoryBus {
+    async fn subscribe(&self, subscription: Subscription) -> Result<DeliveryStream> {
+        let sub = subscription
+            .validate(|| format!("polybus.private.{}", uuid::Uuid::now_v7().simple()))?;
+        self.check_open("subscribe")?;
+        if sub.start == StartFrom::Earliest {
+            return Err(Error::new(
+                Kind::Unsupported,
+                "the memory backend keeps no history, so it cannot start from the earliest \
+                 message (capability `replay`)",
+            ));
+        }
+        let group = self
+            .broker
+            .declare_group(&sub.group, sub.durable, &sub.patterns);
+        if sub.durable {
+            // The dead-letter topic gets a durable group of its own name, so dead
+            // letters are kept until someone reads them.
+            let topic = sub.dead_letter_topic.as_str();
+            self.broker
+                .declare_group(topic, true, &[Pattern::new(topic)?]);
+        }
+        let id = group.join(sub.prefetch, sub.retry.attempts());
+        let member = Arc::new(Member {
+            broker: self.broker.clone(),
+            group,
+            id,
+            retry: sub.retry,
+            dead_letter_topic: sub.dead_letter_topic,
+            settled: Notify::new(),
+        });
+        Ok(DeliveryStream::new(MemorySource::new(member)))
+    }
+}
+
+impl Backend for MemoryBus {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new()
+            .with(Capability::VirtualTime)
+            .with_max_payload(self.broker.max_payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_options_parse_and_reject_unknowns() {
+        assert_eq!(
+            MemoryOptions::from_url("memory://").unwrap(),
+            MemoryOptions::default()
+        );
+        let o = MemoryOptions::from_url("memory://app?max_payload=10").unwrap();
+        assert_eq!(o, MemoryOptions::named("app").max_payload(10));
+        let e = MemoryOptions::from_url("memory://?max_payload=ten").unwrap_err();
+        assert!(
+            e.is_invalid_input() && e.to_string().contains("`ten`"),
+            "{e}"
+        );
+        assert!(
+            MemoryOptions::from_url("memory://?size=1")
+                .unwrap_err()
+                .is_invalid_input()
+        );
+        assert!(
+            MemoryOptions::from_url("amqp://x")
+                .unwrap_err()
+                .is_invalid_input()
+        );
+    }
+}

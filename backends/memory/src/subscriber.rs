@@ -1,0 +1,185 @@
+//! A member's delivery stream and the acker of each of its deliveries.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use polybus_core::{
+    Acker, Delivery, DeliverySource, Error, Result, RetryPolicy, Settlement, Topic, async_trait,
+};
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
+
+use crate::broker::Broker;
+use crate::group::{Entry, Fetch, Group, dead_letter_message};
+
+/// What a member's stream and all its deliveries share.
+pub(crate) struct Member {
+    pub(crate) broker: Arc<Broker>,
+    pub(crate) group: Arc<Group>,
+    pub(crate) id: u64,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) dead_letter_topic: Topic,
+    /// Signalled on each settlement while the member is closing.
+    pub(crate) settled: Notify,
+}
+
+impl Member {
+    fn dead_letter(&self, entry: &Entry, attempts: u32, reason: &str) {
+        tracing::debug!(
+            group = self.group.name(),
+            message_id = entry.message.id(),
+            reason,
+            "dead-lettering"
+        );
+        let message = dead_letter_message(entry, attempts, reason, self.group.name());
+        self.broker
+            .enqueue(self.dead_letter_topic.as_str(), message);
+    }
+
+    /// Dead-letter an entry whose consumers died holding it until its attempts ran out.
+    fn dead_letter_exhausted(&self, entry: &Entry) {
+        let attempts = entry.attempt - 1;
+        self.dead_letter(
+            entry,
+            attempts,
+            &format!("gave up after {attempts} attempts"),
+        );
+    }
+
+    fn settle(&self, tag: u64, settlement: Settlement) -> Result<()> {
+        let settled = self.group.settle(self.id, tag, settlement)?;
+        if let Some((entry, reason)) = settled.dead_letter {
+            self.dead_letter(&entry, entry.attempt, &reason);
+        }
+        if settled.member_closing {
+            self.settled.notify_waiters();
+        }
+        Ok(())
+    }
+}
+
+pub(crate) struct MemorySource {
+    member: Arc<Member>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    left: bool,
+}
+
+impl MemorySource {
+    pub(crate) fn new(member: Arc<Member>) -> Self {
+        MemorySource {
+            member,
+            sleep: None,
+            left: false,
+        }
+    }
+
+    fn leave(&mut self) {
+        if !self.left {
+            self.left = true;
+            let m = &self.member;
+            let left = m.group.leave(m.id);
+            for entry in &left.exhausted {
+                m.dead_letter_exhausted(entry);
+            }
+            if left.delete_group {
+                m.broker.delete_group(&m.group);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl DeliverySource for MemorySource {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Delivery>>> {
+        let m = &self.member;
+        loop {
+            match m.group.fetch(m.id, cx.waker(), Instant::now()) {
+                Fetch::Delivered(tag, entry) => {
+                    let acker = Box::new(MemoryAcker {
+                        member: m.clone(),
+                        tag,
+                    });
+                    return Poll::Ready(Some(Ok(Delivery::new(
+                        entry.message,
+                        entry.topic,
+                        entry.attempt,
+                        entry.redelivered,
+                        acker,
+                    ))));
+                }
+                Fetch::Exhausted(entry) => m.dead_letter_exhausted(&entry),
+                Fetch::Closed => return Poll::Ready(None),
+                Fetch::Pending(None) => return Poll::Pending,
+                Fetch::Pending(Some(due)) => {
+                    let sleep = match &mut self.sleep {
+                        Some(s) => {
+                            if s.deadline() != due {
+                                s.as_mut().reset(due);
+                            }
+                            s
+                        }
+                        None => self.sleep.insert(Box::pin(tokio::time::sleep_until(due))),
+                    };
+                    if sleep.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    // Due now: loop to promote it.
+                }
+            }
+        }
+    }
+
+    async fn close(&mut self, grace: Duration) -> Result<()> {
+        let m = self.member.clone();
+        m.group.set_closing(m.id);
+        let deadline = Instant::now() + grace;
+        loop {
+            let notified = m.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let left = m.group.unsettled(m.id);
+            if left == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                tracing::info!(
+                    group = m.group.name(),
+                    unsettled = left,
+                    "close deadline passed; unsettled deliveries go back for redelivery"
+                );
+                break;
+            }
+        }
+        self.leave();
+        Ok(())
+    }
+}
+
+impl Drop for MemorySource {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+struct MemoryAcker {
+    member: Arc<Member>,
+    tag: u64,
+}
+
+#[async_trait]
+impl Acker for MemoryAcker {
+    fn retry_policy(&self) -> &RetryPolicy {
+        &self.member.retry
+    }
+
+    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<()> {
+        self.member.settle(self.tag, settlement)
+    }
+
+    fn settle_on_drop(self: Box<Self>, settlement: Settlement) {
+        // Already handed back if the member left; nothing to do then.
+        let _: Result<(), Error> = self.member.settle(self.tag, settlement);
+    }
+}

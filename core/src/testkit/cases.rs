@@ -1,0 +1,1159 @@
+//! The cases, named after the clause they prove. Each takes a fresh [`Ctx`].
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, UNIX_EPOCH};
+
+use futures::StreamExt;
+
+use super::{CaseError, CaseResult, Ctx};
+use crate::{Capability, Kind, Message, RetryPolicy, StartFrom, Subscription, header};
+
+fn ids(messages: &[Message]) -> Vec<String> {
+    messages.iter().map(|m| m.id().to_owned()).collect()
+}
+
+fn payloads(messages: &[Message]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(m.payload()).into_owned())
+        .collect()
+}
+
+// ---- C1 topics ---------------------------------------------------------------
+
+/// C1: an invalid topic is a typed error before any I/O, and the message comes back.
+pub async fn c1_invalid_topic_is_rejected_before_io(ctx: Ctx) -> CaseResult {
+    for bad in [
+        "",
+        "user..created",
+        ".user",
+        "user.",
+        "user.*",
+        "user.#",
+        "user created",
+    ] {
+        let m = Message::new("x");
+        let id = m.id().to_owned();
+        let err = ctx.bus().publish(bad, m).await.unwrap_err();
+        assert_eq!(err.kind(), Kind::InvalidInput, "topic `{bad}`: {err}");
+        assert!(!err.may_have_been_delivered(), "topic `{bad}`");
+        assert_eq!(err.message().id(), id, "the message comes back");
+        assert!(
+            err.to_string().contains(&format!("`{bad}`")),
+            "names the topic: {err}"
+        );
+    }
+    Ok(())
+}
+
+/// C1: an invalid pattern is a typed error from `subscribe`.
+pub async fn c1_invalid_pattern_is_rejected_before_io(ctx: Ctx) -> CaseResult {
+    for bad in ["", "user.*x", "us#er", "user..x", "user created"] {
+        let err = ctx
+            .bus()
+            .subscribe(Subscription::new(bad))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), Kind::InvalidInput, "pattern `{bad}`: {err}");
+    }
+    Ok(())
+}
+
+/// C1: `*` matches exactly one word.
+pub async fn c1_star_matches_exactly_one_word(ctx: Ctx) -> CaseResult {
+    let mut sub = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("user.*")))
+        .await?;
+    for (t, p) in [
+        ("user", "no-0"),
+        ("user.created.eu", "no-2"),
+        ("user.created", "yes-1"),
+    ] {
+        ctx.bus().publish(&ctx.topic(t), Message::new(p)).await?;
+    }
+    let got = ctx.recv_acked(&mut sub, 1).await;
+    assert_eq!(payloads(&got), ["yes-1"]);
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// C1: `#` matches zero or more words.
+pub async fn c1_hash_matches_zero_or_more_words(ctx: Ctx) -> CaseResult {
+    let mut sub = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("user.#")))
+        .await?;
+    for t in [
+        "user",
+        "user.created",
+        "other",
+        "user.created.eu",
+        "users.x",
+    ] {
+        ctx.bus().publish(&ctx.topic(t), Message::new(t)).await?;
+    }
+    let got = ctx.recv_acked(&mut sub, 3).await;
+    assert_eq!(payloads(&got), ["user", "user.created", "user.created.eu"]);
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// C1: a pattern without wildcards matches its own topic only.
+pub async fn c1_literal_pattern_matches_only_itself(ctx: Ctx) -> CaseResult {
+    let mut sub = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("user.created")))
+        .await?;
+    for t in ["user.created2", "user", "user.created.x", "user.created"] {
+        ctx.bus().publish(&ctx.topic(t), Message::new(t)).await?;
+    }
+    assert_eq!(
+        payloads(&ctx.recv_acked(&mut sub, 1).await),
+        ["user.created"]
+    );
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// C1/C2: a subscription with several patterns gets a message matching two of
+/// them once.
+pub async fn c1_message_matching_two_patterns_is_delivered_once(ctx: Ctx) -> CaseResult {
+    let sub = Subscription::new(ctx.topic("user.*"))
+        .pattern(ctx.topic("#.created"))
+        .pattern(ctx.topic("order.#"));
+    let mut sub = ctx.bus().subscribe(sub).await?;
+    for t in ["user.created", "order.paid", "user.deleted"] {
+        ctx.bus().publish(&ctx.topic(t), Message::new(t)).await?;
+    }
+    let got = ctx.recv_acked(&mut sub, 3).await;
+    let mut got = payloads(&got);
+    got.sort();
+    assert_eq!(got, ["order.paid", "user.created", "user.deleted"]);
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+// ---- C2 groups ---------------------------------------------------------------
+
+/// C2: a message goes to every group whose pattern matches, and only those.
+pub async fn c2_every_matching_group_gets_a_copy(ctx: Ctx) -> CaseResult {
+    let bus = ctx.bus();
+    let mut welcome = bus
+        .subscribe(Subscription::new(ctx.topic("user.created")).group(ctx.group("welcome")))
+        .await?;
+    let mut audit = bus
+        .subscribe(Subscription::new(ctx.topic("user.#")).group(ctx.group("audit")))
+        .await?;
+    let mut orders = bus
+        .subscribe(Subscription::new(ctx.topic("order.#")).group(ctx.group("orders")))
+        .await?;
+    bus.publish(&ctx.topic("user.created"), Message::new("u1"))
+        .await?;
+    bus.publish(&ctx.topic("user.deleted"), Message::new("u2"))
+        .await?;
+    assert_eq!(payloads(&ctx.recv_acked(&mut welcome, 1).await), ["u1"]);
+    assert_eq!(payloads(&ctx.recv_acked(&mut audit, 2).await), ["u1", "u2"]);
+    ctx.expect_quiet(&mut welcome).await;
+    ctx.expect_quiet(&mut orders).await;
+    Ok(())
+}
+
+/// C2: the members of one group share its messages: each message reaches exactly
+/// one of them.
+pub async fn c2_members_of_a_group_share_its_messages(ctx: Ctx) -> CaseResult {
+    let group = ctx.group("workers");
+    let sub = || {
+        Subscription::new(ctx.topic("job.*"))
+            .group(group.clone())
+            .prefetch(4)
+    };
+    let mut a = ctx.bus().subscribe(sub()).await?;
+    let other = ctx.connect().await?;
+    let mut b = other.subscribe(sub()).await?;
+    let n = 20;
+    let mut sent = HashSet::new();
+    for i in 0..n {
+        let m = Message::new(format!("job-{i}")).with_key(format!("k{i}"));
+        sent.insert(m.id().to_owned());
+        ctx.bus().publish(&ctx.topic("job.run"), m).await?;
+    }
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + ctx.target().patience();
+    while seen.len() < n {
+        let next = tokio::select! {
+            d = a.next() => d,
+            d = b.next() => d,
+            _ = tokio::time::sleep_until(deadline) => panic!("only {} of {n} jobs arrived", seen.len()),
+        };
+        let d = next.expect("stream open")?;
+        seen.push(d.message().id().to_owned());
+        d.ack().await?;
+    }
+    let unique: HashSet<_> = seen.iter().cloned().collect();
+    assert_eq!(unique.len(), n, "a message reached two members");
+    assert_eq!(unique, sent);
+    ctx.expect_quiet(&mut a).await;
+    ctx.expect_quiet(&mut b).await;
+    Ok(())
+}
+
+/// C2/C6: a member that holds its prefetch of unsettled deliveries does not hold
+/// up the group: the next message goes to another member.
+pub async fn c2_a_member_at_its_prefetch_leaves_messages_to_others(ctx: Ctx) -> CaseResult {
+    let group = ctx.group("workers");
+    let sub = || {
+        Subscription::new(ctx.topic("job.*"))
+            .group(group.clone())
+            .prefetch(1)
+    };
+    let mut a = ctx.bus().subscribe(sub()).await?;
+    ctx.bus()
+        .publish(&ctx.topic("job.run"), Message::new("first").with_key("k"))
+        .await?;
+    let first = ctx.recv(&mut a).await;
+    let mut b = ctx.bus().subscribe(sub()).await?;
+    ctx.bus()
+        .publish(&ctx.topic("job.run"), Message::new("second").with_key("k"))
+        .await?;
+    let second = ctx.recv(&mut b).await;
+    assert_eq!(second.message().payload().as_ref(), b"second");
+    first.ack().await?;
+    second.ack().await?;
+    Ok(())
+}
+
+/// C2: subscriptions without a group each get a private group, so each gets a copy.
+pub async fn c2_private_subscriptions_each_get_a_copy(ctx: Ctx) -> CaseResult {
+    let mut a = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("news")))
+        .await?;
+    let mut b = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("news")))
+        .await?;
+    ctx.bus()
+        .publish(&ctx.topic("news"), Message::new("hello"))
+        .await?;
+    assert_eq!(payloads(&ctx.recv_acked(&mut a, 1).await), ["hello"]);
+    assert_eq!(payloads(&ctx.recv_acked(&mut b, 1).await), ["hello"]);
+    Ok(())
+}
+
+/// C2: a durable group keeps what is published while none of its members is
+/// connected.
+pub async fn c2_durable_group_keeps_messages_while_no_member_is_connected(ctx: Ctx) -> CaseResult {
+    let sub = || Subscription::new(ctx.topic("user.*")).group(ctx.group("billing"));
+    let first = ctx.bus().subscribe(sub()).await?;
+    first.close(Duration::from_secs(1)).await?;
+    for i in 0..3 {
+        ctx.bus()
+            .publish(
+                &ctx.topic("user.created"),
+                Message::new(format!("m{i}")).with_key("u"),
+            )
+            .await?;
+    }
+    let mut again = ctx.bus().subscribe(sub()).await?;
+    assert_eq!(
+        payloads(&ctx.recv_acked(&mut again, 3).await),
+        ["m0", "m1", "m2"]
+    );
+    Ok(())
+}
+
+/// C2/C7: settling in one group does not touch another group's copy.
+pub async fn c2_groups_settle_independently(ctx: Ctx) -> CaseResult {
+    let retry = ctx.fast_retry();
+    let mut a = ctx
+        .bus()
+        .subscribe(
+            Subscription::new(ctx.topic("e"))
+                .group(ctx.group("a"))
+                .retry(retry.clone()),
+        )
+        .await?;
+    let mut b = ctx
+        .bus()
+        .subscribe(
+            Subscription::new(ctx.topic("e"))
+                .group(ctx.group("b"))
+                .retry(retry),
+        )
+        .await?;
+    ctx.bus()
+        .publish(&ctx.topic("e"), Message::new("x"))
+        .await?;
+    ctx.recv(&mut a).await.ack().await?;
+    ctx.recv(&mut b).await.nack().await?;
+    let again = ctx.recv(&mut b).await;
+    assert_eq!(again.attempt(), 2);
+    again.ack().await?;
+    ctx.expect_quiet(&mut a).await;
+    Ok(())
+}
+
+// ---- C3 readiness ------------------------------------------------------------
+
+/// C3: when `subscribe` returns, the subscription is live.
+pub async fn c3_message_published_right_after_subscribe_is_delivered(ctx: Ctx) -> CaseResult {
+    let mut private = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("x")))
+        .await?;
+    let mut grouped = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("x")).group(ctx.group("g")))
+        .await?;
+    ctx.bus()
+        .publish(&ctx.topic("x"), Message::new("now"))
+        .await?;
+    assert_eq!(payloads(&ctx.recv_acked(&mut private, 1).await), ["now"]);
+    assert_eq!(payloads(&ctx.recv_acked(&mut grouped, 1).await), ["now"]);
+    Ok(())
+}
+
+/// C3: a new group starts at "now": what was published before it existed is not
+/// delivered to it.
+pub async fn c3_new_group_starts_at_now(ctx: Ctx) -> CaseResult {
+    // Another group makes the topic exist on brokers that need that.
+    let _keeper = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("x")).group(ctx.group("other")))
+        .await?;
+    ctx.bus()
+        .publish(&ctx.topic("x"), Message::new("before"))
+        .await?;
+    let mut sub = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("x")).group(ctx.group("new")))
+        .await?;
+    ctx.bus()
+        .publish(&ctx.topic("x"), Message::new("after"))
+        .await?;
+    assert_eq!(payloads(&ctx.recv_acked(&mut sub, 1).await), ["after"]);
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// C3 (capability `replay`): a new group may opt in to start at the earliest
+/// message the broker holds.
+pub async fn c3_replay_from_earliest(ctx: Ctx) -> CaseResult {
+    ctx.require(Capability::Replay)?;
+    let _keeper = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("x")).group(ctx.group("other")))
+        .await?;
+    ctx.bus()
+        .publish(&ctx.topic("x"), Message::new("history"))
+        .await?;
+    let mut sub = ctx
+        .bus()
+        .subscribe(
+            Subscription::new(ctx.topic("x"))
+                .group(ctx.group("replayer"))
+                .start_from(StartFrom::Earliest),
+        )
+        .await?;
+    assert_eq!(payloads(&ctx.recv_acked(&mut sub, 1).await), ["history"]);
+    Ok(())
+}
+
+/// C3: a backend without replay says so with a typed error rather than quietly
+/// starting at "now".
+pub async fn c3_replay_without_capability_is_unsupported(ctx: Ctx) -> CaseResult {
+    if ctx.bus().capabilities().has(Capability::Replay) {
+        return Err(CaseError::Skip("the backend claims `replay`".into()));
+    }
+    let err = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("x")).start_from(StartFrom::Earliest))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), Kind::Unsupported, "{err}");
+    Ok(())
+}
+
+// ---- C4 publish --------------------------------------------------------------
+
+/// C4: `Ok` means the broker has the message: it survives the publisher's
+/// connection going away at once.
+pub async fn c4_publish_ok_survives_the_publishers_disconnect(ctx: Ctx) -> CaseResult {
+    let sub = || Subscription::new(ctx.topic("x")).group(ctx.group("g"));
+    ctx.bus()
+        .subscribe(sub())
+        .await?
+        .close(Duration::ZERO)
+        .await?;
+    let publisher = ctx.connect().await?;
+    for i in 0..20 {
+        publisher
+            .publish(&ctx.topic("x"), Message::new(format!("m{i}")).with_key("k"))
+            .await?;
+    }
+    drop(publisher);
+    let mut s = ctx.bus().subscribe(sub()).await?;
+    let got = ctx.recv_acked(&mut s, 20).await;
+    assert_eq!(
+        payloads(&got),
+        (0..20).map(|i| format!("m{i}")).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+/// C4/C10: publishing on a closed bus fails with `Closed` and hands the message back.
+pub async fn c4_publish_on_closed_bus_fails_and_returns_the_message(ctx: Ctx) -> CaseResult {
+    let bus = ctx.connect().await?;
+    bus.publish(&ctx.topic("x"), Message::new("before")).await?;
+    bus.close().await?;
+    let m = Message::new("after").with_key("k");
+    let err = bus.publish(&ctx.topic("x"), m.clone()).await.unwrap_err();
+    assert_eq!(err.kind(), Kind::Closed, "{err}");
+    assert!(!err.may_have_been_delivered());
+    assert_eq!(err.into_message(), m);
+    Ok(())
+}
+
+/// C4: a batch publish is pipelined and gives one result per message, in order.
+pub async fn c4_batch_publish_gives_one_result_per_message_in_order(ctx: Ctx) -> CaseResult {
+    let mut sub = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("b")))
+        .await?;
+    let batch: Vec<Message> = (0..10)
+        .map(|i| Message::new(format!("m{i}")).with_key("k"))
+        .collect();
+    let sent = ids(&batch);
+    let results = ctx.bus().publish_batch(&ctx.topic("b"), batch).await;
+    assert_eq!(results.len(), 10);
+    for r in results {
+        r?;
+    }
+    assert_eq!(ids(&ctx.recv_acked(&mut sub, 10).await), sent);
+    Ok(())
+}
+
+// ---- C5 order ----------------------------------------------------------------
+
+/// C5: messages with one key, published in sequence, arrive in that order.
+pub async fn c5_same_key_arrives_in_order(ctx: Ctx) -> CaseResult {
+    let mut sub = ctx
+        .bus()
+        .subscribe(
+            Subscription::new(ctx.topic("user.*"))
+                .group(ctx.group("audit"))
+                .prefetch(16),
+        )
+        .await?;
+    let n = 50;
+    for i in 0..n {
+        ctx.bus()
+            .publish(
+                &ctx.topic("user.updated"),
+                Message::new(i.to_string()).with_key("user-7"),
+            )
+            .await?;
+    }
+    let got = ctx.recv_acked(&mut sub, n).await;
+    assert_eq!(
+        payloads(&got),
+        (0..n).map(|i| i.to_string()).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+/// C5: with several keys interleaved, each key's messages keep their order.
+pub async fn c5_order_holds_for_each_of_several_keys(ctx: Ctx) -> CaseResult {
+    let mut sub = ctx
+        .bus()
+        .subscribe(
+            Subscription::new(ctx.topic("user.*"))
+                .group(ctx.group("audit"))
+                .prefetch(8),
+        )
+        .await?;
+    let keys = ["alice", "bob", "carol"];
+    let per_key = 12;
+    let msgs: Vec<Message> = (0..per_key)
+        .flat_map(|i| {
+            keys.iter()
+                .map(move |k| Message::new(format!("{k}:{i}")).with_key(*k))
+        })
+        .collect();
+    for r in ctx
+        .bus()
+        .publish_batch(&ctx.topic("user.updated"), msgs)
+        .await
+    {
+        r?;
+    }
+    let got = ctx.recv_acked(&mut sub, keys.len() * per_key).await;
+    let mut by_key: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for p in payloads(&got) {
+        let (k, i) = p.split_once(':').expect("key:index");
+        by_key
+            .entry(k.into())
+            .or_default()
+            .push(i.parse().expect("index"));
+    }
+    for k in keys {
+        assert_eq!(
+            by_key[k],
+            (0..per_key).collect::<Vec<_>>(),
+            "order of key {k}"
+        );
+    }
+    Ok(())
+}
+
+// ---- C6 prefetch -------------------------------------------------------------
+
+/// C6: a subscription never holds more than `prefetch` unsettled deliveries.
+pub async fn c6_never_more_than_prefetch_unsettled(ctx: Ctx) -> CaseResult {
+    let mut sub = ctx
+        .bus()
+        .subscribe(
+            Subscription::new(ctx.topic("p"))
+                .group(ctx.group("g"))
+                .prefetch(3),
+        )
+        .await?;
+    for i in 0..10 {
+        ctx.bus()
+            .publish(&ctx.topic("p"), Message::new(format!("m{i}")).with_key("k"))
+            .await?;
+    }
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(ctx.recv(&mut sub).await);
+    }
+    ctx.expect_quiet(&mut sub).await;
+    held.remove(0).ack().await?;
+    held.push(ctx.recv(&mut sub).await);
+    ctx.expect_quiet(&mut sub).await;
+    for d in held {
+        d.ack().await?;
+    }
+    let rest = ctx.recv_acked(&mut sub, 6).await;
+    assert_eq!(payloads(&rest), ["m4", "m5", "m6", "m7", "m8", "m9"]);
+    Ok(())
+}
+
+/// C6: a nack or a dead letter frees a slot just as an ack does.
+pub async fn c6_any_settlement_frees_a_slot(ctx: Ctx) -> CaseResult {
+    let mut sub = ctx
+        .bus()
+        .subscribe(
+            Subscription::new(ctx.topic("p"))
+                .group(ctx.group("g"))
+                .prefetch(1)
+                .retry(RetryPolicy::fixed(Duration::from_secs(30))),
+        )
+        .await?;
+    for p in ["a", "b", "c"] {
+        ctx.bus()
+            .publish(&ctx.topic("p"), Message::new(p).with_key("k"))
+            .await?;
+    }
+    let a = ctx.recv(&mut sub).await;
+    ctx.expect_quiet(&mut sub).await;
+    a.dead_letter("not wanted").await?;
+    let b = ctx.recv(&mut sub).await;
+    assert_eq!(b.message().payload().as_ref(), b"b");
+    b.nack().await?;
+    let c = ctx.recv(&mut sub).await;
+    assert_eq!(c.message().payload().as_ref(), b"c");
+    c.ack().await?;
+    Ok(())
+}
+
+// ---- C7 settlement -----------------------------------------------------------
+
+/// C7: an acked message is never delivered to that group again.
+pub async fn c7_ack_is_final(ctx: Ctx) -> CaseResult {
+    let sub = || {
+        Subscription::new(ctx.topic("x"))
+            .group(ctx.group("g"))
+            .retry(ctx.fast_retry())
+    };
+    let mut s = ctx.bus().subscribe(sub()).await?;
+    ctx.bus()
+        .publish(&ctx.topic("x"), Message::new("once"))
+        .await?;
+    ctx.recv(&mut s).await.ack().await?;
+    ctx.expect_quiet(&mut s).await;
+    // Not on a new member or after a reconnect either.
+    drop(s);
+    let mut s = ctx.connect().await?.subscribe(sub()).await?;
+    ctx.expect_quiet(&mut s).await;
+    Ok(())
+}
+
+/// C7: a nacked message comes back with `attempt + 1` and `redelivered`.
+pub async fn c7_nack_redelivers_with_attempt_plus_one(ctx: Ctx) -> CaseResult {
+    let mut s = ctx
+        .bus()
+        .subscribe(
+            Subscription::new(ctx.topic("x"))
+                .group(ctx.group("g"))
+                .retry(ctx.fast_retry()),
+        )
+        .await?;
+    let m = Message::new("retry me").with_key("k");
+    ctx.bus().publish(&ctx.topic("x"), m.clone()).await?;
+    let first = ctx.recv(&mut s).await;
+    assert_eq!((first.attempt(), first.redelivered()), (1, false));
+    first.nack().await?;
+    let second = ctx.recv(&mut s).await;
+    assert_eq!((second.attempt(), second.redelivered()), (2, true));
+    assert_eq!(second.message().id(), m.id());
+    second.nack().await?;
+    let third = ctx.recv(&mut s).await;
+    assert_eq!((third.attempt(), third.redelivered()), (3, true));
+    third.ack().await?;
+    ctx.expect_quiet(&mut s).await;
+    Ok(())
+}
+
+/// C7/C8: redelivery waits for the retry policy's delay; it never spins.
+pub async fn c7_nack_waits_for_the_retry_delay(ctx: Ctx) -> CaseResult {
+    let delay = Duration::from_millis(600);
+    let mut s = ctx
+        .bus()
+        .subscribe(
+            Subscription::new(ctx.topic("x"))
+                .group(ctx.group("g"))
+                .retry(RetryPolicy::fixed(delay)),
+        )
+        .await?;
+    ctx.bus()
+        .publish(&ctx.topic("x"), Message::new("slow"))
+        .await?;
+    let d = ctx.recv(&mut s).await;
+    let nacked_at = tokio::time::Instant::now();
+    d.nack().await?;
+    // Well inside the delay, nothing may come back.
+    ctx.expect_quiet_for(&mut s, delay / 2).await;
+    let again = ctx.recv(&mut s).await;
+    let waited = nacked_at.elapsed();
+    assert!(
+        waited >= delay,
+        "redelivered after {waited:?}, the delay is {delay:?}"
+    );
+    again.ack().await?;
+    Ok(())
+}
+
+/// C7: `dead_letter` moves the message to the group's dead-letter topic with the
+/// reason, original topic and attempts in headers.
+pub async fn c7_dead_letter_moves_to_the_dead_letter_topic_with_headers(ctx: Ctx) -> CaseResult {
+    let group = ctx.group("billing");
+    let mut s = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("user.*")).group(group.clone()))
+        .await?;
+    let m = Message::new("poison")
+        .with_key("u1")
+        .with_header("trace", "t-1");
+    ctx.bus()
+        .publish(&ctx.topic("user.created"), m.clone())
+        .await?;
+    ctx.recv(&mut s).await.dead_letter("card declined").await?;
+    ctx.expect_quiet(&mut s).await;
+    let mut dlq = ctx
+        .bus()
+        .subscribe(Subscription::dead_letters_of(&group))
+        .await?;
+    let d = ctx.recv(&mut dlq).await;
+    let dm = d.message();
+    assert_eq!(dm.id(), m.id());
+    assert_eq!(dm.payload(), m.payload());
+    assert_eq!(dm.key(), Some("u1"));
+    assert_eq!(dm.header("trace"), Some("t-1"));
+    assert_eq!(dm.header(header::DEAD_LETTER_REASON), Some("card declined"));
+    assert_eq!(
+        dm.header(header::ORIGINAL_TOPIC),
+        Some(ctx.topic("user.created").as_str())
+    );
+    assert_eq!(dm.header(header::ATTEMPTS), Some("1"));
+    d.ack().await?;
+    Ok(())
+}
+
+/// C7: dropping an unsettled delivery counts as a nack.
+pub async fn c7_dropping_a_delivery_counts_as_nack(ctx: Ctx) -> CaseResult {
+    let mut s = ctx
+        .bus()
+        .subscribe(
+            Subscription::new(ctx.topic("x"))
+                .group(ctx.group("g"))
+                .retry(ctx.fast_retry()),
+        )
+        .await?;
+    ctx.bus()
+        .publish(&ctx.topic("x"), Message::new("dropped"))
+        .await?;
+    drop(ctx.recv(&mut s).await);
+    let again = ctx.recv(&mut s).await;
+    assert_eq!((again.attempt(), again.redelivered()), (2, true));
+    again.ack().await?;
+    Ok(())
+}
+
+// ---- C8 poison messages ------------------------------------------------------
+
+/// C8: after `max_attempts` nacks the message is dead-lettered, not requeued.
+pub async fn c8_dead_lettered_after_max_attempts(ctx: Ctx) -> CaseResult {
+    let group = ctx.group("g");
+    let mut s = ctx
+        .bus()
+        .subscribe(
+            Subscription::new(ctx.topic("x"))
+                .group(group.clone())
+                .retry(ctx.fast_retry().max_attempts(3)),
+        )
+        .await?;
+    ctx.bus()
+        .publish(&ctx.topic("x"), Message::new("poison"))
+        .await?;
+    for attempt in 1..=3 {
+        let d = ctx.recv(&mut s).await;
+        assert_eq!(d.attempt(), attempt);
+        d.nack().await?;
+    }
+    ctx.expect_quiet(&mut s).await;
+    let mut dlq = ctx
+        .bus()
+        .subscribe(Subscription::dead_letters_of(&group))
+        .await?;
+    let d = ctx.recv(&mut dlq).await;
+    assert_eq!(d.message().payload().as_ref(), b"poison");
+    assert_eq!(d.message().header(header::ATTEMPTS), Some("3"));
+    let reason = d
+        .message()
+        .header(header::DEAD_LETTER_REASON)
+        .unwrap_or_default();
+    assert!(reason.contains("3 attempts"), "reason: {reason}");
+    d.ack().await?;
+    Ok(())
+}
+
+/// C8 (capability `virtual-time`): the delays between attempts follow the
+/// exponential policy, to tokio's timer granularity of one millisecond.
+pub async fn c8_backoff_grows_between_attempts(ctx: Ctx) -> CaseResult {
+    ctx.require(Capability::VirtualTime)?;
+    tokio::time::pause();
+    let policy = RetryPolicy::exponential(Duration::from_secs(1))
+        .max_delay(Duration::from_secs(5))
+        .max_attempts(5)
+        .jitter(false);
+    let mut s = ctx
+        .bus()
+        .subscribe(
+            Subscription::new(ctx.topic("x"))
+                .group(ctx.group("g"))
+                .retry(policy),
+        )
+        .await?;
+    ctx.bus()
+        .publish(&ctx.topic("x"), Message::new("flaky"))
+        .await?;
+    let mut last = tokio::time::Instant::now();
+    let mut waits = Vec::new();
+    for attempt in 1..=5 {
+        let d = tokio::time::timeout(Duration::from_secs(60), s.next())
+            .await
+            .expect("redelivered within a minute of virtual time")
+            .expect("open")?;
+        assert_eq!(d.attempt(), attempt);
+        if attempt > 1 {
+            waits.push(last.elapsed().as_millis());
+        }
+        last = tokio::time::Instant::now();
+        d.nack().await?;
+    }
+    for (wait, expected) in waits.iter().zip([1000, 2000, 4000, 5000]) {
+        assert!((expected..=expected + 1).contains(wait), "waits {waits:?}");
+    }
+    Ok(())
+}
+
+/// C8/C9: a message whose consumer dies on it every time is dead-lettered after
+/// `max_attempts` deliveries, not redelivered forever.
+pub async fn c8_crash_loop_reaches_the_dead_letter_topic(ctx: Ctx) -> CaseResult {
+    let group = ctx.group("g");
+    let sub = || {
+        Subscription::new(ctx.topic("x"))
+            .group(group.clone())
+            .retry(ctx.fast_retry().max_attempts(2))
+    };
+    let mut dlq = ctx
+        .bus()
+        .subscribe(Subscription::dead_letters_of(&group))
+        .await?;
+    ctx.bus()
+        .subscribe(sub())
+        .await?
+        .close(Duration::ZERO)
+        .await?;
+    ctx.bus()
+        .publish(&ctx.topic("x"), Message::new("crasher"))
+        .await?;
+    for _ in 0..2 {
+        let conn = ctx.connect().await?;
+        let mut s = conn.subscribe(sub()).await?;
+        let d = ctx.recv(&mut s).await;
+        // The consumer dies holding it: stream and connection go first.
+        drop(s);
+        drop(conn);
+        drop(d);
+    }
+    let mut s = ctx.bus().subscribe(sub()).await?;
+    let dead = ctx.recv(&mut dlq).await;
+    assert_eq!(dead.message().payload().as_ref(), b"crasher");
+    assert_eq!(dead.message().header(header::ATTEMPTS), Some("2"));
+    dead.ack().await?;
+    ctx.expect_quiet(&mut s).await;
+    Ok(())
+}
+
+// ---- C9 crashes --------------------------------------------------------------
+
+/// C9: what a consumer held when it died goes to another member.
+pub async fn c9_unsettled_delivery_of_a_dead_consumer_is_redelivered(ctx: Ctx) -> CaseResult {
+    let group = ctx.group("g");
+    let sub = || {
+        Subscription::new(ctx.topic("x"))
+            .group(group.clone())
+            .prefetch(10)
+    };
+    let conn = ctx.connect().await?;
+    let mut doomed = conn.subscribe(sub()).await?;
+    ctx.bus()
+        .publish(&ctx.topic("x"), Message::new("held").with_key("k"))
+        .await?;
+    let d = ctx.recv(&mut doomed).await;
+    let id = d.message().id().to_owned();
+    let mut survivor = ctx.bus().subscribe(sub()).await?;
+    drop(doomed);
+    drop(conn);
+    drop(d);
+    let again = ctx.recv(&mut survivor).await;
+    assert_eq!(again.message().id(), id);
+    again.ack().await?;
+    Ok(())
+}
+
+/// C9: acking out of order and then dying never loses the message in the gap.
+pub async fn c9_out_of_order_ack_skips_nothing(ctx: Ctx) -> CaseResult {
+    let group = ctx.group("g");
+    let sub = || {
+        Subscription::new(ctx.topic("x"))
+            .group(group.clone())
+            .prefetch(10)
+    };
+    ctx.bus()
+        .subscribe(sub())
+        .await?
+        .close(Duration::ZERO)
+        .await?;
+    for p in ["m1", "m2", "m3"] {
+        ctx.bus()
+            .publish(&ctx.topic("x"), Message::new(p).with_key("k"))
+            .await?;
+    }
+    let conn = ctx.connect().await?;
+    let mut s = conn.subscribe(sub()).await?;
+    let m1 = ctx.recv(&mut s).await;
+    let m2 = ctx.recv(&mut s).await;
+    let m3 = ctx.recv(&mut s).await;
+    assert_eq!(m2.message().payload().as_ref(), b"m2");
+    m3.ack().await?;
+    m1.ack().await?;
+    drop(s);
+    drop(conn);
+    drop(m2);
+    let mut next = ctx.bus().subscribe(sub()).await?;
+    let again = ctx.recv(&mut next).await;
+    assert_eq!(
+        again.message().payload().as_ref(),
+        b"m2",
+        "m1 was acked first"
+    );
+    again.ack().await?;
+    // m3 may come again (at-least-once), m1 never: it was acked in order.
+    while let Ok(Some(d)) = tokio::time::timeout(ctx.target().quiet(), next.next()).await {
+        let d = d?;
+        assert_eq!(d.message().payload().as_ref(), b"m3");
+        d.ack().await?;
+    }
+    Ok(())
+}
+
+// ---- C10 shutdown ------------------------------------------------------------
+
+/// C10: closing waits for in-flight work to settle.
+pub async fn c10_close_waits_for_in_flight_settlement(ctx: Ctx) -> CaseResult {
+    let sub = || Subscription::new(ctx.topic("x")).group(ctx.group("g"));
+    let mut s = ctx.bus().subscribe(sub()).await?;
+    ctx.bus()
+        .publish(&ctx.topic("x"), Message::new("work"))
+        .await?;
+    let d = ctx.recv(&mut s).await;
+    let worker = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        d.ack().await
+    });
+    s.close(Duration::from_secs(10)).await?;
+    assert!(
+        worker.is_finished(),
+        "close returned before the in-flight ack"
+    );
+    worker.await.expect("worker")?;
+    let mut s = ctx.bus().subscribe(sub()).await?;
+    ctx.expect_quiet(&mut s).await;
+    Ok(())
+}
+
+/// C10: what is still unsettled at the deadline is redelivered; settling it later
+/// is a typed error.
+pub async fn c10_close_returns_unsettled_after_grace(ctx: Ctx) -> CaseResult {
+    let sub = || Subscription::new(ctx.topic("x")).group(ctx.group("g"));
+    let mut s = ctx.bus().subscribe(sub()).await?;
+    ctx.bus()
+        .publish(&ctx.topic("x"), Message::new("slow work"))
+        .await?;
+    let d = ctx.recv(&mut s).await;
+    s.close(Duration::from_millis(100)).await?;
+    let err = d.ack().await.unwrap_err();
+    assert_eq!(err.kind(), Kind::Closed, "{err}");
+    let mut s = ctx.bus().subscribe(sub()).await?;
+    let again = ctx.recv(&mut s).await;
+    assert_eq!(again.message().payload().as_ref(), b"slow work");
+    again.ack().await?;
+    Ok(())
+}
+
+/// C10: messages fetched ahead but never seen are left for redelivery too.
+pub async fn c10_close_returns_prefetched_but_unseen_messages(ctx: Ctx) -> CaseResult {
+    let sub = || {
+        Subscription::new(ctx.topic("x"))
+            .group(ctx.group("g"))
+            .prefetch(10)
+    };
+    let mut s = ctx.bus().subscribe(sub()).await?;
+    for i in 0..5 {
+        ctx.bus()
+            .publish(&ctx.topic("x"), Message::new(format!("m{i}")).with_key("k"))
+            .await?;
+    }
+    ctx.recv(&mut s).await.ack().await?;
+    s.close(Duration::from_millis(100)).await?;
+    let mut s = ctx.bus().subscribe(sub()).await?;
+    let got = ctx.recv_acked(&mut s, 4).await;
+    assert_eq!(payloads(&got), ["m1", "m2", "m3", "m4"]);
+    ctx.expect_quiet(&mut s).await;
+    Ok(())
+}
+
+// ---- C12 bad input -----------------------------------------------------------
+
+/// C12: an oversize payload is refused before sending, and comes back.
+pub async fn c12_oversize_payload_is_rejected_before_sending(ctx: Ctx) -> CaseResult {
+    let Some(max) = ctx.bus().capabilities().max_payload() else {
+        return Err(CaseError::Skip(
+            "the backend states no payload limit".into(),
+        ));
+    };
+    let mut s = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("big")))
+        .await?;
+    let big = Message::new(vec![7u8; max + 1]);
+    let err = ctx
+        .bus()
+        .publish(&ctx.topic("big"), big.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), Kind::PayloadTooLarge, "{err}");
+    assert!(
+        err.to_string().contains(&(max + 1).to_string()),
+        "says the size: {err}"
+    );
+    assert!(!err.may_have_been_delivered());
+    assert_eq!(err.into_message(), big);
+    ctx.bus()
+        .publish(&ctx.topic("big"), Message::new("small"))
+        .await?;
+    assert_eq!(payloads(&ctx.recv_acked(&mut s, 1).await), ["small"]);
+    Ok(())
+}
+
+/// C12: invalid group names and prefetch values are typed errors.
+pub async fn c12_invalid_subscription_options_are_rejected(ctx: Ctx) -> CaseResult {
+    let t = ctx.topic("x");
+    for sub in [
+        Subscription::new(t.clone()).group("has space"),
+        Subscription::new(t.clone()).group(""),
+        Subscription::new(t.clone()).group("a/b"),
+        Subscription::new(t.clone()).prefetch(0),
+        Subscription::new(t.clone()).prefetch(1_000_000),
+        Subscription::new(t.clone()).dead_letter_topic("dead.*"),
+    ] {
+        let err = ctx.bus().subscribe(sub.clone()).await.unwrap_err();
+        assert_eq!(err.kind(), Kind::InvalidInput, "{sub:?}: {err}");
+    }
+    Ok(())
+}
+
+/// C12: an undecodable payload gives a typed decode error, and dead-letters with
+/// the error as its reason.
+pub async fn c12_undecodable_payload_is_a_decode_error_and_dead_letters(ctx: Ctx) -> CaseResult {
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct User {
+        id: String,
+    }
+    let group = ctx.group("g");
+    let mut s = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("user.*")).group(group.clone()))
+        .await?;
+    ctx.bus()
+        .publish(
+            &ctx.topic("user.created"),
+            Message::new("{not json").with_content_type("application/json"),
+        )
+        .await?;
+    let d = ctx.recv(&mut s).await;
+    let err = d.json::<User>().unwrap_err();
+    assert_eq!(err.kind(), Kind::Decode);
+    let reason = err.to_string();
+    d.dead_letter(reason.clone()).await?;
+    let mut dlq = ctx
+        .bus()
+        .subscribe(Subscription::dead_letters_of(&group))
+        .await?;
+    let dead = ctx.recv(&mut dlq).await;
+    assert_eq!(dead.message().payload().as_ref(), b"{not json");
+    assert_eq!(
+        dead.message().header(header::DEAD_LETTER_REASON),
+        Some(reason.as_str())
+    );
+    dead.ack().await?;
+    Ok(())
+}
+
+/// C12: a publish refused for bad input loses nothing: the returned message,
+/// published again correctly, arrives intact.
+pub async fn c12_rejected_publish_loses_nothing(ctx: Ctx) -> CaseResult {
+    let mut s = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("ok")))
+        .await?;
+    let m = Message::new(vec![0u8, 1, 2, 255])
+        .with_key("k")
+        .with_header("h", "v")
+        .with_content_type("application/octet-stream");
+    let err = ctx
+        .bus()
+        .publish("not..valid", m.clone())
+        .await
+        .unwrap_err();
+    let back = err.into_message();
+    assert_eq!(back, m);
+    ctx.bus().publish(&ctx.topic("ok"), back).await?;
+    let got = ctx.recv_acked(&mut s, 1).await;
+    assert_eq!(got[0], m);
+    Ok(())
+}
+
+/// C12: an unreachable broker is a typed connection error within a bounded time.
+pub async fn c12_unreachable_broker_fails_fast(ctx: Ctx) -> CaseResult {
+    let started = tokio::time::Instant::now();
+    let Some(result) = ctx.target().connect_unreachable().await else {
+        return Err(CaseError::Skip(
+            "the backend has no network connection".into(),
+        ));
+    };
+    let waited = started.elapsed();
+    let err = result.expect_err("connected to an unreachable broker");
+    assert!(
+        matches!(err.kind(), Kind::Connection | Kind::Timeout),
+        "kind {:?}: {err}",
+        err.kind()
+    );
+    assert!(waited < Duration::from_secs(30), "took {waited:?}");
+    Ok(())
+}
+
+// ---- C13 metadata ------------------------------------------------------------
+
+fn rich_message() -> Message {
+    Message::new(vec![0u8, 1, 2, 0, 255, b'\n', b'\r'])
+        .with_id("order-42/α")
+        .with_key("customer-7")
+        .with_header("trace-id", "00-abc-01")
+        .with_header("X-Mixed-Case", "Value With Spaces")
+        .with_header("empty", "")
+        .with_header("unicode", "ünïcödé ✓ 日本")
+        .with_header("k=v;x", "a=b; c=d")
+        .with_content_type("application/vnd.polybus+octet")
+        .with_timestamp(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123))
+}
+
+/// C13: id, key, headers, content type, timestamp and payload round-trip unchanged.
+pub async fn c13_metadata_round_trips(ctx: Ctx) -> CaseResult {
+    let mut s = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("meta")))
+        .await?;
+    let m = rich_message();
+    ctx.bus().publish(&ctx.topic("meta"), m.clone()).await?;
+    let d = ctx.recv(&mut s).await;
+    assert_eq!(d.message(), &m);
+    assert_eq!(d.topic().as_str(), ctx.topic("meta"));
+    d.ack().await?;
+    Ok(())
+}
+
+/// C13: headers under `polybus-` are the library's; a caller's are dropped.
+pub async fn c13_library_headers_are_stripped_on_publish(ctx: Ctx) -> CaseResult {
+    let mut s = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("meta")))
+        .await?;
+    let m = Message::new("x")
+        .with_header(header::ATTEMPT, "99")
+        .with_header(header::DEAD_LETTER_REASON, "forged")
+        .with_header("mine", "kept");
+    ctx.bus().publish(&ctx.topic("meta"), m).await?;
+    let d = ctx.recv(&mut s).await;
+    assert_eq!(d.attempt(), 1);
+    let h = d.message().headers();
+    assert_eq!(h.len(), 1, "{h:?}");
+    assert_eq!(d.message().header("mine"), Some("kept"));
+    d.ack().await?;
+    Ok(())
+}
+
+/// C13: a redelivered message carries the same metadata, and nothing more.
+pub async fn c13_metadata_survives_redelivery(ctx: Ctx) -> CaseResult {
+    let mut s = ctx
+        .bus()
+        .subscribe(
+            Subscription::new(ctx.topic("meta"))
+                .group(ctx.group("g"))
+                .retry(ctx.fast_retry()),
+        )
+        .await?;
+    let m = rich_message();
+    ctx.bus().publish(&ctx.topic("meta"), m.clone()).await?;
+    ctx.recv(&mut s).await.nack().await?;
+    let d = ctx.recv(&mut s).await;
+    assert_eq!(d.attempt(), 2);
+    assert_eq!(d.message(), &m);
+    d.ack().await?;
+    Ok(())
+}
