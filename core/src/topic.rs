@@ -195,11 +195,7 @@ fn matches_words(segs: &[Segment], words: &[&str]) -> bool {
                     next[j] = any;
                 }
             }
-            Segment::Star => {
-                for j in 1..=n {
-                    next[j] = dp[j - 1];
-                }
-            }
+            Segment::Star => next[1..].copy_from_slice(&dp[..n]),
             Segment::Word(w) => {
                 for j in 1..=n {
                     next[j] = dp[j - 1] && **w == *words[j - 1];

@@ -148,7 +148,14 @@ impl Broker {
         topology.routes.clear();
     }
 
-    /// Messages waiting in `group` (ready and delayed), for tests and metrics.
+    pub(crate) fn group_names(&self) -> Vec<String> {
+        let topology = self.topology.read().unwrap_or_else(|p| p.into_inner());
+        let mut names: Vec<String> = topology.groups.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// The group called `name`, for inspection.
     pub(crate) fn group(&self, name: &str) -> Option<Arc<Group>> {
         let topology = self.topology.read().unwrap_or_else(|p| p.into_inner());
         topology.groups.get(name).cloned()

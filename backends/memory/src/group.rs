@@ -186,16 +186,16 @@ impl Group {
             let d = state.delayed.pop().expect("peeked");
             state.ready.push_back(d.entry);
         }
-        if member.unsettled.len() < member.prefetch {
-            if let Some(entry) = state.ready.pop_front() {
-                if entry.attempt > member.max_attempts {
-                    return Fetch::Exhausted(entry);
-                }
-                let tag = state.next_tag;
-                state.next_tag += 1;
-                member.unsettled.insert(tag, entry.clone());
-                return Fetch::Delivered(tag, entry);
+        if member.unsettled.len() < member.prefetch
+            && let Some(entry) = state.ready.pop_front()
+        {
+            if entry.attempt > member.max_attempts {
+                return Fetch::Exhausted(entry);
             }
+            let tag = state.next_tag;
+            state.next_tag += 1;
+            member.unsettled.insert(tag, entry.clone());
+            return Fetch::Delivered(tag, entry);
         }
         if !member.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
             member.waker = Some(waker.clone());

@@ -151,6 +151,13 @@ impl MemoryBus {
     }
 }
 
+impl MemoryBus {
+    /// The names of the groups the broker holds, sorted.
+    pub fn groups(&self) -> Vec<String> {
+        self.broker.group_names()
+    }
+}
+
 /// The contents of a group, from [`MemoryBus::group_depth`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupDepth {
