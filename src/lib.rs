@@ -89,6 +89,13 @@ fn needs_feature(scheme: &str, feature: &str) -> Error {
 
 /// The URL without its password, for messages.
 fn redact(url: &str) -> String {
+    if !url.contains("://") {
+        // No scheme: anything before an `@` may be credentials.
+        return match url.rsplit_once('@') {
+            Some((_, host)) => format!("***@{host}"),
+            None => url.to_owned(),
+        };
+    }
     if let Some((scheme, rest)) = url.split_once("://")
         && let Some((auth, host)) = rest.rsplit_once('@')
     {
@@ -120,5 +127,7 @@ mod tests {
         assert!(!e.to_string().contains("secret"), "{e}");
         assert!(e.to_string().contains("`redis`"), "{e}");
         assert!(connect("nonsense").await.unwrap_err().is_invalid_input());
+        let e = connect("guest:secret@rabbit:5672").await.unwrap_err();
+        assert!(!e.to_string().contains("secret"), "{e}");
     }
 }

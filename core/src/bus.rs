@@ -244,6 +244,15 @@ pub fn prepare_publish(
     if let Err(e) = Topic::validate(topic) {
         return Err(PublishError::not_delivered(e, message));
     }
+    if Topic::is_reserved(topic) {
+        let e = Error::invalid_input(format!(
+            "topic `{topic}` is reserved: topics starting with `polybus.` are the library's"
+        ));
+        return Err(PublishError::not_delivered(e, message));
+    }
+    if let Err(e) = check_metadata(&message) {
+        return Err(PublishError::not_delivered(e, message));
+    }
     let len = message.payload().len();
     if len > max_payload {
         let e = Error::new(
@@ -257,6 +266,47 @@ pub fn prepare_publish(
     }
     message.strip_library_headers();
     Ok(message)
+}
+
+/// The longest id, content type and header name: AMQP carries them as short
+/// strings, so every backend keeps the same limit.
+pub const MAX_SHORT_STRING: usize = 255;
+
+fn check_metadata(message: &Message) -> Result<()> {
+    let too_long = |what: &str, value: &str| {
+        Error::invalid_input(format!(
+            "{what} `{}…` of message {} is {} bytes, the limit is {MAX_SHORT_STRING}",
+            &value[..value.floor_char_boundary(32)],
+            message
+                .id()
+                .get(..message.id().floor_char_boundary(64))
+                .unwrap_or(""),
+            value.len()
+        ))
+    };
+    if message.id().is_empty() {
+        return Err(Error::invalid_input("a message id cannot be empty"));
+    }
+    if message.id().len() > MAX_SHORT_STRING {
+        return Err(too_long("id", message.id()));
+    }
+    if let Some(ct) = message.content_type()
+        && ct.len() > MAX_SHORT_STRING
+    {
+        return Err(too_long("content type", ct));
+    }
+    for name in message.headers().keys() {
+        if name.is_empty() {
+            return Err(Error::invalid_input(format!(
+                "message {} has a header with an empty name",
+                message.id()
+            )));
+        }
+        if name.len() > MAX_SHORT_STRING {
+            return Err(too_long("header name", name));
+        }
+    }
+    Ok(())
 }
 
 // Object safety, checked at compile time.

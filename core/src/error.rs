@@ -112,6 +112,26 @@ impl Error {
         matches!(self.kind, Kind::InvalidInput | Kind::PayloadTooLarge)
     }
 
+    /// The payload was over the backend's limit.
+    pub fn is_payload_too_large(&self) -> bool {
+        self.kind == Kind::PayloadTooLarge
+    }
+
+    /// The broker refused the credentials or the virtual host.
+    pub fn is_authentication(&self) -> bool {
+        self.kind == Kind::Authentication
+    }
+
+    /// The broker answered and refused.
+    pub fn is_refused(&self) -> bool {
+        self.kind == Kind::Refused
+    }
+
+    /// The backend does not offer what was asked.
+    pub fn is_unsupported(&self) -> bool {
+        self.kind == Kind::Unsupported
+    }
+
     /// The connection was lost or could not be made.
     pub fn is_connection(&self) -> bool {
         self.kind == Kind::Connection

@@ -24,12 +24,18 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
+    // Delays are kept within [MIN_DELAY, MAX_DELAY].
     min_delay: Duration,
     max_delay: Duration,
     factor: f32,
     jitter: bool,
     max_attempts: u32,
 }
+
+/// The shortest delay any policy waits: redelivery never spins (C8).
+pub const MIN_DELAY: Duration = Duration::from_millis(10);
+/// The longest delay any policy waits (brokers hold a retry at most this long).
+pub const MAX_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl Default for RetryPolicy {
     /// 5 attempts; waits of 1 s, 2 s, 4 s, 8 s, each with up to 100% jitter,
@@ -137,7 +143,10 @@ impl RetryPolicy {
         let delay = builder.build().nth(n - 1).unwrap_or(self.max_delay);
         // backon computes in f32; round away its nanosecond noise.
         let delay = Duration::from_micros((delay.as_nanos() as f64 / 1000.0).round() as u64);
-        delay.min(self.max_delay).max(self.min_delay)
+        delay
+            .min(self.max_delay)
+            .max(self.min_delay)
+            .clamp(MIN_DELAY, MAX_DELAY)
     }
 }
 
@@ -165,6 +174,16 @@ mod tests {
                 "{d:?}"
             );
         }
+    }
+
+    #[test]
+    fn delays_never_spin_nor_overflow() {
+        assert_eq!(RetryPolicy::fixed(Duration::ZERO).delay_after(1), MIN_DELAY);
+        assert_eq!(RetryPolicy::fixed(Duration::MAX).delay_after(3), MAX_DELAY);
+        assert_eq!(
+            RetryPolicy::exponential(Duration::MAX).delay_after(9),
+            MAX_DELAY
+        );
     }
 
     #[test]

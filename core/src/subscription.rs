@@ -13,6 +13,9 @@ pub const MAX_GROUP_LEN: usize = 200;
 pub const MAX_PREFETCH: u32 = 65_535;
 /// The prefix of every group's default dead-letter topic.
 pub const DEAD_LETTER_PREFIX: &str = "polybus.dead-letter";
+/// The name under which private subscriptions (those without a group) keep their
+/// dead letters, together: read them with `Subscription::dead_letters_of(PRIVATE_DEAD_LETTERS)`.
+pub const PRIVATE_DEAD_LETTERS: &str = "polybus-private";
 
 /// Where a new group starts reading.
 #[non_exhaustive]
@@ -70,7 +73,9 @@ impl Subscription {
     }
 
     /// A subscription to the dead letters of `group`: its dead-letter topic, read by
-    /// a durable group of the same name, which keeps dead letters while nobody reads.
+    /// a durable group of the same name, which keeps dead letters from the moment
+    /// `group` first subscribed, while nobody reads. Dead letters of private
+    /// subscriptions are under [`PRIVATE_DEAD_LETTERS`].
     pub fn dead_letters_of(group: &str) -> Self {
         let topic = format!("{DEAD_LETTER_PREFIX}.{group}");
         Subscription::new(topic.clone()).group(topic)
@@ -164,9 +169,10 @@ impl Subscription {
             }
             None => (private_group(), false),
         };
-        let dead_letter_topic = match &self.dead_letter_topic {
-            Some(t) => Topic::new(t)?,
-            None => Topic::new(&format!("{DEAD_LETTER_PREFIX}.{group}"))?,
+        let dead_letter_topic = match (&self.dead_letter_topic, durable) {
+            (Some(t), _) => Topic::new(t)?,
+            (None, true) => Topic::new(&format!("{DEAD_LETTER_PREFIX}.{group}"))?,
+            (None, false) => Topic::new(&format!("{DEAD_LETTER_PREFIX}.{PRIVATE_DEAD_LETTERS}"))?,
         };
         Ok(ValidSubscription {
             patterns,
@@ -182,10 +188,23 @@ impl Subscription {
 
 /// Check a group name: 1 to 200 bytes of letters, digits, `.`, `_` and `-`, so it
 /// is a valid AMQP queue name, Kafka group id and topic word sequence everywhere.
+/// Names starting with `polybus` are the library's, except the dead-letter groups
+/// (`polybus.dead-letter.…`, up to the topic length limit) that readers join.
 pub fn validate_group(group: &str) -> Result<()> {
-    if group.is_empty() || group.len() > MAX_GROUP_LEN {
+    let dead_letters = group.starts_with(&format!("{DEAD_LETTER_PREFIX}."));
+    let limit = if dead_letters {
+        crate::topic::MAX_TOPIC_LEN
+    } else {
+        MAX_GROUP_LEN
+    };
+    if group.is_empty() || group.len() > limit {
         return Err(Error::invalid_input(format!(
-            "invalid group `{group}`: it must be 1 to {MAX_GROUP_LEN} bytes"
+            "invalid group `{group}`: it must be 1 to {limit} bytes"
+        )));
+    }
+    if group.starts_with(crate::topic::RESERVED_WORD) && !dead_letters {
+        return Err(Error::invalid_input(format!(
+            "invalid group `{group}`: names starting with `polybus` are the library's"
         )));
     }
     if let Some(c) = group
@@ -256,6 +275,8 @@ mod tests {
         assert!(v(Subscription::new("a").group("")).is_invalid_input());
         assert!(v(Subscription::new("a").group("a..b")).is_invalid_input());
         assert!(v(Subscription::new("a").dead_letter_topic("x.*")).is_invalid_input());
+        assert!(v(Subscription::new("a").group("polybus-private")).is_invalid_input());
+        assert!(v(Subscription::new("a").group("polybus.x")).is_invalid_input());
     }
 
     #[test]

@@ -14,6 +14,11 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
+/// The first word of the library's own topics (dead letters, retries). Callers
+/// cannot publish under it, and wildcards never match it: only a pattern whose
+/// first word is literally `polybus` does, so `#` never sees library traffic.
+pub const RESERVED_WORD: &str = "polybus";
+
 /// The longest topic accepted (Kafka's limit on topic names).
 pub const MAX_TOPIC_LEN: usize = 249;
 /// The longest pattern accepted (AMQP's limit on binding keys).
@@ -68,6 +73,17 @@ impl Topic {
             check_word("topic", name, word, i)?;
         }
         Ok(())
+    }
+
+    /// A topic named by the broker (a routing key from another client), taken
+    /// as it is; for backends. Library-made names are validated with [`new`](Self::new).
+    pub fn from_broker(name: &str) -> Self {
+        Topic(Arc::from(name))
+    }
+
+    /// Whether `name` is in the library's namespace (first word `polybus`).
+    pub fn is_reserved(name: &str) -> bool {
+        name.split('.').next() == Some(RESERVED_WORD)
     }
 
     /// The topic as a string.
@@ -173,6 +189,11 @@ impl Pattern {
 
     /// Whether `topic` matches, with AMQP topic-exchange semantics.
     pub fn matches(&self, topic: &str) -> bool {
+        if Topic::is_reserved(topic)
+            && !matches!(self.segments.first(), Some(Segment::Word(w)) if &**w == RESERVED_WORD)
+        {
+            return false;
+        }
         let words: Vec<&str> = topic.split('.').collect();
         matches_words(&self.segments, &words)
     }
@@ -264,6 +285,16 @@ mod tests {
         assert!(m("a.#.b.#", "a.b"));
         assert!(m("a.#.b.#", "a.x.y.b.z"));
         assert!(!m("user.created", "user.created2"));
+    }
+
+    #[test]
+    fn wildcards_never_reach_the_library_namespace() {
+        let m = |p: &str, t: &str| Pattern::new(p).unwrap().matches(t);
+        assert!(!m("#", "polybus.dead-letter.g"));
+        assert!(!m("*.dead-letter.g", "polybus.dead-letter.g"));
+        assert!(m("polybus.dead-letter.*", "polybus.dead-letter.g"));
+        assert!(m("polybus.#", "polybus.dead-letter.g"));
+        assert!(m("#", "polybusx.a"));
     }
 
     #[test]

@@ -103,6 +103,13 @@ impl Broker {
         }
     }
 
+    /// Put a dead letter straight into the store named `store` (a durable group),
+    /// bypassing topic routing, so no wildcard group ever receives it.
+    pub(crate) fn dead_letter(&self, store: &str, message: Message, topic: Topic) {
+        let group = self.declare_group(store, true, &[]);
+        group.push(Entry::new(Arc::new(message), topic));
+    }
+
     /// The group `name`, created if new, bound to `patterns` (bindings accumulate,
     /// as queue bindings do on AMQP).
     pub(crate) fn declare_group(

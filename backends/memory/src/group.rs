@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Duration;
 
+use polybus_core::retry::MAX_DELAY;
 use polybus_core::{Error, Message, Settlement, Topic, header};
 use tokio::time::Instant;
 
@@ -246,8 +247,10 @@ impl Group {
                 } else {
                     let seq = state.next_delay_seq;
                     state.next_delay_seq += 1;
+                    let now = Instant::now();
                     state.delayed.push(Delayed {
-                        due: Instant::now() + delay,
+                        // RetryPolicy caps delays at a week; this guards any other caller.
+                        due: now.checked_add(delay).unwrap_or(now + MAX_DELAY),
                         seq,
                         entry,
                     });
@@ -340,7 +343,10 @@ pub(crate) fn dead_letter_message(
     let mut message = (*entry.message).clone();
     let headers = message.headers_mut();
     headers.insert(header::DEAD_LETTER_REASON.into(), reason.into());
-    headers.insert(header::ORIGINAL_TOPIC.into(), entry.topic.to_string());
+    // A dead letter dead-lettered again keeps the topic it was first published to.
+    headers
+        .entry(header::ORIGINAL_TOPIC.into())
+        .or_insert_with(|| entry.topic.to_string());
     headers.insert(header::ATTEMPTS.into(), attempts.to_string());
     headers.insert(header::GROUP.into(), group.into());
     message

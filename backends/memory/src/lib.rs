@@ -41,9 +41,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use polybus_core::{
-    Backend, Bus, Capabilities, Capability, DeliveryStream, Error, Kind, Message, Pattern,
-    PublishError, Publisher, Receipt, Result, StartFrom, Subscriber, Subscription, async_trait,
-    prepare_publish,
+    Backend, Bus, Capabilities, Capability, DeliveryStream, Error, Kind, Message, PublishError,
+    Publisher, Receipt, Result, StartFrom, Subscriber, Subscription, async_trait, prepare_publish,
 };
 use tokio::sync::Notify;
 
@@ -230,13 +229,10 @@ impl Subscriber for MemoryBus {
         let group = self
             .broker
             .declare_group(&sub.group, sub.durable, &sub.patterns);
-        if sub.durable {
-            // The dead-letter topic gets a durable group of its own name, so dead
-            // letters are kept until someone reads them.
-            let topic = sub.dead_letter_topic.as_str();
-            self.broker
-                .declare_group(topic, true, &[Pattern::new(topic)?]);
-        }
+        // The dead-letter store: a durable group named after the dead-letter topic,
+        // so dead letters are kept from now on until someone reads them.
+        self.broker
+            .declare_group(sub.dead_letter_topic.as_str(), true, &[]);
         let id = group.join(sub.prefetch, sub.retry.attempts());
         let member = Arc::new(Member {
             broker: self.broker.clone(),

@@ -34,8 +34,9 @@ impl Member {
             "dead-lettering"
         );
         let message = dead_letter_message(entry, attempts, reason, self.group.name());
+        let store = self.dead_letter_topic.as_str();
         self.broker
-            .enqueue(self.dead_letter_topic.as_str(), message);
+            .dead_letter(store, message, self.dead_letter_topic.clone());
     }
 
     /// Dead-letter an entry whose consumers died holding it until its attempts ran out.
@@ -134,7 +135,11 @@ impl DeliverySource for MemorySource {
     async fn close(&mut self, grace: Duration) -> Result<()> {
         let m = self.member.clone();
         m.group.set_closing(m.id);
-        let deadline = Instant::now() + grace;
+        let now = Instant::now();
+        // A grace of Duration::MAX means "as long as it takes".
+        let deadline = now
+            .checked_add(grace)
+            .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600));
         loop {
             let notified = m.settled.notified();
             tokio::pin!(notified);

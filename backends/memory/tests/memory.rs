@@ -96,13 +96,14 @@ async fn private_groups_vanish_with_their_subscriber() {
     let groups = inspector.groups();
     assert_eq!(
         groups.len(),
-        1,
-        "one private group, no dead-letter group: {groups:?}"
+        2,
+        "the private group and the dead-letter store: {groups:?}"
     );
-    assert!(groups[0].starts_with("polybus.private."), "{groups:?}");
+    assert_eq!(groups[0], "polybus.dead-letter.polybus-private");
+    assert!(groups[1].starts_with("polybus.private."), "{groups:?}");
     bus.publish("x", Message::new("m")).await.unwrap();
     drop(sub);
-    assert_eq!(inspector.groups(), Vec::<String>::new());
+    assert_eq!(inspector.groups(), ["polybus.dead-letter.polybus-private"]);
 }
 
 #[tokio::test]

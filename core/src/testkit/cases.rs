@@ -6,7 +6,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use futures::StreamExt;
 
 use super::{CaseError, CaseResult, Ctx};
-use crate::{Capability, Kind, Message, RetryPolicy, StartFrom, Subscription, header};
+use crate::subscription::PRIVATE_DEAD_LETTERS;
+use crate::{Capability, Kind, Message, RetryPolicy, StartFrom, Subscription, Topic, header};
 
 fn ids(messages: &[Message]) -> Vec<String> {
     messages.iter().map(|m| m.id().to_owned()).collect()
@@ -990,6 +991,39 @@ pub async fn c12_oversize_payload_is_rejected_before_sending(ctx: Ctx) -> CaseRe
     Ok(())
 }
 
+/// C12: metadata no backend can carry (an empty or over-long id, an over-long
+/// content type or header name) is refused before sending, the same everywhere.
+pub async fn c12_invalid_metadata_is_rejected_before_sending(ctx: Ctx) -> CaseResult {
+    let long = "x".repeat(256);
+    for m in [
+        Message::new("a").with_id(""),
+        Message::new("a").with_id(long.clone()),
+        Message::new("a").with_content_type(long.clone()),
+        Message::new("a").with_header(long.clone(), "v"),
+        Message::new("a").with_header("", "v"),
+    ] {
+        let err = ctx
+            .bus()
+            .publish(&ctx.topic("m"), m.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), Kind::InvalidInput, "{m:?}: {err}");
+        assert_eq!(err.into_message(), m);
+    }
+    let at_limit = "y".repeat(255);
+    let mut s = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("m")))
+        .await?;
+    let m = Message::new("b")
+        .with_id(at_limit.clone())
+        .with_content_type(at_limit.clone())
+        .with_header(at_limit, "v");
+    ctx.bus().publish(&ctx.topic("m"), m.clone()).await?;
+    assert_eq!(ctx.recv_acked(&mut s, 1).await[0], m);
+    Ok(())
+}
+
 /// C12: invalid group names and prefetch values are typed errors.
 pub async fn c12_invalid_subscription_options_are_rejected(ctx: Ctx) -> CaseResult {
     let t = ctx.topic("x");
@@ -1154,6 +1188,110 @@ pub async fn c13_metadata_survives_redelivery(ctx: Ctx) -> CaseResult {
     let d = ctx.recv(&mut s).await;
     assert_eq!(d.attempt(), 2);
     assert_eq!(d.message(), &m);
+    d.ack().await?;
+    Ok(())
+}
+
+// ---- library namespace and private dead letters ---------------------------------
+
+/// C1: the `polybus.` namespace is the library's: callers cannot publish there,
+/// and a `#` group never receives library traffic such as dead letters.
+pub async fn c1_library_namespace_is_reserved(ctx: Ctx) -> CaseResult {
+    let err = ctx
+        .bus()
+        .publish("polybus.dead-letter.x", Message::new("forged"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), Kind::InvalidInput, "{err}");
+    let mut everything = ctx
+        .bus()
+        .subscribe(Subscription::new("#").group(ctx.group("everything")))
+        .await?;
+    let mut g = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("x")).group(ctx.group("g")))
+        .await?;
+    ctx.bus()
+        .publish(&ctx.topic("x"), Message::new("doomed"))
+        .await?;
+    ctx.recv(&mut g).await.dead_letter("no").await?;
+    // On a shared broker `#` also sees other cases' traffic; none of it may be
+    // the library's.
+    let deadline = tokio::time::Instant::now() + ctx.target().quiet() * 2;
+    while let Ok(Some(d)) = tokio::time::timeout_at(deadline, everything.next()).await {
+        let d = d?;
+        assert!(
+            !Topic::is_reserved(d.topic().as_str()),
+            "`#` received library traffic on {}",
+            d.topic()
+        );
+        d.ack().await?;
+    }
+    Ok(())
+}
+
+/// C7: a private subscription's dead letters are kept too, in the store shared
+/// by private subscriptions, marked with the group they came from.
+pub async fn c7_private_subscription_dead_letters_are_kept(ctx: Ctx) -> CaseResult {
+    let mut s = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("x")))
+        .await?;
+    let m = Message::new("private poison");
+    ctx.bus().publish(&ctx.topic("x"), m.clone()).await?;
+    ctx.recv(&mut s).await.dead_letter("bad").await?;
+    let mut store = ctx
+        .bus()
+        .subscribe(Subscription::dead_letters_of(PRIVATE_DEAD_LETTERS))
+        .await?;
+    // The store is shared by every private subscription on the broker.
+    loop {
+        let d = ctx.recv(&mut store).await;
+        let ours = d.message().id() == m.id();
+        if ours {
+            let h = |name| d.message().header(name).map(str::to_owned);
+            assert_eq!(h(header::DEAD_LETTER_REASON).as_deref(), Some("bad"));
+            assert_eq!(h(header::ORIGINAL_TOPIC), Some(ctx.topic("x")));
+            assert!(h(header::GROUP).is_some());
+        }
+        d.ack().await?;
+        if ours {
+            return Ok(());
+        }
+    }
+}
+
+/// C7: a dead letter dead-lettered again keeps the topic it was first published to.
+pub async fn c7_dead_letter_of_a_dead_letter_keeps_the_original_topic(ctx: Ctx) -> CaseResult {
+    let group = ctx.group("g");
+    let mut s = ctx
+        .bus()
+        .subscribe(Subscription::new(ctx.topic("x")).group(group.clone()))
+        .await?;
+    let mut dlq = ctx
+        .bus()
+        .subscribe(Subscription::dead_letters_of(&group))
+        .await?;
+    let dl_group = format!("{}.{group}", crate::subscription::DEAD_LETTER_PREFIX);
+    let mut dlq2 = ctx
+        .bus()
+        .subscribe(Subscription::dead_letters_of(&dl_group))
+        .await?;
+    ctx.bus()
+        .publish(&ctx.topic("x"), Message::new("twice"))
+        .await?;
+    ctx.recv(&mut s).await.dead_letter("first").await?;
+    ctx.recv(&mut dlq).await.dead_letter("second").await?;
+    let d = ctx.recv(&mut dlq2).await;
+    let topic = ctx.topic("x");
+    assert_eq!(
+        d.message().header(header::ORIGINAL_TOPIC),
+        Some(topic.as_str())
+    );
+    assert_eq!(
+        d.message().header(header::DEAD_LETTER_REASON),
+        Some("second")
+    );
     d.ack().await?;
     Ok(())
 }

@@ -179,7 +179,16 @@ impl Ctx {
 
     /// Fail the case if anything arrives within `period`.
     pub async fn expect_quiet_for(&self, stream: &mut DeliveryStream, period: Duration) {
-        if let Ok(Some(item)) = tokio::time::timeout(period, stream.next()).await {
+        let Ok(next) = tokio::time::timeout(period, stream.next()).await else {
+            return;
+        };
+        let Some(item) = next else {
+            panic!(
+                "{}: the stream ended while it should have stayed open",
+                self.label
+            );
+        };
+        {
             match item {
                 Ok(d) => panic!(
                     "{}: expected nothing within {period:?}, got a delivery on {} (attempt {}, payload {:?})",
@@ -259,6 +268,7 @@ macro_rules! conformance_suite {
         $crate::__conformance_cases!($backend, $target;
             c1_invalid_topic_is_rejected_before_io,
             c1_invalid_pattern_is_rejected_before_io,
+            c1_library_namespace_is_reserved,
             c1_star_matches_exactly_one_word,
             c1_hash_matches_zero_or_more_words,
             c1_literal_pattern_matches_only_itself,
@@ -285,6 +295,8 @@ macro_rules! conformance_suite {
             c7_nack_waits_for_the_retry_delay,
             c7_dead_letter_moves_to_the_dead_letter_topic_with_headers,
             c7_dropping_a_delivery_counts_as_nack,
+            c7_private_subscription_dead_letters_are_kept,
+            c7_dead_letter_of_a_dead_letter_keeps_the_original_topic,
             c8_dead_lettered_after_max_attempts,
             c8_backoff_grows_between_attempts,
             c8_crash_loop_reaches_the_dead_letter_topic,
@@ -294,6 +306,7 @@ macro_rules! conformance_suite {
             c10_close_returns_unsettled_after_grace,
             c10_close_returns_prefetched_but_unseen_messages,
             c12_oversize_payload_is_rejected_before_sending,
+            c12_invalid_metadata_is_rejected_before_sending,
             c12_invalid_subscription_options_are_rejected,
             c12_undecodable_payload_is_a_decode_error_and_dead_letters,
             c12_rejected_publish_loses_nothing,

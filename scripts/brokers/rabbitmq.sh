@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# RabbitMQ for the amqp tests, on loopback, with no docker:
+#
+#   scripts/brokers/rabbitmq.sh start   install if missing, start if not running, wait
+#   scripts/brokers/rabbitmq.sh stop    stop the node, if `start` started it
+#
+# Installs Debian's rabbitmq-server with apt (seconds; skipped when installed).
+# Listens on 127.0.0.1:5672 (amqp) and 127.0.0.1:5671 (amqps, with a CA and server
+# certificate generated here once, for the TLS test). A broker that is already
+# running is used as it is and left running.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+state="$root/target/brokers/rabbitmq"
+marker="$state/started-by-polybus"
+
+log() { printf 'rabbitmq: %s\n' "$*"; }
+
+running() { rabbitmq-diagnostics -q ping >/dev/null 2>&1; }
+
+install() {
+  if command -v rabbitmq-server >/dev/null 2>&1; then
+    return
+  fi
+  log "installing Debian's rabbitmq-server"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq rabbitmq-server >/dev/null
+}
+
+certs() {
+  local dir="$state/tls"
+  [ -f "$dir/server.pem" ] && return
+  log "generating a test CA and server certificate in $dir"
+  mkdir -p "$dir"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=polybus test CA" \
+    -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > "$dir/san.ext"
+  openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+    -CAcreateserial -days 3650 -extfile "$dir/san.ext" -out "$dir/server.pem" 2>/dev/null
+  # The broker runs as the rabbitmq user; these are throwaway test keys.
+  chmod 0644 "$dir"/*
+}
+
+config() {
+  local dir="$state/tls"
+  cat > "$state/rabbitmq.conf" <<CONF
+listeners.tcp.default = 127.0.0.1:5672
+listeners.ssl.default = 127.0.0.1:5671
+ssl_options.cacertfile = $dir/ca.pem
+ssl_options.certfile = $dir/server.pem
+ssl_options.keyfile = $dir/server.key
+ssl_options.verify = verify_none
+ssl_options.fail_if_no_peer_cert = false
+CONF
+  chmod 0644 "$state/rabbitmq.conf"
+}
+
+start() {
+  install
+  mkdir -p "$state"
+  chmod 0755 "$root/target" "$root/target/brokers" "$state" 2>/dev/null || true
+  certs
+  config
+  if running; then
+    log "already running; using it as it is"
+    return
+  fi
+  log "starting on 127.0.0.1:5672 (amqps on 5671)"
+  # The config path has no extension: RabbitMQ adds .conf itself.
+  RABBITMQ_CONFIG_FILE="$state/rabbitmq" \
+  RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+  ERL_EPMD_ADDRESS=127.0.0.1 \
+  RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
+    rabbitmq-server -detached
+  touch "$marker"
+  # -detached returns before the node registers; await_startup fails until it has.
+  for _ in $(seq 1 90); do
+    if rabbitmqctl -q await_startup --timeout 5 >/dev/null 2>&1; then
+      log "ready"
+      return
+    fi
+    sleep 1
+  done
+  log "did not start within 90 s; its logs are in /var/log/rabbitmq/"
+  tail -n 30 /var/log/rabbitmq/*.log 2>/dev/null || true
+  exit 1
+}
+
+stop() {
+  if [ -f "$marker" ]; then
+    log "stopping the node this script started"
+    rabbitmqctl -q stop >/dev/null 2>&1 || true
+    rm -f "$marker"
+  fi
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac
