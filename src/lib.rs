@@ -25,7 +25,7 @@
 //! | feature | default | backend | URL |
 //! |---|---|---|---|
 //! | `memory` | yes | in-process broker simulation ([`polybus_memory`]) | `memory://[NAME][?max_payload=BYTES]` |
-//! | `amqp` | no | RabbitMQ through lapin (planned) | `amqp://user:pass@host:5672/vhost` |
+//! | `amqp` | no | RabbitMQ through lapin ([`polybus_amqp`]) | `amqp[s]://user:pass@host:5672[,host2:5672]/vhost` |
 //! | `kafka` | no | Kafka through rdkafka (planned) | `kafka://host:9092,host2:9092` |
 //! | `full` | no | every backend | |
 //!
@@ -49,6 +49,9 @@ pub use polybus_core::{
 #[cfg(feature = "memory")]
 pub use polybus_memory as memory;
 
+#[cfg(feature = "amqp")]
+pub use polybus_amqp as amqp;
+
 /// Connect to the broker `url` names; the scheme picks the backend.
 ///
 /// | scheme | needs feature |
@@ -71,6 +74,9 @@ pub async fn connect(url: &str) -> Result<Bus> {
         "memory" => polybus_memory::connect(url),
         #[cfg(not(feature = "memory"))]
         "memory" => Err(needs_feature(scheme, "memory")),
+        #[cfg(feature = "amqp")]
+        "amqp" | "amqps" => polybus_amqp::connect(url).await,
+        #[cfg(not(feature = "amqp"))]
         "amqp" | "amqps" => Err(needs_feature(scheme, "amqp")),
         "kafka" => Err(needs_feature(scheme, "kafka")),
         other => Err(Error::invalid_input(format!(
@@ -112,11 +118,14 @@ mod tests {
     #[tokio::test]
     async fn schemes_map_to_features() {
         assert!(connect("memory://").await.is_ok());
-        let e = connect("amqp://guest:secret@localhost").await.unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "scheme amqp needs the `amqp` feature of polybus"
-        );
+        #[cfg(not(feature = "amqp"))]
+        {
+            let e = connect("amqp://guest:secret@localhost").await.unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "scheme amqp needs the `amqp` feature of polybus"
+            );
+        }
         let e = connect("kafka://localhost:9092").await.unwrap_err();
         assert_eq!(
             e.to_string(),

@@ -5,6 +5,12 @@
 #   scripts/brokers/rabbitmq.sh stop    stop the node, if `start` started it
 #
 # Installs Debian's rabbitmq-server with apt (seconds; skipped when installed).
+# The tests use the vhost `polybus-test`, deleted and made anew at every start, so
+# queues of earlier runs do not pile up. That matters: RabbitMQ 3.10 rations
+# file handles by `ulimit -n`, each quorum queue holds some, and once they run
+# out every new connection hangs before the AMQP handshake (seen here after a
+# few hundred leftover queues: rabbit_networking:setup_socket stuck in
+# file_handle_cache:obtain). The node also starts with a high file limit.
 # Listens on 127.0.0.1:5672 (amqp) and 127.0.0.1:5671 (amqps, with a CA and server
 # certificate generated here once, for the TLS test). A broker that is already
 # running is used as it is and left running.
@@ -13,10 +19,19 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 state="$root/target/brokers/rabbitmq"
 marker="$state/started-by-polybus"
+# Written by the broker, which runs as the rabbitmq user.
+pidfile=/var/lib/rabbitmq/polybus-rabbit.pid
+vhost=polybus-test
 
 log() { printf 'rabbitmq: %s\n' "$*"; }
 
-running() { rabbitmq-diagnostics -q ping >/dev/null 2>&1; }
+# Answering the AMQP handshake, not just the Erlang distribution: a node can
+# answer `ping` while its AMQP listener hangs.
+running() {
+  rabbitmq-diagnostics -q ping >/dev/null 2>&1 || return 1
+  # A healthy broker answers the protocol header with a connection.start frame.
+  [ -n "$(timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/5672; printf "AMQP\0\0\11\1" >&3; head -c 1 <&3 | od -An -tx1' 2>/dev/null)" ]
+}
 
 install() {
   if command -v rabbitmq-server >/dev/null 2>&1; then
@@ -58,6 +73,13 @@ CONF
   chmod 0644 "$state/rabbitmq.conf"
 }
 
+fresh_vhost() {
+  log "making the test vhost $vhost anew"
+  timeout 120 rabbitmqctl -q delete_vhost "$vhost" >/dev/null 2>&1 || true
+  rabbitmqctl -q add_vhost "$vhost" >/dev/null
+  rabbitmqctl -q set_permissions -p "$vhost" guest '.*' '.*' '.*' >/dev/null
+}
+
 start() {
   install
   mkdir -p "$state"
@@ -66,20 +88,32 @@ start() {
   config
   if running; then
     log "already running; using it as it is"
+    fresh_vhost
     return
   fi
   log "starting on 127.0.0.1:5672 (amqps on 5671)"
-  # The config path has no extension: RabbitMQ adds .conf itself.
-  RABBITMQ_CONFIG_FILE="$state/rabbitmq" \
-  RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
-  ERL_EPMD_ADDRESS=127.0.0.1 \
-  RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
-    rabbitmq-server -detached
+  # Debian's wrapper starts the node through `su`, which resets resource limits;
+  # start it as the rabbitmq user with setpriv instead, so the raised file
+  # limit reaches it.
+  (
+    cd /var/lib/rabbitmq
+    ulimit -Hn 65536 2>/dev/null || true
+    ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+    setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups \
+      env HOME=/var/lib/rabbitmq \
+      RABBITMQ_PID_FILE="$pidfile" \
+      RABBITMQ_CONFIG_FILE="$state/rabbitmq" \
+      RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+      ERL_EPMD_ADDRESS=127.0.0.1 \
+      RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
+      /usr/lib/rabbitmq/bin/rabbitmq-server -detached
+  )
   touch "$marker"
   # -detached returns before the node registers; await_startup fails until it has.
   for _ in $(seq 1 90); do
     if rabbitmqctl -q await_startup --timeout 5 >/dev/null 2>&1; then
       log "ready"
+      fresh_vhost
       return
     fi
     sleep 1
@@ -92,8 +126,13 @@ start() {
 stop() {
   if [ -f "$marker" ]; then
     log "stopping the node this script started"
-    rabbitmqctl -q stop >/dev/null 2>&1 || true
-    rm -f "$marker"
+    if ! timeout 60 rabbitmqctl -q stop "$pidfile" >/dev/null 2>&1 && [ -s "$pidfile" ]; then
+      # A hung node does not answer rabbitmqctl: end its process, by its pid.
+      kill "$(cat "$pidfile")" 2>/dev/null || true
+      sleep 5
+      kill -9 "$(cat "$pidfile")" 2>/dev/null || true
+    fi
+    rm -f "$marker" "$pidfile"
   fi
 }
 

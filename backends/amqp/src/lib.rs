@@ -1,1 +1,171 @@
-//! stub
+//! The RabbitMQ backend of polybus, on [lapin](https://docs.rs/lapin).
+//!
+//! How the contract maps onto AMQP 0-9-1:
+//!
+//! | clause | mechanism |
+//! |---|---|
+//! | C1 topics | one durable topic exchange per bus (`polybus` by default); patterns are binding keys, which match exactly as C1 says |
+//! | C2 groups | a named group is a durable quorum queue bound with its patterns; members are consumers of it; a private subscription gets its own classic queue, deleted on close and expiring a minute after a crash |
+//! | C3 readiness | `subscribe` returns after `queue.declare`, `queue.bind` and `basic.consume` are answered |
+//! | C4 publish | publisher confirms on a dedicated channel, persistent messages (delivery mode 2); many publishes in flight, each resolved by its own confirm |
+//! | C5 order | one queue per group, FIFO |
+//! | C6 prefetch | `basic.qos(prefetch)` per consumer |
+//! | C7 settlement | ack; nack republishes to a per-delay retry queue whose TTL dead-letters back into the group's queue (the wait is on the broker); dead letters are republished to the group's dead-letter queue with reason headers |
+//! | C8 poison | `polybus-attempt` header plus the quorum queue's `x-delivery-count`; past `max_attempts` the message is dead-lettered on receipt |
+//! | C9 crashes | unacked messages of a closed channel or connection go back to the queue |
+//! | C10 shutdown | `basic.cancel`, wait for settlements up to the grace, close the channel (the broker requeues the rest); publisher close waits for in-flight confirms |
+//! | C11 reconnect | one connection per bus, reopened with backoff across the configured brokers; subscriptions redeclare and resume |
+//! | C12 bad input | typed errors for refused connections, bad credentials (`ACCESS_REFUSED`), unknown vhosts (`NOT_ALLOWED`), time-outs; payload limit checked before sending; credentials masked everywhere |
+//! | C13 metadata | see `mapping`: id, key, headers, content type and millisecond timestamp round-trip |
+//!
+//! ```no_run
+//! # async fn demo() -> polybus_core::Result<()> {
+//! let bus = polybus_amqp::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod connection;
+mod mapping;
+mod options;
+mod subscriber;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use polybus_core::{
+    Backend, Bus, Capabilities, Capability, DeliveryStream, Error, Kind, Message, PublishError,
+    Publisher, Receipt, Result, StartFrom, Subscriber, Subscription, async_trait, prepare_publish,
+};
+use tokio::sync::Notify;
+
+use crate::connection::Connector;
+pub use crate::options::{AmqpOptions, DEFAULT_MAX_PAYLOAD};
+use crate::subscriber::{AmqpSource, Shared};
+
+/// A connection to RabbitMQ.
+pub struct AmqpBus {
+    connector: Arc<Connector>,
+    closed: AtomicBool,
+    in_flight: AtomicUsize,
+    idle: Notify,
+}
+
+/// Connect to the broker(s) an `amqp://` or `amqps://` URL names; see
+/// [`AmqpOptions::from_url`] for the parameters.
+pub async fn connect(url: &str) -> Result<Bus> {
+    connect_with(AmqpOptions::from_url(url)?).await
+}
+
+/// Connect with `options`. Fails fast, with a typed error, if no broker answers.
+pub async fn connect_with(options: AmqpOptions) -> Result<Bus> {
+    Ok(Bus::new(AmqpBus::open(options).await?))
+}
+
+impl AmqpBus {
+    /// Connect with `options`.
+    pub async fn open(options: AmqpOptions) -> Result<Self> {
+        Ok(AmqpBus {
+            connector: Connector::connect(options).await?,
+            closed: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            idle: Notify::new(),
+        })
+    }
+
+    fn check_open(&self, what: &str) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::closed(format!(
+                "cannot {what}: the amqp bus is closed"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for AmqpBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpBus")
+            .field("options", &self.connector.options)
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// Counts a publish as in flight until dropped, so `close` can wait for it.
+struct InFlight<'a>(&'a AmqpBus);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for AmqpBus {
+    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt, PublishError> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let _guard = InFlight(self);
+        if let Err(e) = self.check_open("publish") {
+            return Err(PublishError::not_delivered(e, message));
+        }
+        let options = &self.connector.options;
+        let message = prepare_publish(topic, message, options.max_payload)?;
+        let props = mapping::properties(&message, &[]);
+        match self
+            .connector
+            .publish(&options.exchange, topic, message.payload(), props)
+            .await
+        {
+            Ok(()) => Ok(Receipt::default()),
+            Err((e, true)) => Err(PublishError::maybe_delivered(e, message)),
+            Err((e, false)) => Err(PublishError::not_delivered(e, message)),
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                return Ok(());
+            }
+            idle.await;
+        }
+    }
+}
+
+#[async_trait]
+impl Subscriber for AmqpBus {
+    async fn subscribe(&self, subscription: Subscription) -> Result<DeliveryStream> {
+        let sub = subscription
+            .validate(|| format!("polybus.private.{}", uuid::Uuid::now_v7().simple()))?;
+        self.check_open("subscribe")?;
+        if sub.start == StartFrom::Earliest {
+            return Err(Error::new(
+                Kind::Unsupported,
+                "RabbitMQ queues keep no history before they exist, so a group cannot start \
+                 from the earliest message (capability `replay`)",
+            ));
+        }
+        let shared = Shared::new(self.connector.clone(), sub);
+        let (channel, consumer) = subscriber::open(&shared).await?;
+        Ok(DeliveryStream::new(AmqpSource::new(
+            shared, channel, consumer,
+        )))
+    }
+}
+
+impl Backend for AmqpBus {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new()
+            .with(Capability::SurvivesRestart)
+            .with_max_payload(self.connector.options.max_payload)
+    }
+}

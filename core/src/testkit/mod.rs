@@ -51,6 +51,18 @@ pub trait Target: Send + Sync + 'static {
         None
     }
 
+    /// Why this target's cases are skipped, if the person running them opted out
+    /// (for example with an environment variable). Never a silent skip: each case
+    /// is reported skipped with this reason.
+    fn opted_out(&self) -> Option<String> {
+        None
+    }
+
+    /// How to start the broker, said when a case cannot connect.
+    fn setup_hint(&self) -> &str {
+        ""
+    }
+
     /// How long a case waits for a delivery it expects.
     fn patience(&self) -> Duration {
         Duration::from_secs(15)
@@ -216,10 +228,18 @@ pub async fn run_case<T, F, Fut>(
     Fut: Future<Output = CaseResult>,
 {
     let label = format!("{backend}::{case}");
+    if let Some(reason) = target.opted_out() {
+        eprintln!("SKIPPED {label}: {reason}");
+        report(report_dir, &format!("skipped\t{backend}\t{case}\t{reason}"));
+        return;
+    }
     let target: Arc<dyn Target> = Arc::new(target);
     let bus = match target.connect().await {
         Ok(bus) => bus,
-        Err(e) => panic!("{label}: cannot connect to the broker under test: {e}"),
+        Err(e) => panic!(
+            "{label}: cannot connect to the broker under test: {e}. {}",
+            target.setup_hint()
+        ),
     };
     let ctx = Ctx {
         target: target.clone(),

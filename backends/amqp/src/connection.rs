@@ -1,0 +1,373 @@
+//! One live connection per bus, shared by its publisher and subscriptions:
+//! failover across broker addresses, reconnection with backoff (C11), the
+//! confirm-mode publish path (C4), and topology declarations.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::tcp::OwnedTLSConfig;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use polybus_core::{Error, Kind, Result, ValidSubscription};
+use tokio::sync::Mutex;
+
+use crate::options::{AmqpOptions, redact};
+
+/// How long an unused private queue outlives its subscriber (for example across
+/// a reconnect) before the broker deletes it.
+const PRIVATE_QUEUE_EXPIRES_MS: i64 = 60_000;
+
+pub(crate) struct Connector {
+    pub(crate) options: AmqpOptions,
+    live: Mutex<Option<Arc<Live>>>,
+}
+
+pub(crate) struct Live {
+    pub(crate) conn: Connection,
+    publish: Channel,
+    /// lapin numbers confirms and writes frames under different locks, so two
+    /// `basic_publish` calls at once on one channel could mismatch confirms.
+    /// Held only while the frames are written, never while a confirm is awaited.
+    publish_lock: Mutex<()>,
+    /// Retry queues already declared on this connection.
+    declared: StdMutex<HashSet<String>>,
+}
+
+impl Live {
+    fn healthy(&self) -> bool {
+        self.conn.status().connected() && self.publish.status().connected()
+    }
+}
+
+/// Translate a lapin error into a polybus error, naming what failed.
+pub(crate) fn map_err(e: lapin::Error, what: &str) -> Error {
+    use lapin::ErrorKind as L;
+    let kind = match e.kind() {
+        L::IOError(_) | L::MissingHeartbeatError | L::RuntimeShutdownError(_) => Kind::Connection,
+        L::InvalidChannelState(..) | L::InvalidConnectionState(_) | L::InvalidChannel(_) => {
+            Kind::Connection
+        }
+        L::ProtocolError(p) => match p.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => Kind::Authentication,
+            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => Kind::Authentication,
+            AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED) => Kind::Connection,
+            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => Kind::Refused,
+            _ => Kind::Refused,
+        },
+        _ => Kind::Other,
+    };
+    let detail = match e.kind() {
+        L::ProtocolError(p) => p.get_message().as_str().to_owned(),
+        _ => e.to_string(),
+    };
+    Error::new(kind, format!("{what}: {detail}")).with_source(e)
+}
+
+pub(crate) fn reconnect_backoff() -> impl Iterator<Item = Duration> + Send {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+impl Connector {
+    /// Connect once to the first broker that answers; fail fast otherwise (C12).
+    pub(crate) async fn connect(options: AmqpOptions) -> Result<Arc<Self>> {
+        let connector = Arc::new(Connector {
+            options,
+            live: Mutex::new(None),
+        });
+        let live = connector.open().await?;
+        *connector.live.lock().await = Some(Arc::new(live));
+        Ok(connector)
+    }
+
+    /// Try each broker address once.
+    async fn open(&self) -> Result<Live> {
+        let mut last = None;
+        for uri in &self.options.uris {
+            match self.open_one(uri).await {
+                Ok(live) => return Ok(live),
+                Err(e) => {
+                    tracing::warn!(broker = %redact(uri), error = %e, "amqp connection failed");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::invalid_input("no broker address given")))
+    }
+
+    async fn open_one(&self, uri: &str) -> Result<Live> {
+        let shown = redact(uri);
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: self.options.tls_ca_pem.clone(),
+        };
+        let runtime = lapin::runtime::default_runtime()
+            .map_err(|e| map_err(e, "cannot use the tokio runtime for amqp"))?;
+        let props = ConnectionProperties::default().with_connection_name("polybus".into());
+        let connect = Connection::connect_with_config(uri, props, tls, runtime);
+        let conn = match tokio::time::timeout(self.options.connect_timeout, connect).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(map_err(e, &format!("cannot connect to {shown}"))),
+            Err(_) => {
+                return Err(Error::new(
+                    Kind::Timeout,
+                    format!(
+                        "cannot connect to {shown}: no answer within {:?}",
+                        self.options.connect_timeout
+                    ),
+                ));
+            }
+        };
+        let publish = conn
+            .create_channel()
+            .await
+            .map_err(|e| map_err(e, "cannot open the publish channel"))?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| map_err(e, "cannot enable publisher confirms"))?;
+        declare_exchange(&publish, &self.options.exchange).await?;
+        tracing::info!(broker = %shown, "amqp connected");
+        Ok(Live {
+            conn,
+            publish,
+            publish_lock: Mutex::new(()),
+            declared: StdMutex::new(HashSet::new()),
+        })
+    }
+
+    /// The live connection, reconnecting with backoff if it was lost, for at most
+    /// the publish time-out.
+    pub(crate) async fn live(&self) -> Result<Arc<Live>> {
+        let mut slot = self.live.lock().await;
+        if let Some(live) = slot.as_ref()
+            && live.healthy()
+        {
+            return Ok(live.clone());
+        }
+        let deadline = tokio::time::Instant::now() + self.options.publish_timeout;
+        let mut backoff = reconnect_backoff();
+        loop {
+            match self.open().await {
+                Ok(live) => {
+                    let live = Arc::new(live);
+                    *slot = Some(live.clone());
+                    return Ok(live);
+                }
+                Err(e) => {
+                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                    if tokio::time::Instant::now() + wait >= deadline {
+                        return Err(Error::new(
+                            Kind::Connection,
+                            format!(
+                                "no broker reachable within {:?}; last error: {e}",
+                                self.options.publish_timeout
+                            ),
+                        ));
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    /// Publish with a confirm. `Err((error, maybe_delivered))`. A publish that
+    /// cannot be written because the connection is down waits for a reconnect
+    /// (up to the publish time-out); one whose confirm is lost is not retried,
+    /// since the broker may have it: the caller hears `maybe_delivered`.
+    pub(crate) async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> std::result::Result<(), (Error, bool)> {
+        let deadline = tokio::time::Instant::now() + self.options.publish_timeout;
+        loop {
+            let live = self.live().await.map_err(|e| (e, false))?;
+            let sent = {
+                let _writing = live.publish_lock.lock().await;
+                live.publish
+                    .basic_publish(
+                        exchange.into(),
+                        routing_key.into(),
+                        BasicPublishOptions::default(),
+                        payload,
+                        properties.clone(),
+                    )
+                    .await
+            };
+            let confirm = match sent {
+                Ok(confirm) => confirm,
+                // Not written: safe to try again on a new connection.
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "publish not written; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Err(e) => return Err((map_err(e, "cannot publish"), false)),
+            };
+            return match confirm.await {
+                Ok(Confirmation::Ack(_)) => Ok(()),
+                Ok(Confirmation::Nack(_)) => Err((
+                    Error::new(
+                        Kind::Refused,
+                        "the broker refused the message (publisher nack)",
+                    ),
+                    false,
+                )),
+                Ok(Confirmation::NotRequested) => Err((
+                    Error::new(
+                        Kind::Other,
+                        "no confirm was requested; this is a polybus bug",
+                    ),
+                    true,
+                )),
+                Err(e) => Err((map_err(e, "the confirm was lost"), true)),
+            };
+        }
+    }
+
+    /// Declare the retry queue holding messages of `group` for `delay_ms`, once
+    /// per connection: messages expire from it back into the group's queue.
+    pub(crate) async fn retry_queue(
+        &self,
+        group: &str,
+        durable: bool,
+        delay_ms: u64,
+    ) -> Result<String> {
+        let name = format!("polybus.retry.{group}.{delay_ms}ms");
+        let live = self.live().await?;
+        if live
+            .declared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&name)
+        {
+            return Ok(name);
+        }
+        let channel = live
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| map_err(e, "cannot open a channel"))?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(delay_ms as i64),
+        );
+        args.insert("x-dead-letter-exchange".into(), long(""));
+        args.insert("x-dead-letter-routing-key".into(), long(group));
+        if !durable {
+            args.insert(
+                "x-expires".into(),
+                AMQPValue::LongLongInt(delay_ms as i64 + PRIVATE_QUEUE_EXPIRES_MS),
+            );
+        }
+        let options = QueueDeclareOptions {
+            durable,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(name.as_str().into(), options, args)
+            .await
+            .map_err(|e| map_err(e, &format!("cannot declare retry queue `{name}`")))?;
+        let _ = channel.close(200, "declared".into()).await;
+        live.declared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone());
+        Ok(name)
+    }
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.as_bytes().to_vec().into())
+}
+
+async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<()> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| map_err(e, &format!("cannot declare exchange `{exchange}`")))
+}
+
+/// Declare a group's queue bound to `patterns`. A durable group is a quorum queue
+/// (it counts returned deliveries, so crash loops end in the dead letter, C8); a
+/// private group is a classic queue that expires a minute after its subscriber
+/// is gone.
+pub(crate) async fn declare_group(
+    channel: &Channel,
+    exchange: &str,
+    group: &str,
+    durable: bool,
+    patterns: &[&str],
+) -> Result<()> {
+    let mut args = FieldTable::default();
+    if durable {
+        args.insert("x-queue-type".into(), long("quorum"));
+    } else {
+        args.insert(
+            "x-expires".into(),
+            AMQPValue::LongLongInt(PRIVATE_QUEUE_EXPIRES_MS),
+        );
+    }
+    let options = QueueDeclareOptions {
+        durable,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(group.into(), options, args)
+        .await
+        .map_err(|e| map_err(e, &format!("cannot declare the queue of group `{group}`")))?;
+    for pattern in patterns {
+        channel
+            .queue_bind(
+                group.into(),
+                exchange.into(),
+                (*pattern).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map_err(e, &format!("cannot bind group `{group}` to `{pattern}`")))?;
+    }
+    Ok(())
+}
+
+/// Declare everything a subscription needs: the exchange, its group's queue and
+/// bindings, and the dead-letter store (a durable group of the dead-letter
+/// topic's name, so dead letters are kept until read).
+pub(crate) async fn declare_subscription(
+    channel: &Channel,
+    exchange: &str,
+    sub: &ValidSubscription,
+) -> Result<()> {
+    declare_exchange(channel, exchange).await?;
+    let patterns: Vec<&str> = sub.patterns.iter().map(|p| p.as_str()).collect();
+    declare_group(channel, exchange, &sub.group, sub.durable, &patterns).await?;
+    // Dead letters are published straight to this queue, so it needs no binding.
+    declare_group(channel, exchange, sub.dead_letter_topic.as_str(), true, &[]).await?;
+    Ok(())
+}

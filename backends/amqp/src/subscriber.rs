@@ -1,0 +1,473 @@
+//! A subscription's delivery stream over a lapin consumer, and the acker of each
+//! delivery.
+//!
+//! Settlement on RabbitMQ:
+//! - `ack`: `basic.ack`.
+//! - `nack`: the message is republished, with `polybus-attempt` + 1, to the group's
+//!   retry queue for that delay (`polybus.retry.<group>.<ms>ms`, queue TTL, dead-
+//!   lettering back into the group's queue), then acked. The wait happens on the
+//!   broker, so it survives a consumer or broker restart (C7).
+//! - `dead_letter`: republished with the reason headers straight to the
+//!   dead-letter store queue (through the default exchange, so no binding of the
+//!   topic exchange sees it), then acked.
+//!
+//! Republish-then-ack is at-least-once: a crash between the two delivers twice.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
+use polybus_core::{
+    Acker, Delivery, DeliverySource, Error, Kind, Message, Result, RetryPolicy, Settlement, Topic,
+    ValidSubscription, async_trait, header,
+};
+use tokio::sync::Notify;
+
+use crate::connection::{Connector, declare_subscription, map_err, reconnect_backoff};
+use crate::mapping;
+
+/// What a subscription's stream and its deliveries share.
+pub(crate) struct Shared {
+    pub(crate) connector: Arc<Connector>,
+    pub(crate) sub: ValidSubscription,
+    unsettled: AtomicUsize,
+    settled: Notify,
+    closing: AtomicBool,
+    /// Set before the channel is closed (drop, or close past its grace): from then
+    /// on the broker requeues what is unsettled, and settling must not republish
+    /// a copy, or the message would come back twice.
+    gone: AtomicBool,
+}
+
+type Opening = Pin<Box<dyn Future<Output = Result<(Channel, Consumer)>> + Send>>;
+
+// One per subscription, not per message: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
+enum State {
+    Consuming {
+        channel: Channel,
+        consumer: Consumer,
+    },
+    Reconnecting(Opening),
+    Done,
+}
+
+pub(crate) struct AmqpSource {
+    shared: Arc<Shared>,
+    state: State,
+}
+
+impl Shared {
+    pub(crate) fn new(connector: Arc<Connector>, sub: ValidSubscription) -> Arc<Self> {
+        Arc::new(Shared {
+            connector,
+            sub,
+            unsettled: AtomicUsize::new(0),
+            settled: Notify::new(),
+            closing: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
+        })
+    }
+
+    fn settled_one(&self) {
+        self.unsettled.fetch_sub(1, Ordering::AcqRel);
+        self.settled.notify_waiters();
+    }
+}
+
+/// Open a channel, declare the topology, set the prefetch and start consuming.
+/// When this returns the subscription is live (C3).
+pub(crate) async fn open(shared: &Arc<Shared>) -> Result<(Channel, Consumer)> {
+    let sub = &shared.sub;
+    let live = shared.connector.live().await?;
+    let channel = live
+        .conn
+        .create_channel()
+        .await
+        .map_err(|e| map_err(e, "cannot open a channel"))?;
+    declare_subscription(&channel, &shared.connector.options.exchange, sub).await?;
+    // Prefetch is at most 65535 (checked by Subscription::validate).
+    channel
+        .basic_qos(sub.prefetch as u16, BasicQosOptions { global: false })
+        .await
+        .map_err(|e| map_err(e, "cannot set the prefetch"))?;
+    let consumer = channel
+        .basic_consume(
+            sub.group.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| map_err(e, &format!("cannot consume group `{}`", sub.group)))?;
+    Ok((channel, consumer))
+}
+
+/// Reopen after a lost channel or connection, with backoff, until it works or the
+/// subscription closes (C11). Errors other than lost connections end the attempt
+/// and are reported on the stream.
+async fn reopen(shared: Arc<Shared>) -> Result<(Channel, Consumer)> {
+    let mut backoff = reconnect_backoff();
+    loop {
+        if shared.closing.load(Ordering::Acquire) {
+            return Err(Error::closed("the subscription is closing"));
+        }
+        match open(&shared).await {
+            Ok(opened) => {
+                tracing::info!(group = %shared.sub.group, "amqp subscription resumed");
+                return Ok(opened);
+            }
+            Err(e) if e.is_connection() || e.is_timeout() => {
+                let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(group = %shared.sub.group, error = %e, ?wait, "amqp resubscribe failed");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl AmqpSource {
+    pub(crate) fn new(shared: Arc<Shared>, channel: Channel, consumer: Consumer) -> Self {
+        AmqpSource {
+            shared,
+            state: State::Consuming { channel, consumer },
+        }
+    }
+
+    /// Turn a lapin delivery into ours, or dead-letter it if it has used up its
+    /// attempts (its consumers died holding it: quorum queues count that).
+    fn accept(&self, d: lapin::message::Delivery) -> Option<Delivery> {
+        let lapin::message::Delivery {
+            routing_key,
+            redelivered,
+            properties,
+            data,
+            acker,
+            ..
+        } = d;
+        let r = mapping::receive(&properties, data);
+        let attempt = r.attempt.saturating_add(r.delivery_count);
+        let topic = match &r.topic {
+            Some(t) => Topic::from_broker(t),
+            None => Topic::from_broker(routing_key.as_str()),
+        };
+        self.shared.unsettled.fetch_add(1, Ordering::AcqRel);
+        let acker = AmqpAcker {
+            shared: self.shared.clone(),
+            acker,
+            message: Arc::new(r.message),
+            topic,
+            attempt,
+        };
+        let max = self.shared.sub.retry.attempts();
+        if attempt > max {
+            tokio::spawn(async move {
+                let attempts = attempt - 1;
+                let reason = format!("gave up after {attempts} attempts");
+                if let Err(e) = acker.dead_letter(attempts, &reason).await {
+                    tracing::warn!(error = %e, "dead-lettering an exhausted message failed; the broker redelivers it");
+                }
+                acker.shared.settled_one();
+            });
+            return None;
+        }
+        let message = acker.message.clone();
+        let topic = acker.topic.clone();
+        Some(Delivery::new(
+            message,
+            topic,
+            attempt,
+            redelivered || attempt > 1,
+            Box::new(acker),
+        ))
+    }
+}
+
+#[async_trait]
+impl DeliverySource for AmqpSource {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Delivery>>> {
+        loop {
+            match &mut self.state {
+                State::Done => return Poll::Ready(None),
+                State::Reconnecting(opening) => match opening.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok((channel, consumer))) => {
+                        self.state = State::Consuming { channel, consumer };
+                    }
+                    Poll::Ready(Err(e)) => {
+                        if self.shared.closing.load(Ordering::Acquire) {
+                            self.state = State::Done;
+                            return Poll::Ready(None);
+                        }
+                        // Report it, and keep trying: the caller may close.
+                        self.state = State::Reconnecting(Box::pin(reopen(self.shared.clone())));
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                },
+                State::Consuming { consumer, .. } => match consumer.poll_next_unpin(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(Ok(d))) => {
+                        if let Some(delivery) = self.accept(d) {
+                            return Poll::Ready(Some(Ok(delivery)));
+                        }
+                    }
+                    Poll::Ready(other) => {
+                        if self.shared.closing.load(Ordering::Acquire) {
+                            self.state = State::Done;
+                            return Poll::Ready(None);
+                        }
+                        match other {
+                            Some(Err(e)) => {
+                                tracing::warn!(group = %self.shared.sub.group, error = %e, "amqp consumer lost; resubscribing")
+                            }
+                            _ => {
+                                tracing::warn!(group = %self.shared.sub.group, "amqp consumer cancelled; resubscribing")
+                            }
+                        }
+                        self.state = State::Reconnecting(Box::pin(reopen(self.shared.clone())));
+                    }
+                },
+            }
+        }
+    }
+
+    async fn close(&mut self, grace: Duration) -> Result<()> {
+        let shared = self.shared.clone();
+        shared.closing.store(true, Ordering::Release);
+        let State::Consuming { channel, consumer } =
+            std::mem::replace(&mut self.state, State::Done)
+        else {
+            return Ok(());
+        };
+        // Stop fetching; what was already pushed stays unacked until the channel closes.
+        let _ = channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await;
+        let now = tokio::time::Instant::now();
+        let deadline = now
+            .checked_add(grace)
+            .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600));
+        loop {
+            let notified = shared.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let left = shared.unsettled.load(Ordering::Acquire);
+            if left == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                tracing::info!(group = %shared.sub.group, unsettled = left, "close deadline passed; the broker redelivers the rest");
+                break;
+            }
+        }
+        if !shared.sub.durable {
+            let _ = channel
+                .queue_delete(
+                    shared.sub.group.as_str().into(),
+                    QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+        // Closing the channel hands every unacked message back to the broker (C10).
+        shared.gone.store(true, Ordering::Release);
+        let _ = channel.close(200, "subscription closed".into()).await;
+        Ok(())
+    }
+}
+
+impl Drop for AmqpSource {
+    fn drop(&mut self) {
+        // A dropped stream is a crash (C9): close the channel so the broker
+        // redelivers what it held. Without a runtime the connection's end does it.
+        self.shared.gone.store(true, Ordering::Release);
+        if let State::Consuming { channel, .. } = std::mem::replace(&mut self.state, State::Done)
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(async move {
+                let _ = channel.close(200, "subscription dropped".into()).await;
+            });
+        }
+    }
+}
+
+/// Round a delay up to a step of a ladder of ten steps a decade (at most 26%
+/// longer), so a group needs few retry queues however its delays are jittered.
+pub(crate) fn retry_step_ms(delay: Duration) -> u64 {
+    const STEPS: [u64; 10] = [100, 125, 160, 200, 250, 315, 400, 500, 630, 800];
+    let ms = (delay.as_millis() as u64).max(1);
+    let mut decade: u64 = 1;
+    loop {
+        for step in STEPS {
+            let v = step * decade / 100;
+            if v >= ms {
+                return v;
+            }
+        }
+        decade *= 10;
+    }
+}
+
+struct AmqpAcker {
+    shared: Arc<Shared>,
+    acker: lapin::Acker,
+    message: Arc<Message>,
+    topic: Topic,
+    attempt: u32,
+}
+
+fn channel_gone(group: &str) -> Error {
+    Error::closed(format!(
+        "this delivery of group `{group}` can no longer be settled: its channel is gone, \
+         and the broker redelivers the message"
+    ))
+}
+
+impl AmqpAcker {
+    async fn ack(&self) -> Result<()> {
+        match self.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(channel_gone(&self.shared.sub.group)),
+            Err(e) => Err(map_err(e, "cannot ack")),
+        }
+    }
+
+    /// Give the message back at once; only after a failed republish, so the
+    /// delivery does not sit unsettled on a live channel.
+    async fn requeue(&self) {
+        let _ = self
+            .acker
+            .nack(BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            })
+            .await;
+    }
+
+    async fn retry(&self, delay: Duration) -> Result<()> {
+        let sub = &self.shared.sub;
+        let connector = &self.shared.connector;
+        let step = retry_step_ms(delay);
+        let result = async {
+            let queue = connector.retry_queue(&sub.group, sub.durable, step).await?;
+            let props = mapping::properties(
+                &self.message,
+                &[
+                    (header::ATTEMPT, (self.attempt + 1).to_string()),
+                    (mapping::TOPIC, self.topic.to_string()),
+                ],
+            );
+            connector
+                .publish("", &queue, self.message.payload(), props)
+                .await
+                .map_err(|(e, _)| e)
+        }
+        .await;
+        match result {
+            Ok(()) => self.ack().await,
+            Err(e) => {
+                self.requeue().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn dead_letter(&self, attempts: u32, reason: &str) -> Result<()> {
+        let sub = &self.shared.sub;
+        let mut message = (*self.message).clone();
+        let headers = message.headers_mut();
+        headers.insert(header::DEAD_LETTER_REASON.into(), reason.into());
+        headers
+            .entry(header::ORIGINAL_TOPIC.into())
+            .or_insert_with(|| self.topic.to_string());
+        headers.insert(header::ATTEMPTS.into(), attempts.to_string());
+        headers.insert(header::GROUP.into(), sub.group.clone());
+        let props = mapping::properties(&message, &[]);
+        // Straight to the store queue through the default exchange.
+        let store = sub.dead_letter_topic.as_str();
+        let published = self
+            .shared
+            .connector
+            .publish("", store, message.payload(), props)
+            .await;
+        match published {
+            Ok(()) => self.ack().await,
+            Err((e, _)) => {
+                self.requeue().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn run(self: Box<Self>, settlement: Settlement) -> Result<()> {
+        if self.shared.gone.load(Ordering::Acquire) {
+            self.shared.settled_one();
+            return Err(channel_gone(&self.shared.sub.group));
+        }
+        let result = match settlement {
+            Settlement::Ack => self.ack().await,
+            Settlement::Retry { delay } => self.retry(delay).await,
+            Settlement::DeadLetter { reason } => self.dead_letter(self.attempt, &reason).await,
+            other => Err(Error::new(
+                Kind::Unsupported,
+                format!("settlement {other:?} is not known to the amqp backend"),
+            )),
+        };
+        self.shared.settled_one();
+        result
+    }
+}
+
+#[async_trait]
+impl Acker for AmqpAcker {
+    fn retry_policy(&self) -> &RetryPolicy {
+        &self.shared.sub.retry
+    }
+
+    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<()> {
+        self.run(settlement).await
+    }
+
+    fn settle_on_drop(self: Box<Self>, settlement: Settlement) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    if let Err(e) = self.run(settlement).await {
+                        tracing::debug!(error = %e, "settling a dropped delivery failed");
+                    }
+                });
+            }
+            // No runtime: leave it unacked; the channel's end hands it back.
+            Err(_) => self.shared.settled_one(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_steps_round_up_by_at_most_26_percent() {
+        let ms = |n| retry_step_ms(Duration::from_millis(n));
+        assert_eq!(ms(100), 100);
+        assert_eq!(ms(101), 125);
+        assert_eq!(ms(600), 630);
+        assert_eq!(ms(1000), 1000);
+        assert_eq!(ms(60_000), 63_000);
+        for n in [10u64, 37, 999, 1234, 77_777, 3_600_000] {
+            let s = ms(n);
+            assert!(s >= n && (s as f64) <= n as f64 * 1.26 + 1.0, "{n} -> {s}");
+        }
+    }
+}
