@@ -19,8 +19,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 state="$root/target/brokers/rabbitmq"
 marker="$state/started-by-polybus"
-# Written by the broker, which runs as the rabbitmq user.
-pidfile=/var/lib/rabbitmq/polybus-rabbit.pid
+# The node's OS pid, asked of the node once it is up.
+pidfile="$state/node.pid"
 vhost=polybus-test
 
 log() { printf 'rabbitmq: %s\n' "$*"; }
@@ -101,7 +101,6 @@ start() {
     ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
     setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups \
       env HOME=/var/lib/rabbitmq \
-      RABBITMQ_PID_FILE="$pidfile" \
       RABBITMQ_CONFIG_FILE="$state/rabbitmq" \
       RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
       ERL_EPMD_ADDRESS=127.0.0.1 \
@@ -112,7 +111,8 @@ start() {
   # -detached returns before the node registers; await_startup fails until it has.
   for _ in $(seq 1 90); do
     if rabbitmqctl -q await_startup --timeout 5 >/dev/null 2>&1; then
-      log "ready"
+      rabbitmqctl -q eval 'list_to_integer(os:getpid()).' > "$pidfile"
+      log "ready (pid $(cat "$pidfile"))"
       fresh_vhost
       return
     fi
@@ -124,16 +124,18 @@ start() {
 }
 
 stop() {
-  if [ -f "$marker" ]; then
-    log "stopping the node this script started"
-    if ! timeout 60 rabbitmqctl -q stop "$pidfile" >/dev/null 2>&1 && [ -s "$pidfile" ]; then
-      # A hung node does not answer rabbitmqctl: end its process, by its pid.
-      kill "$(cat "$pidfile")" 2>/dev/null || true
-      sleep 5
-      kill -9 "$(cat "$pidfile")" 2>/dev/null || true
-    fi
-    rm -f "$marker" "$pidfile"
+  [ -f "$marker" ] || return 0
+  local pid
+  pid=$(cat "$pidfile" 2>/dev/null || true)
+  log "stopping the node this script started${pid:+ (pid $pid)}"
+  timeout 60 rabbitmqctl -q stop >/dev/null 2>&1 || true
+  # A hung node does not answer rabbitmqctl: end its process, by its pid.
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    sleep 5
+    kill -9 "$pid" 2>/dev/null || true
   fi
+  rm -f "$marker" "$pidfile"
 }
 
 case "${1:-}" in
