@@ -80,8 +80,14 @@ fresh_vhost() {
   rabbitmqctl -q set_permissions -p "$vhost" guest '.*' '.*' '.*' >/dev/null
 }
 
+interop_client() {
+  # pika, an independent AMQP client, for the interop test.
+  python3 -c 'import pika' 2>/dev/null || python3 -m pip install -q --root-user-action=ignore pika
+}
+
 start() {
   install
+  interop_client
   mkdir -p "$state"
   chmod 0755 "$root/target" "$root/target/brokers" "$state" 2>/dev/null || true
   certs
