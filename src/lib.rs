@@ -26,8 +26,8 @@
 //! |---|---|---|---|
 //! | `memory` | yes | in-process broker simulation ([`polybus_memory`]) | `memory://[NAME][?max_payload=BYTES]` |
 //! | `amqp` | no | RabbitMQ through lapin ([`polybus_amqp`]) | `amqp[s]://user:pass@host:5672[,host2:5672]/vhost` |
-//! | `kafka` | no | Kafka through rdkafka (planned) | `kafka://host:9092,host2:9092` |
-//! | `full` | no | every backend | |
+//! | `kafka` | no | Kafka through rdkafka (not built yet) | `kafka://host:9092,host2:9092` |
+//! | `full` | no | every backend built so far (memory, amqp) | |
 //!
 //! No broker client is compiled by default.
 //!
