@@ -54,6 +54,11 @@ async fn rabbitmqctl(args: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c11_broker_restart_mid_stream_loses_no_confirmed_message() {
     let Some(url) = url() else { return };
+    // The backend logs its reconnects; show them beside the test's own lines.
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_test_writer()
+        .try_init();
     let publisher = bus(&url).await;
     let consumer_bus = bus(&url).await;
     let topic = unique("restart.");

@@ -19,6 +19,7 @@ use lapin::{
 };
 use polybus_core::{Error, Kind, Result, ValidSubscription};
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 
 use crate::options::{AmqpOptions, redact};
 
@@ -84,6 +85,7 @@ pub(crate) fn reconnect_backoff() -> impl Iterator<Item = Duration> + Send {
 impl Connector {
     /// Connect once to the first broker that answers; fail fast otherwise (C12).
     pub(crate) async fn connect(options: AmqpOptions) -> Result<Arc<Self>> {
+        options.validate()?;
         let connector = Arc::new(Connector {
             options,
             live: Mutex::new(None),
@@ -149,62 +151,84 @@ impl Connector {
         })
     }
 
-    /// The live connection, reconnecting with backoff if it was lost, for at most
-    /// the publish time-out.
-    pub(crate) async fn live(&self) -> Result<Arc<Live>> {
-        let mut slot = self.live.lock().await;
+    /// A deadline `timeout` from now that cannot overflow.
+    pub(crate) fn deadline_in(timeout: Duration) -> Instant {
+        let now = Instant::now();
+        now.checked_add(timeout)
+            .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600))
+    }
+
+    /// The live connection, reconnecting with backoff if it was lost. Every
+    /// caller waits at most until its own `deadline`, whether for the lock (held
+    /// by whoever is reconnecting) or for the reconnection itself.
+    pub(crate) async fn live(&self, deadline: Instant) -> Result<Arc<Live>> {
+        let unreachable = |last: Option<&Error>| {
+            let last = last
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default();
+            Error::new(
+                Kind::Connection,
+                format!("no broker reachable in time{last}"),
+            )
+        };
+        let Ok(mut slot) = tokio::time::timeout_at(deadline, self.live.lock()).await else {
+            return Err(unreachable(None));
+        };
         if let Some(live) = slot.as_ref()
             && live.healthy()
         {
             return Ok(live.clone());
         }
-        let deadline = tokio::time::Instant::now() + self.options.publish_timeout;
         let mut backoff = reconnect_backoff();
         loop {
-            match self.open().await {
-                Ok(live) => {
+            let e = match tokio::time::timeout_at(deadline, self.open()).await {
+                Ok(Ok(live)) => {
                     let live = Arc::new(live);
                     *slot = Some(live.clone());
                     return Ok(live);
                 }
-                Err(e) => {
-                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                    if tokio::time::Instant::now() + wait >= deadline {
-                        return Err(Error::new(
-                            Kind::Connection,
-                            format!(
-                                "no broker reachable within {:?}; last error: {e}",
-                                self.options.publish_timeout
-                            ),
-                        ));
-                    }
-                    tokio::time::sleep(wait).await;
-                }
+                Ok(Err(e)) => e,
+                Err(_) => return Err(unreachable(None)),
+            };
+            let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+            if Instant::now() + wait >= deadline {
+                return Err(unreachable(Some(&e)));
             }
+            tokio::time::sleep(wait).await;
         }
     }
 
     /// Publish with a confirm. `Err((error, maybe_delivered))`. A publish that
     /// cannot be written because the connection is down waits for a reconnect
-    /// (up to the publish time-out); one whose confirm is lost is not retried,
-    /// since the broker may have it: the caller hears `maybe_delivered`.
+    /// (up to the publish time-out); one whose confirm is lost or late is not
+    /// retried, since the broker may have it: the caller hears `maybe_delivered`.
+    ///
+    /// `mandatory` is for the library's own republishes to a named queue: if the
+    /// queue is gone the broker returns the message, and that is a failure, not
+    /// a silent loss. (Returns are matched by message id, since lapin may attach
+    /// a return to another publish's confirm.)
     pub(crate) async fn publish(
         &self,
         exchange: &str,
         routing_key: &str,
         payload: &[u8],
         properties: BasicProperties,
+        mandatory: bool,
     ) -> std::result::Result<(), (Error, bool)> {
-        let deadline = tokio::time::Instant::now() + self.options.publish_timeout;
+        let deadline = Self::deadline_in(self.options.publish_timeout);
+        let id = properties.message_id().clone();
         loop {
-            let live = self.live().await.map_err(|e| (e, false))?;
+            let live = self.live(deadline).await.map_err(|e| (e, false))?;
             let sent = {
                 let _writing = live.publish_lock.lock().await;
                 live.publish
                     .basic_publish(
                         exchange.into(),
                         routing_key.into(),
-                        BasicPublishOptions::default(),
+                        BasicPublishOptions {
+                            mandatory,
+                            ..BasicPublishOptions::default()
+                        },
                         payload,
                         properties.clone(),
                     )
@@ -213,14 +237,34 @@ impl Connector {
             let confirm = match sent {
                 Ok(confirm) => confirm,
                 // Not written: safe to try again on a new connection.
-                Err(e) if tokio::time::Instant::now() < deadline => {
+                Err(e) if Instant::now() < deadline => {
                     tracing::debug!(error = %e, "publish not written; reconnecting");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
                 Err(e) => return Err((map_err(e, "cannot publish"), false)),
             };
-            return match confirm.await {
+            let confirmed = match tokio::time::timeout_at(deadline, confirm).await {
+                Ok(c) => c,
+                Err(_) => {
+                    return Err((
+                        Error::new(Kind::Timeout, "no confirm from the broker in time"),
+                        true,
+                    ));
+                }
+            };
+            return match confirmed {
+                Ok(Confirmation::Ack(Some(returned)))
+                    if mandatory && returned.delivery.properties.message_id() == &id =>
+                {
+                    Err((
+                        Error::new(
+                            Kind::Refused,
+                            format!("the broker returned the message: no queue `{routing_key}`"),
+                        ),
+                        false,
+                    ))
+                }
                 Ok(Confirmation::Ack(_)) => Ok(()),
                 Ok(Confirmation::Nack(_)) => Err((
                     Error::new(
@@ -241,21 +285,26 @@ impl Connector {
         }
     }
 
-    /// Declare the retry queue holding messages of `group` for `delay_ms`, once
-    /// per connection: messages expire from it back into the group's queue.
+    /// Declare the retry queue holding messages of `group` for `delay_ms`:
+    /// messages expire from it back into the group's queue. A durable group's is
+    /// declared once per connection. A private group's expires when unused, and
+    /// publishing does not count as use, so it is declared again each time.
     pub(crate) async fn retry_queue(
         &self,
         group: &str,
         durable: bool,
         delay_ms: u64,
     ) -> Result<String> {
-        let name = format!("polybus.retry.{group}.{delay_ms}ms");
-        let live = self.live().await?;
-        if live
-            .declared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&name)
+        let name = retry_queue_name(group, delay_ms);
+        let live = self
+            .live(Self::deadline_in(self.options.publish_timeout))
+            .await?;
+        if durable
+            && live
+                .declared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&name)
         {
             return Ok(name);
         }
@@ -292,6 +341,21 @@ impl Connector {
             .insert(name.clone());
         Ok(name)
     }
+}
+
+/// `polybus.retry.<group>.<ms>ms`, or for groups too long for AMQP's 255-byte
+/// names, the group's first 200 bytes and a stable hash of the whole (FNV-1a:
+/// the name must be the same in every process and Rust version).
+pub(crate) fn retry_queue_name(group: &str, delay_ms: u64) -> String {
+    let name = format!("polybus.retry.{group}.{delay_ms}ms");
+    if name.len() <= 255 {
+        return name;
+    }
+    let hash = group.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    // Group names are ASCII, so any byte index is a char boundary.
+    format!("polybus.retry.{}.{hash:016x}.{delay_ms}ms", &group[..200])
 }
 
 fn long(s: &str) -> AMQPValue {
@@ -370,4 +434,26 @@ pub(crate) async fn declare_subscription(
     // Dead letters are published straight to this queue, so it needs no binding.
     declare_group(channel, exchange, sub.dead_letter_topic.as_str(), true, &[]).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_queue_names_fit_amqp_short_strings() {
+        assert_eq!(
+            retry_queue_name("billing", 125),
+            "polybus.retry.billing.125ms"
+        );
+        let long = format!(
+            "polybus.dead-letter.polybus.dead-letter.{}",
+            "g".repeat(200)
+        );
+        let a = retry_queue_name(&long, 7_000_000_000);
+        assert!(a.len() <= 255, "{}", a.len());
+        assert_eq!(a, retry_queue_name(&long, 7_000_000_000), "stable");
+        let other = format!("{}h", &long[..long.len() - 1]);
+        assert_ne!(a, retry_queue_name(&other, 7_000_000_000));
+    }
 }

@@ -118,7 +118,7 @@ impl Publisher for AmqpBus {
         let props = mapping::properties(&message, &[]);
         match self
             .connector
-            .publish(&options.exchange, topic, message.payload(), props)
+            .publish(&options.exchange, topic, message.payload(), props, false)
             .await
         {
             Ok(()) => Ok(Receipt::default()),

@@ -42,6 +42,11 @@ fn long(value: &str) -> AMQPValue {
 pub(crate) fn properties(message: &Message, extra: &[(&str, String)]) -> BasicProperties {
     let mut headers = FieldTable::default();
     for (k, v) in message.headers() {
+        // The broker's own headers are read as the broker's on receipt: a caller
+        // must not be able to forge a delivery count.
+        if is_broker_header(k) {
+            continue;
+        }
         headers.insert(ShortString::from(k.as_str()), long(v));
     }
     if let Some(key) = message.key() {
@@ -130,7 +135,8 @@ pub(crate) fn receive(props: &BasicProperties, body: Vec<u8>) -> Received {
         message = message.with_content_type(ct.as_str());
     }
     // Plain AMQP clients send seconds, or nothing (then: the time of receipt).
-    let millis = millis.or_else(|| props.timestamp().map(|s| s * 1000));
+    // (A client that sends nanoseconds would overflow: then keep the receipt time.)
+    let millis = millis.or_else(|| props.timestamp().and_then(|s| s.checked_mul(1000)));
     if let Some(ms) = millis {
         message = message.with_timestamp(UNIX_EPOCH + Duration::from_millis(ms));
     }

@@ -54,6 +54,17 @@ impl AmqpOptions {
                 )));
             }
         };
+        // A password with a raw `/` or `?` would be cut in two by the parse below
+        // (and then shown unmasked): such characters must be percent-encoded.
+        if let Some(at) = rest.rfind('@')
+            && rest[..at].contains(['/', '?'])
+        {
+            return Err(Error::invalid_input(format!(
+                "invalid amqp url `{scheme}://***@{}`: percent-encode `/` and `?` in the \
+                 user name and password",
+                &rest[at + 1..]
+            )));
+        }
         let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (authority, path) = match before_query.find('/') {
             Some(i) => before_query.split_at(i),
@@ -167,6 +178,20 @@ impl AmqpOptions {
         self
     }
 
+    /// Check what the setters cannot: called by `connect`.
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.exchange.is_empty() || self.exchange.len() > 255 {
+            return Err(Error::invalid_input(format!(
+                "invalid exchange `{}`: it must be 1 to 255 bytes",
+                self.exchange
+            )));
+        }
+        if self.uris.is_empty() {
+            return Err(Error::invalid_input("no broker address given"));
+        }
+        Ok(())
+    }
+
     /// The broker addresses, with passwords masked.
     pub fn redacted_uris(&self) -> Vec<String> {
         self.uris.iter().map(|u| redact(u)).collect()
@@ -242,6 +267,14 @@ mod tests {
                 .unwrap_err()
                 .is_invalid_input()
         );
+        let e = AmqpOptions::from_url("amqp://u:pa/ss@h/vh").unwrap_err();
+        assert!(!e.to_string().contains("pa/ss"), "{e}");
+        let e = AmqpOptions::from_url("amqp://u:p?w@h/vh").unwrap_err();
+        assert!(!e.to_string().contains("p?w"), "{e}");
+        let long = AmqpOptions::from_url("amqp://h/")
+            .unwrap()
+            .exchange("x".repeat(256));
+        assert!(long.validate().unwrap_err().is_invalid_input());
         let e = AmqpOptions::from_url("amqp://h/?tls_ca_file=/nonexistent.pem").unwrap_err();
         assert!(e.to_string().contains("/nonexistent.pem"), "{e}");
     }

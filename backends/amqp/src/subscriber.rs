@@ -49,6 +49,9 @@ pub(crate) struct Shared {
     gone: AtomicBool,
 }
 
+/// The longest any broker call made while closing may take.
+const CLOSE_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+
 type Opening = Pin<Box<dyn Future<Output = Result<(Channel, Consumer)>> + Send>>;
 
 // One per subscription, not per message: the size difference does not matter.
@@ -86,10 +89,30 @@ impl Shared {
 }
 
 /// Open a channel, declare the topology, set the prefetch and start consuming.
-/// When this returns the subscription is live (C3).
+/// When this returns the subscription is live (C3). Bounded by the publish
+/// time-out: a broker call right after a restart (quorum queues still
+/// recovering) may go unanswered, and lapin's calls have no time-out of their own.
 pub(crate) async fn open(shared: &Arc<Shared>) -> Result<(Channel, Consumer)> {
+    let limit = shared.connector.options.publish_timeout;
+    match tokio::time::timeout(limit, open_unbounded(shared)).await {
+        Ok(opened) => opened,
+        Err(_) => Err(Error::new(
+            Kind::Timeout,
+            format!(
+                "subscribing group `{}` got no answer within {limit:?}",
+                shared.sub.group
+            ),
+        )),
+    }
+}
+
+async fn open_unbounded(shared: &Arc<Shared>) -> Result<(Channel, Consumer)> {
     let sub = &shared.sub;
-    let live = shared.connector.live().await?;
+    let options = &shared.connector.options;
+    let live = shared
+        .connector
+        .live(Connector::deadline_in(options.publish_timeout))
+        .await?;
     let channel = live
         .conn
         .create_channel()
@@ -173,12 +196,15 @@ impl AmqpSource {
         let max = self.shared.sub.retry.attempts();
         if attempt > max {
             tokio::spawn(async move {
+                let _guard = Unsettled {
+                    shared: acker.shared.clone(),
+                    acker: None,
+                };
                 let attempts = attempt - 1;
                 let reason = format!("gave up after {attempts} attempts");
                 if let Err(e) = acker.dead_letter(attempts, &reason).await {
                     tracing::warn!(error = %e, "dead-lettering an exhausted message failed; the broker redelivers it");
                 }
-                acker.shared.settled_one();
             });
             return None;
         }
@@ -251,9 +277,12 @@ impl DeliverySource for AmqpSource {
             return Ok(());
         };
         // Stop fetching; what was already pushed stays unacked until the channel closes.
-        let _ = channel
-            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-            .await;
+        // Each broker call is bounded: close must end even if the broker is stuck.
+        let _ = tokio::time::timeout(
+            CLOSE_RPC_TIMEOUT,
+            channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+        )
+        .await;
         let now = tokio::time::Instant::now();
         let deadline = now
             .checked_add(grace)
@@ -272,16 +301,22 @@ impl DeliverySource for AmqpSource {
             }
         }
         if !shared.sub.durable {
-            let _ = channel
-                .queue_delete(
+            let _ = tokio::time::timeout(
+                CLOSE_RPC_TIMEOUT,
+                channel.queue_delete(
                     shared.sub.group.as_str().into(),
                     QueueDeleteOptions::default(),
-                )
-                .await;
+                ),
+            )
+            .await;
         }
         // Closing the channel hands every unacked message back to the broker (C10).
         shared.gone.store(true, Ordering::Release);
-        let _ = channel.close(200, "subscription closed".into()).await;
+        let _ = tokio::time::timeout(
+            CLOSE_RPC_TIMEOUT,
+            channel.close(200, "subscription closed".into()),
+        )
+        .await;
         Ok(())
     }
 }
@@ -318,6 +353,36 @@ pub(crate) fn retry_step_ms(delay: Duration) -> u64 {
     }
 }
 
+/// How long a delivery whose republish failed waits before it is handed back.
+const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Counts a settlement in progress. If it never finishes (its future dropped, or
+/// a panic), the message is handed back to the broker rather than left
+/// unacked on a live channel, holding a prefetch slot forever.
+struct Unsettled {
+    shared: Arc<Shared>,
+    /// Set while the settlement is unfinished.
+    acker: Option<lapin::Acker>,
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        if let Some(acker) = self.acker.take()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(async move {
+                let _ = acker
+                    .nack(BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    })
+                    .await;
+            });
+        }
+        self.shared.settled_one();
+    }
+}
+
 struct AmqpAcker {
     shared: Arc<Shared>,
     acker: lapin::Acker,
@@ -342,16 +407,20 @@ impl AmqpAcker {
         }
     }
 
-    /// Give the message back at once; only after a failed republish, so the
-    /// delivery does not sit unsettled on a live channel.
+    /// Give the message back after a failed republish, so the delivery does not
+    /// sit unsettled on a live channel. After a pause: a republish that keeps
+    /// failing must not turn into a hot redelivery loop (C8).
     async fn requeue(&self) {
-        let _ = self
-            .acker
-            .nack(BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            })
-            .await;
+        let acker = self.acker.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(REQUEUE_PAUSE).await;
+            let _ = acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await;
+        });
     }
 
     async fn retry(&self, delay: Duration) -> Result<()> {
@@ -368,7 +437,7 @@ impl AmqpAcker {
                 ],
             );
             connector
-                .publish("", &queue, self.message.payload(), props)
+                .publish("", &queue, self.message.payload(), props, true)
                 .await
                 .map_err(|(e, _)| e)
         }
@@ -398,7 +467,7 @@ impl AmqpAcker {
         let published = self
             .shared
             .connector
-            .publish("", store, message.payload(), props)
+            .publish("", store, message.payload(), props, true)
             .await;
         match published {
             Ok(()) => self.ack().await,
@@ -410,8 +479,14 @@ impl AmqpAcker {
     }
 
     async fn run(self: Box<Self>, settlement: Settlement) -> Result<()> {
-        if self.shared.gone.load(Ordering::Acquire) {
-            self.shared.settled_one();
+        let mut guard = Unsettled {
+            shared: self.shared.clone(),
+            acker: Some(self.acker.clone()),
+        };
+        // A dead channel's deliveries come back from the broker; republishing a
+        // copy as well would deliver the message twice.
+        if self.shared.gone.load(Ordering::Acquire) || !self.acker.usable() {
+            guard.acker = None;
             return Err(channel_gone(&self.shared.sub.group));
         }
         let result = match settlement {
@@ -423,7 +498,7 @@ impl AmqpAcker {
                 format!("settlement {other:?} is not known to the amqp backend"),
             )),
         };
-        self.shared.settled_one();
+        guard.acker = None;
         result
     }
 }
