@@ -54,6 +54,32 @@ pub trait Publisher: Send + Sync {
     async fn close(&self) -> Result<()>;
 }
 
+// Shared and borrowed publishers are publishers, so middleware can wrap
+// `Arc<dyn Publisher>` or `&P`.
+macro_rules! forward_publisher {
+    ($($ty:ty),*) => {$(
+        #[async_trait]
+        impl<P: Publisher + ?Sized> Publisher for $ty {
+            async fn publish(&self, topic: &str, message: Message) -> Result<Receipt, PublishError> {
+                (**self).publish(topic, message).await
+            }
+
+            async fn publish_batch(
+                &self,
+                topic: &str,
+                messages: Vec<Message>,
+            ) -> Vec<Result<Receipt, PublishError>> {
+                (**self).publish_batch(topic, messages).await
+            }
+
+            async fn close(&self) -> Result<()> {
+                (**self).close().await
+            }
+        }
+    )*};
+}
+forward_publisher!(&P, Arc<P>);
+
 /// Opens subscriptions. Object-safe: `Arc<dyn Subscriber>` works.
 #[async_trait]
 pub trait Subscriber: Send + Sync {

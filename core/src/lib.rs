@@ -15,6 +15,7 @@
 //! | [`retry`] | [`RetryPolicy`]: backoff and maximum attempts (C8) |
 //! | [`bus`] | [`Publisher`], [`Subscriber`], [`Backend`], [`Bus`], [`Capabilities`] |
 //! | [`error`] | [`Error`], [`Kind`], [`PublishError`] |
+//! | [`middleware`] | publisher middleware: timeout, retry, circuit breaker |
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -22,6 +23,7 @@ pub mod bus;
 pub mod delivery;
 pub mod error;
 pub mod message;
+pub mod middleware;
 pub mod retry;
 pub mod subscription;
 pub mod topic;
