@@ -203,6 +203,8 @@ pub trait DeliverySource: Send + 'static {
 /// every unsettled delivery is redelivered (C9).
 pub struct DeliveryStream {
     source: Box<dyn DeliverySource>,
+    /// An error met while a batch was being filled, reported by the next call.
+    deferred: Option<crate::Error>,
 }
 
 impl DeliveryStream {
@@ -210,7 +212,40 @@ impl DeliveryStream {
     pub fn new(source: impl DeliverySource) -> Self {
         DeliveryStream {
             source: Box::new(source),
+            deferred: None,
         }
+    }
+
+    /// Up to `max` deliveries, gathered for at most `timeout`: returns as soon as
+    /// `max` have come, or when the time is up with what has come (possibly none).
+    /// The prefetch still bounds what is unsettled, so a batch larger than the
+    /// prefetch fills only as earlier deliveries are settled. An error met after
+    /// some deliveries were gathered is returned by the next call; a stream that
+    /// has ended is a [`Closed`](crate::Kind::Closed) error once nothing is left.
+    pub async fn next_batch(&mut self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
+        use futures::StreamExt;
+
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
+        let mut batch = Vec::with_capacity(max.min(1024));
+        let deadline = tokio::time::Instant::now() + timeout.min(crate::retry::MAX_DELAY);
+        while batch.len() < max {
+            match tokio::time::timeout_at(deadline, self.next()).await {
+                Err(_) => break,
+                Ok(Some(Ok(d))) => batch.push(d),
+                Ok(Some(Err(e))) if batch.is_empty() => return Err(e),
+                Ok(Some(Err(e))) => {
+                    self.deferred = Some(e);
+                    break;
+                }
+                Ok(None) if batch.is_empty() => {
+                    return Err(crate::Error::closed("the subscription has ended"));
+                }
+                Ok(None) => break,
+            }
+        }
+        Ok(batch)
     }
 
     /// Stop fetching, let in-flight deliveries be settled for up to `grace`, then

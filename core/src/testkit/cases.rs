@@ -1301,3 +1301,54 @@ pub async fn c7_dead_letter_of_a_dead_letter_keeps_the_original_topic(ctx: Ctx) 
     d.ack().await?;
     Ok(())
 }
+
+/// C6 (batches): `next_batch` returns up to `max`, within its time-out, and never
+/// more than the prefetch allows unsettled.
+pub async fn c6_next_batch_gathers_up_to_max_within_the_prefetch(ctx: Ctx) -> CaseResult {
+    let mut s = ctx
+        .bus()
+        .subscribe(
+            Subscription::new(ctx.topic("b"))
+                .group(ctx.group("g"))
+                .prefetch(4),
+        )
+        .await?;
+    let batch: Vec<Message> = (0..10)
+        .map(|i| Message::new(format!("m{i}")).with_key("k"))
+        .collect();
+    for r in ctx.bus().publish_batch(&ctx.topic("b"), batch).await {
+        r?;
+    }
+    let wait = ctx.target().patience();
+    // Gather for a while: the prefetch (4) caps the first batch, however large `max`.
+    let mut first = Vec::new();
+    while first.len() < 4 {
+        first.extend(s.next_batch(10, ctx.target().quiet()).await?);
+    }
+    assert_eq!(first.len(), 4, "more unsettled than the prefetch");
+    assert!(s.next_batch(10, ctx.target().quiet()).await?.is_empty());
+    let mut seen: Vec<String> = Vec::new();
+    for d in first {
+        seen.push(String::from_utf8_lossy(d.message().payload()).into_owned());
+        d.ack().await?;
+    }
+    while seen.len() < 10 {
+        let batch = s.next_batch(3, wait).await?;
+        assert!(
+            !batch.is_empty() && batch.len() <= 3,
+            "batch of {}",
+            batch.len()
+        );
+        for d in batch {
+            seen.push(String::from_utf8_lossy(d.message().payload()).into_owned());
+            d.ack().await?;
+        }
+    }
+    let expected: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    assert_eq!(seen, expected);
+    // Nothing left: an empty batch once the time-out passes.
+    let started = tokio::time::Instant::now();
+    assert!(s.next_batch(5, ctx.target().quiet()).await?.is_empty());
+    assert!(started.elapsed() >= ctx.target().quiet());
+    Ok(())
+}

@@ -310,6 +310,7 @@ macro_rules! conformance_suite {
             c5_order_holds_for_each_of_several_keys,
             c6_never_more_than_prefetch_unsettled,
             c6_any_settlement_frees_a_slot,
+            c6_next_batch_gathers_up_to_max_within_the_prefetch,
             c7_ack_is_final,
             c7_nack_redelivers_with_attempt_plus_one,
             c7_nack_waits_for_the_retry_delay,
