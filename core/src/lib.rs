@@ -15,11 +15,13 @@
 //! | [`retry`] | [`RetryPolicy`]: backoff and maximum attempts (C8) |
 //! | [`bus`] | [`Publisher`], [`Subscriber`], [`Backend`], [`Bus`], [`Capabilities`] |
 //! | [`error`] | [`Error`], [`Kind`], [`PublishError`] |
+//! | [`consumer`] | the handler runtime: typed handlers, concurrency, outcomes, graceful shutdown |
 //! | [`middleware`] | publisher middleware: timeout, retry, circuit breaker |
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod bus;
+pub mod consumer;
 pub mod delivery;
 pub mod error;
 pub mod message;

@@ -1352,3 +1352,197 @@ pub async fn c6_next_batch_gathers_up_to_max_within_the_prefetch(ctx: Ctx) -> Ca
     assert!(started.elapsed() >= ctx.target().quiet());
     Ok(())
 }
+
+// ---- handler runtime ----------------------------------------------------------
+
+/// C7/C8 (runtime): the whole story. A handler panics on A, fails twice on B and
+/// succeeds on C: A is retried, then dead-lettered after its last attempt; B is
+/// handled on attempt 3; C is acked once; nothing is lost, and no redelivery
+/// comes without the retry delay.
+pub async fn c8_runtime_story_panic_retry_success(ctx: Ctx) -> CaseResult {
+    use crate::consumer::{Consumer, HandlerError};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    let group = ctx.group("story");
+    let delay = Duration::from_millis(200);
+    let mut dlq = ctx
+        .bus()
+        .subscribe(Subscription::dead_letters_of(&group))
+        .await?;
+    let calls: Arc<Mutex<HashMap<String, Vec<tokio::time::Instant>>>> = Arc::default();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let consumer = Consumer::new(
+        ctx.bus().clone(),
+        Subscription::new(ctx.topic("story")).group(group.clone()),
+    )
+    .retry(RetryPolicy::fixed(delay).max_attempts(3))
+    .concurrency(4)
+    .grace(Duration::from_secs(5))
+    .shutdown_on(async move {
+        let _ = stopped.await;
+    });
+    let seen = calls.clone();
+    let run = tokio::spawn(consumer.run(move |m: Message| {
+        let seen = seen.clone();
+        async move {
+            let name = String::from_utf8_lossy(m.payload()).into_owned();
+            let n = {
+                let mut calls = seen.lock().unwrap();
+                let times = calls.entry(name.clone()).or_default();
+                times.push(tokio::time::Instant::now());
+                times.len()
+            };
+            match name.as_str() {
+                "A" => panic!("handler panics on A (expected by the test)"),
+                "B" if n < 3 => Err(HandlerError::retry(format!("B fails on call {n}"))),
+                _ => Ok(()),
+            }
+        }
+    }));
+    // Subscribing happens inside run(): wait until the group exists and is live.
+    let deadline = tokio::time::Instant::now() + ctx.target().patience();
+    loop {
+        ctx.bus()
+            .publish(&ctx.topic("story"), Message::new("probe"))
+            .await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if calls.lock().unwrap().contains_key("probe") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the runtime never consumed"
+        );
+    }
+    for name in ["A", "B", "C"] {
+        ctx.bus()
+            .publish(&ctx.topic("story"), Message::new(name).with_key(name))
+            .await?;
+    }
+    let dead = ctx.recv(&mut dlq).await;
+    assert_eq!(dead.message().payload().as_ref(), b"A");
+    assert_eq!(dead.message().header(header::ATTEMPTS), Some("3"));
+    dead.ack().await?;
+    // B's third call may still be settling; wait for it, then a quiet moment.
+    let deadline = tokio::time::Instant::now() + ctx.target().patience();
+    while calls.lock().unwrap().get("B").map_or(0, Vec::len) < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B was not retried to its third attempt"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(ctx.target().quiet()).await;
+    let _ = stop.send(());
+    let stats = run.await.expect("the runtime survives handler panics")?;
+
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls["A"].len(), 3, "A: one call per attempt");
+    assert_eq!(calls["B"].len(), 3, "B: handled on attempt 3");
+    assert_eq!(calls["C"].len(), 1, "C: acked once");
+    for name in ["A", "B"] {
+        for pair in calls[name].windows(2) {
+            let waited = pair[1] - pair[0];
+            assert!(
+                waited >= delay,
+                "{name} came back after {waited:?}, the delay is {delay:?}"
+            );
+        }
+    }
+    assert_eq!(stats.panicked, 3, "{stats:?}");
+    assert!(stats.acked >= 2, "B and C (and the probes): {stats:?}");
+    assert_eq!(stats.nacked, 5, "A three times, B twice: {stats:?}");
+    Ok(())
+}
+
+/// C12 (runtime): an undecodable payload and a permanent error are dead-lettered
+/// with their reasons; a handler that overruns its time-out is retried.
+pub async fn c12_runtime_dead_letters_undecodable_and_permanent_and_retries_timeouts(
+    ctx: Ctx,
+) -> CaseResult {
+    use crate::consumer::{Consumer, HandlerError, Json};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[derive(serde::Deserialize)]
+    struct Job {
+        kind: String,
+    }
+    let group = ctx.group("jobs");
+    let mut dlq = ctx
+        .bus()
+        .subscribe(Subscription::dead_letters_of(&group))
+        .await?;
+    // Make the group exist before publishing (new groups start at "now").
+    ctx.bus()
+        .subscribe(Subscription::new(ctx.topic("job")).group(group.clone()))
+        .await?
+        .close(Duration::ZERO)
+        .await?;
+    for body in ["{not json", r#"{"kind":"permanent"}"#, r#"{"kind":"slow"}"#] {
+        ctx.bus()
+            .publish(&ctx.topic("job"), Message::new(body))
+            .await?;
+    }
+    let slow_calls = Arc::new(AtomicU32::new(0));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let counter = slow_calls.clone();
+    let run = tokio::spawn(
+        Consumer::new(
+            ctx.bus().clone(),
+            Subscription::new(ctx.topic("job")).group(group.clone()),
+        )
+        .retry(ctx.fast_retry().max_attempts(5))
+        .concurrency(2)
+        .handler_timeout(Duration::from_millis(300))
+        .shutdown_on(async move {
+            let _ = stopped.await;
+        })
+        .run(move |Json(job): Json<Job>| {
+            let counter = counter.clone();
+            async move {
+                match job.kind.as_str() {
+                    "permanent" => Err(HandlerError::permanent("no such account")),
+                    "slow" => {
+                        // Too slow the first time only.
+                        if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }),
+    );
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let d = ctx.recv(&mut dlq).await;
+        reasons.push(
+            d.message()
+                .header(header::DEAD_LETTER_REASON)
+                .unwrap_or_default()
+                .to_owned(),
+        );
+        d.ack().await?;
+    }
+    reasons.sort();
+    assert!(reasons[0].starts_with("cannot decode json"), "{reasons:?}");
+    assert_eq!(reasons[1], "no such account");
+    let deadline = tokio::time::Instant::now() + ctx.target().patience();
+    while slow_calls.load(Ordering::SeqCst) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the timed-out job was not retried"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(ctx.target().quiet()).await;
+    let _ = stop.send(());
+    let stats = run.await.expect("runtime")?;
+    assert_eq!(stats.dead_lettered, 2, "{stats:?}");
+    assert_eq!(stats.acked, 1, "{stats:?}");
+    assert_eq!(stats.nacked, 1, "the timed-out attempt: {stats:?}");
+    Ok(())
+}

@@ -1,0 +1,355 @@
+//! [`Consumer`]: the handler runtime. It runs an async handler for each delivery
+//! of a subscription, several at once, and settles each by its outcome.
+//!
+//! | outcome | settlement |
+//! |---|---|
+//! | `Ok(())` | ack |
+//! | `Err(HandlerError::retry(..))` (or any `?`-converted error) | nack: redelivered after the retry policy's delay, dead-lettered after the last attempt |
+//! | `Err(HandlerError::permanent(..))` | dead letter, with the error as reason |
+//! | the payload does not decode into the handler's type | dead letter, with the decode error as reason |
+//! | the handler panics | nack (the runtime keeps running) |
+//! | the handler exceeds its time-out | nack |
+//!
+//! ```
+//! # async fn demo(bus: polybus_core::Bus) -> polybus_core::Result<()> {
+//! use std::time::Duration;
+//! use polybus_core::consumer::{Consumer, HandlerError, Json};
+//! use polybus_core::{RetryPolicy, Subscription};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct User { id: String }
+//!
+//! let stats = Consumer::new(bus.clone(), Subscription::new("user.*").group("billing"))
+//!     .retry(RetryPolicy::exponential(Duration::from_millis(100)).max_attempts(5))
+//!     .concurrency(16)
+//!     .handler_timeout(Duration::from_secs(10))
+//!     .shutdown_on(async { /* e.g. polybus_core::consumer::ctrl_c() */ })
+//!     .run(|Json(user): Json<User>| async move {
+//!         if user.id.is_empty() {
+//!             return Err(HandlerError::permanent("a user without an id"));
+//!         }
+//!         Ok(())
+//!     })
+//!     .await?;
+//! println!("{stats:?}");
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use tokio::task::JoinSet;
+
+use crate::{Bus, Codec, Delivery, Message, Result, RetryPolicy, Subscription};
+
+/// What a handler receives, made from a delivery. A failure to make it (an
+/// undecodable payload) dead-letters the delivery with the error as reason.
+pub trait FromDelivery: Sized + Send + 'static {
+    /// Build the handler's argument.
+    fn from_delivery(delivery: &Delivery) -> Result<Self>;
+}
+
+/// A payload decoded as JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned + Send + 'static> FromDelivery for Json<T> {
+    fn from_delivery(delivery: &Delivery) -> Result<Self> {
+        delivery.json().map(Json)
+    }
+}
+
+/// A payload decoded with any [`Codec`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded<C, T>(pub T, std::marker::PhantomData<C>);
+
+impl<C: Codec + Send + 'static, T: DeserializeOwned + Send + 'static> FromDelivery
+    for Decoded<C, T>
+{
+    fn from_delivery(delivery: &Delivery) -> Result<Self> {
+        delivery
+            .decode::<C, T>()
+            .map(|v| Decoded(v, std::marker::PhantomData))
+    }
+}
+
+/// The whole message, undecoded.
+impl FromDelivery for Message {
+    fn from_delivery(delivery: &Delivery) -> Result<Self> {
+        Ok(delivery.message().clone())
+    }
+}
+
+/// Why a handler failed, and so how its delivery is settled.
+pub struct HandlerError {
+    permanent: bool,
+    reason: String,
+}
+
+impl HandlerError {
+    /// Worth another try: nack, redelivered after the retry policy's delay.
+    pub fn retry(reason: impl fmt::Display) -> Self {
+        HandlerError {
+            permanent: false,
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Hopeless: dead-letter with `reason`.
+    pub fn permanent(reason: impl fmt::Display) -> Self {
+        HandlerError {
+            permanent: true,
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Whether the delivery is dead-lettered rather than retried.
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
+    }
+}
+
+/// `?` on any error means "try again".
+impl<E: std::error::Error> From<E> for HandlerError {
+    fn from(e: E) -> Self {
+        HandlerError::retry(e)
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerError")
+            .field("permanent", &self.permanent)
+            .field("reason", &self.reason)
+            .finish()
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+/// What a run did, counted by outcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Handled and acked.
+    pub acked: u64,
+    /// Failed (error, time-out or panic) and nacked for a retry or its last-attempt dead letter.
+    pub nacked: u64,
+    /// Dead-lettered: a permanent error or an undecodable payload.
+    pub dead_lettered: u64,
+    /// Of the nacked, how many panicked.
+    pub panicked: u64,
+    /// Settlements the broker refused (the broker redelivers those).
+    pub settle_failed: u64,
+}
+
+enum Outcome {
+    Acked,
+    Nacked,
+    DeadLettered,
+    SettleFailed,
+}
+
+type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The handler runtime; see the [module docs](self).
+pub struct Consumer {
+    bus: Bus,
+    subscription: Subscription,
+    concurrency: usize,
+    handler_timeout: Option<Duration>,
+    grace: Duration,
+    shutdown: Shutdown,
+}
+
+impl fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer")
+            .field("subscription", &self.subscription)
+            .field("concurrency", &self.concurrency)
+            .field("handler_timeout", &self.handler_timeout)
+            .field("grace", &self.grace)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Resolves on Ctrl-C (SIGINT), for [`Consumer::shutdown_on`] in binaries.
+pub async fn ctrl_c() {
+    if let Err(e) = tokio::signal::ctrl_c().await {
+        tracing::warn!(error = %e, "cannot listen for ctrl-c; running until stopped otherwise");
+        std::future::pending::<()>().await;
+    }
+}
+
+impl Consumer {
+    /// A runtime for `subscription` on `bus`: one handler at a time, no handler
+    /// time-out, 30 s of grace at shutdown, running until the subscription ends.
+    pub fn new(bus: Bus, subscription: Subscription) -> Self {
+        Consumer {
+            bus,
+            subscription,
+            concurrency: 1,
+            handler_timeout: None,
+            grace: crate::subscription::DEFAULT_CLOSE_GRACE,
+            shutdown: Box::pin(std::future::pending()),
+        }
+    }
+
+    /// The subscription's retry policy.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.subscription = self.subscription.retry(policy);
+        self
+    }
+
+    /// Run up to `n` handlers at once (at least 1). The subscription's prefetch is
+    /// raised to `n` if lower, so the limit can be reached.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Count a handler that runs longer than `limit` as a retryable failure.
+    pub fn handler_timeout(mut self, limit: Duration) -> Self {
+        self.handler_timeout = Some(limit);
+        self
+    }
+
+    /// At shutdown, how long in-flight handlers may take to finish.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Shut down gracefully when `signal` resolves: stop fetching, let in-flight
+    /// handlers finish and settle within the grace, then close. Whatever is still
+    /// unsettled is redelivered later (C10).
+    pub fn shutdown_on(mut self, signal: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.shutdown = Box::pin(signal);
+        self
+    }
+
+    /// Run `handler` for every delivery until shutdown or the end of the
+    /// subscription. Fails only if the subscription cannot be opened.
+    pub async fn run<T, H, Fut>(self, handler: H) -> Result<Stats>
+    where
+        T: FromDelivery,
+        H: Fn(T) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        let Consumer {
+            bus,
+            subscription,
+            concurrency,
+            handler_timeout,
+            grace,
+            mut shutdown,
+        } = self;
+        let prefetch = subscription.prefetch_limit().max(concurrency as u32);
+        let mut stream = bus.subscribe(subscription.prefetch(prefetch)).await?;
+        let handler = Arc::new(handler);
+        let mut tasks: JoinSet<Outcome> = JoinSet::new();
+        let mut stats = Stats::default();
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => count(&mut stats, done),
+                next = stream.next(), if tasks.len() < concurrency => match next {
+                    Some(Ok(delivery)) => {
+                        tasks.spawn(handle(delivery, handler.clone(), handler_timeout));
+                    }
+                    // Broker backends report a lost connection here and resume.
+                    Some(Err(e)) => tracing::warn!(error = %e, "subscription error"),
+                    None => break,
+                },
+            }
+        }
+        // Stop fetching and let the in-flight handlers finish within the grace;
+        // then close, leaving whatever is unsettled to the broker.
+        let deadline = tokio::time::Instant::now() + grace;
+        let drain = async {
+            while let Some(done) = tasks.join_next().await {
+                count(&mut stats, done);
+            }
+        };
+        if tokio::time::timeout_at(deadline, drain).await.is_err() {
+            tracing::info!(
+                in_flight = tasks.len(),
+                "shutdown grace passed; abandoning handlers"
+            );
+            tasks.abort_all();
+            while let Some(done) = tasks.join_next().await {
+                count(&mut stats, done);
+            }
+        }
+        stream.close(Duration::ZERO).await?;
+        Ok(stats)
+    }
+}
+
+fn count(stats: &mut Stats, done: std::result::Result<Outcome, tokio::task::JoinError>) {
+    match done {
+        Ok(Outcome::Acked) => stats.acked += 1,
+        Ok(Outcome::Nacked) => stats.nacked += 1,
+        Ok(Outcome::DeadLettered) => stats.dead_lettered += 1,
+        Ok(Outcome::SettleFailed) => stats.settle_failed += 1,
+        // The delivery was dropped while unwinding, which nacks it.
+        Err(e) if e.is_panic() => {
+            tracing::warn!("a handler panicked; its delivery is retried");
+            stats.nacked += 1;
+            stats.panicked += 1;
+        }
+        // Aborted at shutdown: the delivery is left for redelivery.
+        Err(_) => {}
+    }
+}
+
+async fn handle<T, H, Fut>(delivery: Delivery, handler: Arc<H>, limit: Option<Duration>) -> Outcome
+where
+    T: FromDelivery,
+    H: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+{
+    let settle = |r: Result<()>, outcome| match r {
+        Ok(()) => outcome,
+        Err(e) => {
+            tracing::warn!(error = %e, "settlement failed; the broker redelivers the message");
+            Outcome::SettleFailed
+        }
+    };
+    let arg = match T::from_delivery(&delivery) {
+        Ok(arg) => arg,
+        Err(e) => {
+            let r = delivery.dead_letter(e.to_string()).await;
+            return settle(r, Outcome::DeadLettered);
+        }
+    };
+    let result = match limit {
+        None => handler(arg).await,
+        Some(limit) => match tokio::time::timeout(limit, handler(arg)).await {
+            Ok(r) => r,
+            Err(_) => Err(HandlerError::retry(format!(
+                "the handler took longer than {limit:?}"
+            ))),
+        },
+    };
+    match result {
+        Ok(()) => settle(delivery.ack().await, Outcome::Acked),
+        Err(e) if e.is_permanent() => {
+            settle(delivery.dead_letter(e.reason).await, Outcome::DeadLettered)
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, attempt = delivery.attempt(), "handler failed; nacking");
+            settle(delivery.nack().await, Outcome::Nacked)
+        }
+    }
+}
