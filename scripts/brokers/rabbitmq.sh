@@ -113,7 +113,9 @@ start() {
       RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
       /usr/lib/rabbitmq/bin/rabbitmq-server -detached
   )
-  touch "$marker"
+  # Who started it: `stop` stops the node only for the same session (scripts/test
+  # sets POLYBUS_BROKER_SESSION), or, run by hand without one, always.
+  echo "${POLYBUS_BROKER_SESSION:-manual}" > "$marker"
   # -detached returns before the node registers; await_startup fails until it has.
   for _ in $(seq 1 90); do
     if rabbitmqctl -q await_startup --timeout 5 >/dev/null 2>&1; then
@@ -131,6 +133,10 @@ start() {
 
 stop() {
   [ -f "$marker" ] || return 0
+  if [ -n "${POLYBUS_BROKER_SESSION:-}" ] && [ "$(cat "$marker")" != "$POLYBUS_BROKER_SESSION" ]; then
+    log "leaving the node running: an earlier session started it"
+    return 0
+  fi
   local pid
   pid=$(cat "$pidfile" 2>/dev/null || true)
   log "stopping the node this script started${pid:+ (pid $pid)}"
