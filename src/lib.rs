@@ -45,6 +45,7 @@ pub use polybus_core::{
     Error, Headers, Json, Kind, Message, Pattern, PublishError, Publisher, Receipt, Result,
     RetryPolicy, Settlement, StartFrom, Subscriber, Subscription, Topic, header,
 };
+pub use polybus_core::{consumer, middleware};
 
 #[cfg(feature = "memory")]
 pub use polybus_memory as memory;

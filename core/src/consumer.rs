@@ -349,7 +349,7 @@ where
         }
         Err(e) => {
             tracing::debug!(error = %e, attempt = delivery.attempt(), "handler failed; nacking");
-            settle(delivery.nack().await, Outcome::Nacked)
+            settle(delivery.nack_because(&e).await, Outcome::Nacked)
         }
     }
 }

@@ -124,6 +124,19 @@ impl Delivery {
         acker.settle(settlement).await
     }
 
+    /// As [`nack`](Self::nack), and if this was the last attempt, the dead letter's
+    /// reason says why the last attempt failed.
+    pub async fn nack_because(mut self, reason: impl std::fmt::Display) -> Result<()> {
+        let acker = self.take_acker();
+        let settlement = match nack_settlement(acker.retry_policy(), self.attempt) {
+            Settlement::DeadLetter { reason: gave_up } => Settlement::DeadLetter {
+                reason: format!("{gave_up}: {reason}"),
+            },
+            retry => retry,
+        };
+        acker.settle(settlement).await
+    }
+
     /// Hopeless: move it to the group's dead-letter topic with `reason`.
     pub async fn dead_letter(mut self, reason: impl Into<String>) -> Result<()> {
         self.take_acker()

@@ -736,6 +736,10 @@ pub async fn c8_dead_lettered_after_max_attempts(ctx: Ctx) -> CaseResult {
         .header(header::DEAD_LETTER_REASON)
         .unwrap_or_default();
     assert!(reason.contains("3 attempts"), "reason: {reason}");
+    assert_eq!(
+        reason, "gave up after 3 attempts",
+        "a plain nack gives no cause"
+    );
     d.ack().await?;
     Ok(())
 }
