@@ -35,13 +35,14 @@
 //! # Ok(()) }
 //! ```
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::de::DeserializeOwned;
 use tokio::task::JoinSet;
 
@@ -153,6 +154,7 @@ pub struct Stats {
 }
 
 enum Outcome {
+    Panicked,
     Acked,
     Nacked,
     DeadLettered,
@@ -169,6 +171,7 @@ pub struct Consumer {
     handler_timeout: Option<Duration>,
     grace: Duration,
     shutdown: Shutdown,
+    lanes: bool,
 }
 
 impl fmt::Debug for Consumer {
@@ -201,7 +204,16 @@ impl Consumer {
             handler_timeout: None,
             grace: crate::subscription::DEFAULT_CLOSE_GRACE,
             shutdown: Box::pin(std::future::pending()),
+            lanes: false,
         }
+    }
+
+    /// Per-key lanes: deliveries with the same key are handled one at a time, in
+    /// the order they arrive, while other keys run concurrently. Deliveries
+    /// without a key run freely.
+    pub fn lanes_by_key(mut self, on: bool) -> Self {
+        self.lanes = on;
+        self
     }
 
     /// The subscription's retry policy.
@@ -252,20 +264,60 @@ impl Consumer {
             handler_timeout,
             grace,
             mut shutdown,
+            lanes,
         } = self;
         let prefetch = subscription.prefetch_limit().max(concurrency as u32);
         let mut stream = bus.subscribe(subscription.prefetch(prefetch)).await?;
         let handler = Arc::new(handler);
-        let mut tasks: JoinSet<Outcome> = JoinSet::new();
+        let mut tasks: JoinSet<(Outcome, Option<String>)> = JoinSet::new();
+        // Per-key lanes: a key is in `waiting` while one of its deliveries runs;
+        // its later deliveries wait there, in order.
+        let mut waiting: HashMap<String, VecDeque<Delivery>> = HashMap::new();
         let mut stats = Stats::default();
+        let spawn = |tasks: &mut JoinSet<_>, delivery: Delivery| {
+            let lane = if lanes {
+                delivery.message().key().map(str::to_owned)
+            } else {
+                None
+            };
+            let fut = handle(delivery, handler.clone(), handler_timeout);
+            tasks.spawn(async move {
+                // A panic unwinds through `handle`, dropping (so nacking) the
+                // delivery; catching it here keeps the lane's key.
+                let outcome = std::panic::AssertUnwindSafe(fut)
+                    .catch_unwind()
+                    .await
+                    .unwrap_or(Outcome::Panicked);
+                (outcome, lane)
+            });
+        };
         loop {
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                Some(done) = tasks.join_next(), if !tasks.is_empty() => count(&mut stats, done),
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Some(lane) = count(&mut stats, done) {
+                        match waiting.get_mut(&lane).and_then(VecDeque::pop_front) {
+                            Some(next) => spawn(&mut tasks, next),
+                            None => {
+                                waiting.remove(&lane);
+                            }
+                        }
+                    }
+                }
                 next = stream.next(), if tasks.len() < concurrency => match next {
                     Some(Ok(delivery)) => {
-                        tasks.spawn(handle(delivery, handler.clone(), handler_timeout));
+                        let key = delivery.message().key().filter(|_| lanes).map(str::to_owned);
+                        match key {
+                            Some(key) if waiting.contains_key(&key) => {
+                                waiting.get_mut(&key).expect("checked").push_back(delivery);
+                            }
+                            Some(key) => {
+                                waiting.insert(key, VecDeque::new());
+                                spawn(&mut tasks, delivery);
+                            }
+                            None => spawn(&mut tasks, delivery),
+                        }
                     }
                     // Broker backends report a lost connection here and resume.
                     Some(Err(e)) => tracing::warn!(error = %e, "subscription error"),
@@ -274,7 +326,9 @@ impl Consumer {
             }
         }
         // Stop fetching and let the in-flight handlers finish within the grace;
-        // then close, leaving whatever is unsettled to the broker.
+        // then close, leaving whatever is unsettled to the broker. Deliveries
+        // waiting in a lane were never started: they go back at once.
+        drop(waiting);
         let deadline = tokio::time::Instant::now() + grace;
         let drain = async {
             while let Some(done) = tasks.join_next().await {
@@ -296,21 +350,28 @@ impl Consumer {
     }
 }
 
-fn count(stats: &mut Stats, done: std::result::Result<Outcome, tokio::task::JoinError>) {
-    match done {
-        Ok(Outcome::Acked) => stats.acked += 1,
-        Ok(Outcome::Nacked) => stats.nacked += 1,
-        Ok(Outcome::DeadLettered) => stats.dead_lettered += 1,
-        Ok(Outcome::SettleFailed) => stats.settle_failed += 1,
-        // The delivery was dropped while unwinding, which nacks it.
-        Err(e) if e.is_panic() => {
+/// Count a finished handler; returns its lane, if it had one, to start the next.
+fn count(
+    stats: &mut Stats,
+    done: std::result::Result<(Outcome, Option<String>), tokio::task::JoinError>,
+) -> Option<String> {
+    let (outcome, lane) = match done {
+        Ok(done) => done,
+        // Aborted at shutdown: the delivery is left for redelivery.
+        Err(_) => return None,
+    };
+    match outcome {
+        Outcome::Panicked => {
             tracing::warn!("a handler panicked; its delivery is retried");
             stats.nacked += 1;
             stats.panicked += 1;
         }
-        // Aborted at shutdown: the delivery is left for redelivery.
-        Err(_) => {}
+        Outcome::Acked => stats.acked += 1,
+        Outcome::Nacked => stats.nacked += 1,
+        Outcome::DeadLettered => stats.dead_lettered += 1,
+        Outcome::SettleFailed => stats.settle_failed += 1,
     }
+    lane
 }
 
 async fn handle<T, H, Fut>(delivery: Delivery, handler: Arc<H>, limit: Option<Duration>) -> Outcome

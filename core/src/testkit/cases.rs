@@ -1550,3 +1550,76 @@ pub async fn c12_runtime_dead_letters_undecodable_and_permanent_and_retries_time
     assert_eq!(stats.nacked, 1, "the timed-out attempt: {stats:?}");
     Ok(())
 }
+
+/// C5 (runtime): with per-key lanes, one key's messages are handled one at a
+/// time and in order, while the runtime runs several keys at once.
+pub async fn c5_runtime_lanes_keep_each_key_in_order(ctx: Ctx) -> CaseResult {
+    use crate::consumer::Consumer;
+    use std::sync::{Arc, Mutex};
+
+    let group = ctx.group("lanes");
+    ctx.bus()
+        .subscribe(Subscription::new(ctx.topic("e")).group(group.clone()))
+        .await?
+        .close(Duration::ZERO)
+        .await?;
+    let keys = ["k1", "k2", "k3"];
+    let per_key = 5;
+    let msgs: Vec<Message> = (0..per_key)
+        .flat_map(|i| {
+            keys.iter()
+                .map(move |k| Message::new(format!("{k}:{i}")).with_key(*k))
+        })
+        .collect();
+    for r in ctx.bus().publish_batch(&ctx.topic("e"), msgs).await {
+        r?;
+    }
+    // (key, index, start, end) of every handling.
+    type Span = (String, usize, tokio::time::Instant, tokio::time::Instant);
+    let spans: Arc<Mutex<Vec<Span>>> = Arc::default();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let record = spans.clone();
+    let run = tokio::spawn(
+        Consumer::new(
+            ctx.bus().clone(),
+            Subscription::new(ctx.topic("e")).group(group).prefetch(16),
+        )
+        .concurrency(4)
+        .lanes_by_key(true)
+        .shutdown_on(async move {
+            let _ = stopped.await;
+        })
+        .run(move |m: Message| {
+            let record = record.clone();
+            async move {
+                let text = String::from_utf8_lossy(m.payload()).into_owned();
+                let (key, index) = text.split_once(':').expect("key:index");
+                let start = tokio::time::Instant::now();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let end = tokio::time::Instant::now();
+                record
+                    .lock()
+                    .unwrap()
+                    .push((key.to_owned(), index.parse().unwrap(), start, end));
+                Ok(())
+            }
+        }),
+    );
+    let deadline = tokio::time::Instant::now() + ctx.target().patience();
+    while spans.lock().unwrap().len() < keys.len() * per_key {
+        assert!(tokio::time::Instant::now() < deadline, "not all handled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop.send(());
+    run.await.expect("runtime")?;
+    let spans = spans.lock().unwrap();
+    for key in keys {
+        let mine: Vec<&Span> = spans.iter().filter(|s| s.0 == key).collect();
+        let order: Vec<usize> = mine.iter().map(|s| s.1).collect();
+        assert_eq!(order, (0..per_key).collect::<Vec<_>>(), "order of {key}");
+        for pair in mine.windows(2) {
+            assert!(pair[1].2 >= pair[0].3, "{key}: two handlings overlapped");
+        }
+    }
+    Ok(())
+}

@@ -308,6 +308,7 @@ macro_rules! conformance_suite {
             c4_batch_publish_gives_one_result_per_message_in_order,
             c5_same_key_arrives_in_order,
             c5_order_holds_for_each_of_several_keys,
+            c5_runtime_lanes_keep_each_key_in_order,
             c6_never_more_than_prefetch_unsettled,
             c6_any_settlement_frees_a_slot,
             c6_next_batch_gathers_up_to_max_within_the_prefetch,
