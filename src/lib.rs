@@ -27,7 +27,8 @@
 //! | `memory` | yes | in-process broker simulation ([`polybus_memory`]) | `memory://[NAME][?max_payload=BYTES]` |
 //! | `amqp` | no | RabbitMQ through lapin ([`polybus_amqp`]) | `amqp[s]://user:pass@host:5672[,host2:5672]/vhost` |
 //! | `kafka` | no | Kafka through rdkafka (not built yet) | `kafka://host:9092,host2:9092` |
-//! | `full` | no | every backend built so far (memory, amqp) | |
+//! | `msgpack` | no | the MessagePack codec ([`MsgPack`](polybus_core::Codec)) | |
+//! | `full` | no | every backend built so far (memory, amqp) and msgpack | |
 //!
 //! No broker client is compiled by default.
 //!
@@ -45,7 +46,10 @@ pub use polybus_core::{
     Error, Headers, Json, Kind, Message, Pattern, PublishError, Publisher, Receipt, Result,
     RetryPolicy, Settlement, StartFrom, Subscriber, Subscription, Topic, header,
 };
-pub use polybus_core::{consumer, middleware};
+pub use polybus_core::{consumer, middleware, rpc};
+
+#[cfg(feature = "msgpack")]
+pub use polybus_core::MsgPack;
 
 #[cfg(feature = "memory")]
 pub use polybus_memory as memory;

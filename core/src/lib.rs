@@ -16,6 +16,7 @@
 //! | [`bus`] | [`Publisher`], [`Subscriber`], [`Backend`], [`Bus`], [`Capabilities`] |
 //! | [`error`] | [`Error`], [`Kind`], [`PublishError`] |
 //! | [`consumer`] | the handler runtime: typed handlers, concurrency, outcomes, graceful shutdown |
+//! | [`rpc`] | request-reply: [`rpc::Requester`] and [`rpc::respond`] |
 //! | [`middleware`] | publisher middleware: timeout, retry, circuit breaker |
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -27,6 +28,7 @@ pub mod error;
 pub mod message;
 pub mod middleware;
 pub mod retry;
+pub mod rpc;
 pub mod subscription;
 pub mod topic;
 
@@ -38,6 +40,8 @@ pub use bus::{
 };
 pub use delivery::{Acker, Delivery, DeliverySource, DeliveryStream, Settlement};
 pub use error::{Error, Kind, PublishError, Result};
+#[cfg(feature = "msgpack")]
+pub use message::MsgPack;
 pub use message::{Codec, Headers, Json, Message, header};
 pub use retry::RetryPolicy;
 pub use subscription::{StartFrom, Subscription, ValidSubscription};

@@ -241,6 +241,39 @@ impl Codec for Json {
     }
 }
 
+/// MessagePack through `rmp-serde` (feature `msgpack`): compact and binary.
+/// Structs are written as maps with field names, so other MessagePack clients
+/// read them without knowing the field order.
+#[cfg(feature = "msgpack")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MsgPack;
+
+#[cfg(feature = "msgpack")]
+impl Codec for MsgPack {
+    const CONTENT_TYPE: &'static str = "application/msgpack";
+
+    fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes> {
+        rmp_serde::to_vec_named(value)
+            .map(Bytes::from)
+            .map_err(|e| {
+                Error::new(Kind::Encode, format!("cannot encode msgpack: {e}")).with_source(e)
+            })
+    }
+
+    fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+        rmp_serde::from_slice(bytes).map_err(|e| {
+            Error::new(
+                Kind::Decode,
+                format!(
+                    "cannot decode msgpack as {}: {e}",
+                    std::any::type_name::<T>()
+                ),
+            )
+            .with_source(e)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,6 +304,22 @@ mod tests {
         let e = Message::new("not json").json_payload::<User>().unwrap_err();
         assert!(e.is_decode());
         assert!(e.to_string().starts_with("cannot decode json as"), "{e}");
+    }
+
+    #[cfg(feature = "msgpack")]
+    #[test]
+    fn msgpack_round_trips_and_garbage_is_a_decode_error() {
+        let m = Message::encode::<MsgPack, _>(&User { id: "u1".into() }).unwrap();
+        assert_eq!(m.content_type(), Some("application/msgpack"));
+        assert_eq!(
+            m.decode::<MsgPack, User>().unwrap(),
+            User { id: "u1".into() }
+        );
+        let e = Message::new(vec![0xc1u8])
+            .decode::<MsgPack, User>()
+            .unwrap_err();
+        assert!(e.is_decode(), "{e}");
+        assert!(e.to_string().starts_with("cannot decode msgpack as"), "{e}");
     }
 
     #[test]

@@ -1623,3 +1623,63 @@ pub async fn c5_runtime_lanes_keep_each_key_in_order(ctx: Ctx) -> CaseResult {
     }
     Ok(())
 }
+
+/// C4 (request-reply): a request gets its own reply, correlated, through a
+/// responder; a request nobody answers is a typed time-out.
+pub async fn c4_request_reply_round_trips_and_times_out(ctx: Ctx) -> CaseResult {
+    use crate::rpc::{CORRELATION_ID, Requester, respond};
+
+    let topic = ctx.topic("price.quote");
+    let responder = tokio::spawn(respond(
+        ctx.bus().clone(),
+        Subscription::new(topic.clone()).group(ctx.group("pricing")),
+        |request: Message| async move {
+            let item = String::from_utf8_lossy(request.payload()).into_owned();
+            Ok(Message::new(format!("{item}: 42")))
+        },
+    ));
+    let requester = Requester::new(ctx.bus().clone()).await?;
+    // The responder subscribes inside its task: retry the first request until it is up.
+    let deadline = tokio::time::Instant::now() + ctx.target().patience();
+    let first = loop {
+        match requester
+            .request(&topic, Message::new("widget"), Duration::from_millis(500))
+            .await
+        {
+            Ok(reply) => break reply,
+            Err(e) if e.is_timeout() && tokio::time::Instant::now() < deadline => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    assert_eq!(first.payload().as_ref(), b"widget: 42");
+    // Several at once, each matched to its own reply.
+    let patience = ctx.target().patience();
+    let (requester, topic_ref) = (&requester, &topic);
+    let asks = ["a", "b", "c", "d"].map(|item| {
+        let m = Message::new(item);
+        let id = m.id().to_owned();
+        async move {
+            let reply = requester.request(topic_ref, m, patience).await;
+            (item, id, reply)
+        }
+    });
+    for (item, id, reply) in futures::future::join_all(asks).await {
+        let reply = reply?;
+        assert_eq!(reply.payload().as_ref(), format!("{item}: 42").as_bytes());
+        assert_eq!(reply.header(CORRELATION_ID), Some(id.as_str()));
+    }
+    // Nobody answers this topic: a typed time-out, within the time-out.
+    let started = tokio::time::Instant::now();
+    let err = requester
+        .request(
+            &ctx.topic("nobody.home"),
+            Message::new("?"),
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), Kind::Timeout, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    responder.abort();
+    Ok(())
+}

@@ -306,6 +306,7 @@ macro_rules! conformance_suite {
             c4_publish_ok_survives_the_publishers_disconnect,
             c4_publish_on_closed_bus_fails_and_returns_the_message,
             c4_batch_publish_gives_one_result_per_message_in_order,
+            c4_request_reply_round_trips_and_times_out,
             c5_same_key_arrives_in_order,
             c5_order_holds_for_each_of_several_keys,
             c5_runtime_lanes_keep_each_key_in_order,
