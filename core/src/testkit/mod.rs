@@ -329,6 +329,7 @@ macro_rules! conformance_suite {
             c10_close_waits_for_in_flight_settlement,
             c10_close_returns_unsettled_after_grace,
             c10_close_returns_prefetched_but_unseen_messages,
+            c10_runtime_shutdown_finishes_in_flight_work_within_the_grace,
             c12_oversize_payload_is_rejected_before_sending,
             c12_invalid_metadata_is_rejected_before_sending,
             c12_invalid_subscription_options_are_rejected,
