@@ -210,7 +210,9 @@ impl Consumer {
 
     /// Per-key lanes: deliveries with the same key are handled one at a time, in
     /// the order they arrive, while other keys run concurrently. Deliveries
-    /// without a key run freely.
+    /// without a key run freely. A lane's waiting deliveries count against the
+    /// prefetch, so give the subscription a prefetch well above the concurrency,
+    /// or one busy key can keep the others from being fetched.
     pub fn lanes_by_key(mut self, on: bool) -> Self {
         self.lanes = on;
         self
@@ -325,27 +327,34 @@ impl Consumer {
                 },
             }
         }
-        // Stop fetching and let the in-flight handlers finish within the grace;
-        // then close, leaving whatever is unsettled to the broker. Deliveries
-        // waiting in a lane were never started: they go back at once.
-        drop(waiting);
-        let deadline = tokio::time::Instant::now() + grace;
+        // Stop fetching and let the running handlers finish within the grace.
+        // Deliveries waiting in a lane are not started any more.
+        let now = tokio::time::Instant::now();
+        let deadline = now
+            .checked_add(grace)
+            .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600));
         let drain = async {
             while let Some(done) = tasks.join_next().await {
                 count(&mut stats, done);
             }
         };
-        if tokio::time::timeout_at(deadline, drain).await.is_err() {
+        let finished = tokio::time::timeout_at(deadline, drain).await.is_ok();
+        // Close before letting go of anything: the broker takes back whatever is
+        // unsettled (lane deliveries that never ran, handlers still running) in
+        // order and at once, instead of each being nacked into a retry delay.
+        if let Err(e) = stream.close(Duration::ZERO).await {
+            tracing::warn!(error = %e, "closing the subscription failed; the broker redelivers what it holds");
+        }
+        drop(waiting);
+        if !finished {
             tracing::info!(
                 in_flight = tasks.len(),
                 "shutdown grace passed; abandoning handlers"
             );
+            // Not joined: a handler stuck in blocking code must not hold up shutdown.
             tasks.abort_all();
-            while let Some(done) = tasks.join_next().await {
-                count(&mut stats, done);
-            }
+            tasks.detach_all();
         }
-        stream.close(Duration::ZERO).await?;
         Ok(stats)
     }
 }

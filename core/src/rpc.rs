@@ -3,8 +3,8 @@
 //! [`respond`] runs a handler that answers requests.
 //!
 //! Requests and replies are ordinary messages. The request carries two headers:
-//! [`REPLY_TO`], the requester's private reply topic, and [`CORRELATION_ID`], the
-//! request's message id, which the reply carries back.
+//! [`REPLY_TO`], the requester's private reply topic (under [`REPLY_PREFIX`]),
+//! and [`CORRELATION_ID`], fresh for each request, which the reply carries back.
 //!
 //! ```
 //! # async fn demo(bus: polybus_core::Bus) -> polybus_core::Result<()> {
@@ -41,8 +41,11 @@ use crate::{Bus, Error, Kind, Message, Result, Subscription};
 
 /// The header naming the topic a reply goes to.
 pub const REPLY_TO: &str = "reply-to";
-/// The header carrying the request's message id back on its reply.
+/// The header carrying the request's correlation id back on its reply.
 pub const CORRELATION_ID: &str = "correlation-id";
+/// The first word of every reply topic. A responder only publishes replies
+/// under it, so a request cannot make it publish onto a business topic.
+pub const REPLY_PREFIX: &str = "reply";
 
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Message>>>>;
 
@@ -58,7 +61,7 @@ pub struct Requester {
 impl Requester {
     /// Open the requester's reply subscription (live when this returns).
     pub async fn new(bus: Bus) -> Result<Self> {
-        let reply_topic = format!("reply.{}", uuid::Uuid::now_v7().simple());
+        let reply_topic = format!("{REPLY_PREFIX}.{}", uuid::Uuid::now_v7().simple());
         let mut replies = bus
             .subscribe(Subscription::new(reply_topic.clone()))
             .await?;
@@ -84,6 +87,9 @@ impl Requester {
                     None => tracing::debug!(correlation_id = id, "a late reply; dropped"),
                 }
             }
+            // The reply stream ended: fail every waiting request now (their
+            // senders drop) rather than at their time-outs.
+            waiting.lock().unwrap_or_else(|p| p.into_inner()).clear();
         });
         Ok(Requester {
             bus,
@@ -107,39 +113,47 @@ impl Requester {
         request: Message,
         timeout: Duration,
     ) -> Result<Message> {
-        let id = request.id().to_owned();
+        // A fresh id per request: two requests may carry the same message id.
+        let correlation = uuid::Uuid::now_v7().simple().to_string();
         let request = request
             .with_header(REPLY_TO, self.reply_topic.clone())
-            .with_header(CORRELATION_ID, id.clone());
+            .with_header(CORRELATION_ID, correlation.clone());
         let (tx, rx) = oneshot::channel();
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), tx);
-        let forget = || {
-            self.pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            .insert(correlation.clone(), tx);
+        // Removes the entry however this call ends, cancellation included.
+        let _pending = PendingEntry {
+            pending: &self.pending,
+            id: &correlation,
         };
-        if let Err(e) = self.bus.publish(topic, request).await {
-            forget();
-            return Err(e.into());
-        }
+        self.bus.publish(topic, request).await?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(Error::closed("the requester's reply subscription ended")),
-            Err(_) => {
-                forget();
-                Err(Error::new(
-                    Kind::Timeout,
-                    format!(
-                        "no reply to request {id} on `{topic}` within {timeout:?} \
-                         (is a responder subscribed?)"
-                    ),
-                ))
-            }
+            Err(_) => Err(Error::new(
+                Kind::Timeout,
+                format!(
+                    "no reply to request {correlation} on `{topic}` within {timeout:?} \
+                     (is a responder subscribed?)"
+                ),
+            )),
         }
+    }
+}
+
+struct PendingEntry<'a> {
+    pending: &'a Pending,
+    id: &'a str,
+}
+
+impl Drop for PendingEntry<'_> {
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(self.id);
     }
 }
 
@@ -173,15 +187,25 @@ where
                         request.id()
                     )));
                 };
+                if reply_to.split('.').next() != Some(REPLY_PREFIX) {
+                    return Err(HandlerError::permanent(format!(
+                        "request {} asks for a reply on `{reply_to}`, which is not a reply topic",
+                        request.id()
+                    )));
+                }
                 let id = request
                     .header(CORRELATION_ID)
                     .unwrap_or(request.id())
                     .to_owned();
                 let reply = handler(request).await?.with_header(CORRELATION_ID, id);
-                publisher
-                    .publish(&reply_to, reply)
-                    .await
-                    .map_err(|e| HandlerError::retry(e.error()))?;
+                publisher.publish(&reply_to, reply).await.map_err(|e| {
+                    // A reply that can never be published is not worth a retry.
+                    if e.error().is_invalid_input() {
+                        HandlerError::permanent(e.error())
+                    } else {
+                        HandlerError::retry(e.error())
+                    }
+                })?;
                 Ok(())
             }
         })

@@ -224,3 +224,33 @@ async fn a_success_resets_the_count_of_consecutive_failures() {
     breaker.acquire().unwrap().failure();
     assert_eq!(breaker.state(), BreakerState::Closed);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stale_success_does_not_close_an_open_breaker() {
+    let breaker = CircuitBreaker::new().failure_threshold(2);
+    // Three calls start while closed; two fail and open it; the third succeeds late.
+    let (a, b, late) = (
+        breaker.acquire().unwrap(),
+        breaker.acquire().unwrap(),
+        breaker.acquire().unwrap(),
+    );
+    a.failure();
+    b.failure();
+    assert_eq!(breaker.state(), BreakerState::Open);
+    late.success();
+    assert_eq!(
+        breaker.state(),
+        BreakerState::Open,
+        "only a trial may close it"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_endless_recovery_time_keeps_the_breaker_open() {
+    let breaker = CircuitBreaker::new()
+        .failure_threshold(1)
+        .recovery_timeout(Duration::MAX);
+    breaker.acquire().unwrap().failure();
+    tokio::time::advance(Duration::from_secs(365 * 24 * 3600)).await;
+    assert_eq!(breaker.acquire().unwrap_err().kind(), Kind::CircuitOpen);
+}

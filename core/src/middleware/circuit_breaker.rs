@@ -142,6 +142,9 @@ impl CircuitBreaker {
     fn record(&self, trial: bool, success: bool) {
         let mut state = self.lock();
         let next = match (&*state, success) {
+            // A call made before the breaker opened says nothing about now: only
+            // the trial decides an open or half-open breaker.
+            (State::Open { .. } | State::HalfOpen { .. }, true) if !trial => return,
             (_, true) => State::Closed { failures: 0 },
             (State::Closed { failures }, false) => {
                 let failures = failures + 1;
@@ -163,7 +166,10 @@ impl CircuitBreaker {
     fn open_state(&self) -> State {
         let now = Instant::now();
         State::Open {
-            until: now.checked_add(self.recovery_timeout).unwrap_or(now),
+            // Duration::MAX means "stay open": far in the future, not "now".
+            until: now
+                .checked_add(self.recovery_timeout)
+                .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600)),
         }
     }
 

@@ -18,8 +18,13 @@
 //! ```
 //!
 //! - the timeout is innermost, so every attempt is bounded;
-//! - retry repeats timed-out and other retryable failures, with the policy's delays;
+//! - retry repeats retryable failures with the policy's delays; a time-out is
+//!   retried only with `retry_maybe_delivered(true)`, since the broker may have
+//!   taken the message after all;
 //! - the breaker sees only what failed after all retries, and fails fast while open.
+//!
+//! A batch through these runs as concurrent single publishes: a retried message
+//! can land after a later one of the same key.
 
 mod circuit_breaker;
 mod retry;
