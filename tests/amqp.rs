@@ -11,29 +11,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use polybus::{Kind, Message, Subscription};
 
-const HOST: &str = "127.0.0.1:5672";
-const VHOST: &str = "polybus-test";
-const HINT: &str =
-    "start RabbitMQ with `scripts/brokers/rabbitmq.sh start`, or set POLYBUS_SKIP_AMQP=1";
+mod common;
 
-/// `None` (and a line on stderr) when the run opted out of RabbitMQ.
-fn url() -> Option<String> {
-    if std::env::var_os("POLYBUS_SKIP_AMQP").is_some() {
-        eprintln!("SKIPPED: POLYBUS_SKIP_AMQP is set");
-        return None;
-    }
-    Some(format!("amqp://guest:guest@{HOST}/{VHOST}"))
-}
-
-async fn bus(url: &str) -> polybus::Bus {
-    polybus::connect(url)
-        .await
-        .unwrap_or_else(|e| panic!("cannot reach RabbitMQ: {e}; {HINT}"))
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}{}", polybus_core::testkit::unique_name())
-}
+use common::{HINT, HOST, VHOST, bus, unique, url};
 
 #[tokio::test]
 async fn c12_bad_credentials_are_a_typed_error_without_the_password() {

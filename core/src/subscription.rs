@@ -186,6 +186,30 @@ impl Subscription {
     }
 }
 
+impl Subscription {
+    /// What backends call first in `subscribe`: [`validate`](Self::validate) with
+    /// the standard private group name (`polybus.private.<uuid>`), and a typed
+    /// [`Unsupported`](crate::Kind::Unsupported) error for a start the backend
+    /// cannot honour, named after `backend`.
+    pub fn validate_for(
+        &self,
+        backend: &str,
+        capabilities: &crate::Capabilities,
+    ) -> Result<ValidSubscription> {
+        let sub = self.validate(|| format!("polybus.private.{}", uuid::Uuid::now_v7().simple()))?;
+        if sub.start == StartFrom::Earliest && !capabilities.has(crate::Capability::Replay) {
+            return Err(Error::new(
+                crate::Kind::Unsupported,
+                format!(
+                    "the {backend} backend keeps no history before a group exists, so a group \
+                     cannot start from the earliest message (capability `replay`)"
+                ),
+            ));
+        }
+        Ok(sub)
+    }
+}
+
 /// Check a group name: 1 to 200 bytes of letters, digits, `.`, `_` and `-`, so it
 /// is a valid AMQP queue name, Kafka group id and topic word sequence everywhere.
 /// Names starting with `polybus` are the library's, except the dead-letter groups

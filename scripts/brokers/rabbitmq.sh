@@ -11,6 +11,8 @@
 # out every new connection hangs before the AMQP handshake (seen here after a
 # few hundred leftover queues: rabbit_networking:setup_socket stuck in
 # file_handle_cache:obtain). The node also starts with a high file limit.
+# So two test runs must not share one broker: the second one's `start` resets
+# the vhost under the first one's tests.
 # Listens on 127.0.0.1:5672 (amqp) and 127.0.0.1:5671 (amqps, with a CA and server
 # certificate generated here once, for the TLS test). A broker that is already
 # running is used as it is and left running.

@@ -36,8 +36,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use polybus_core::{
-    Backend, Bus, Capabilities, Capability, DeliveryStream, Error, Kind, Message, PublishError,
-    Publisher, Receipt, Result, StartFrom, Subscriber, Subscription, async_trait, prepare_publish,
+    Backend, Bus, Capabilities, Capability, DeliveryStream, Error, Message, PublishError,
+    Publisher, Receipt, Result, Subscriber, Subscription, async_trait, prepare_publish,
 };
 use tokio::sync::Notify;
 
@@ -144,16 +144,8 @@ impl Publisher for AmqpBus {
 #[async_trait]
 impl Subscriber for AmqpBus {
     async fn subscribe(&self, subscription: Subscription) -> Result<DeliveryStream> {
-        let sub = subscription
-            .validate(|| format!("polybus.private.{}", uuid::Uuid::now_v7().simple()))?;
+        let sub = subscription.validate_for("amqp", &self.capabilities())?;
         self.check_open("subscribe")?;
-        if sub.start == StartFrom::Earliest {
-            return Err(Error::new(
-                Kind::Unsupported,
-                "RabbitMQ queues keep no history before they exist, so a group cannot start \
-                 from the earliest message (capability `replay`)",
-            ));
-        }
         let shared = Shared::new(self.connector.clone(), sub);
         let (channel, consumer) = subscriber::open(&shared).await?;
         Ok(DeliveryStream::new(AmqpSource::new(

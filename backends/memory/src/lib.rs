@@ -41,8 +41,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use polybus_core::{
-    Backend, Bus, Capabilities, Capability, DeliveryStream, Error, Kind, Message, PublishError,
-    Publisher, Receipt, Result, StartFrom, Subscriber, Subscription, async_trait, prepare_publish,
+    Backend, Bus, Capabilities, Capability, DeliveryStream, Error, Message, PublishError,
+    Publisher, Receipt, Result, Subscriber, Subscription, async_trait, prepare_publish,
 };
 use tokio::sync::Notify;
 
@@ -216,16 +216,8 @@ impl Publisher for MemoryBus {
 #[async_trait]
 impl Subscriber for MemoryBus {
     async fn subscribe(&self, subscription: Subscription) -> Result<DeliveryStream> {
-        let sub = subscription
-            .validate(|| format!("polybus.private.{}", uuid::Uuid::now_v7().simple()))?;
+        let sub = subscription.validate_for("memory", &self.capabilities())?;
         self.check_open("subscribe")?;
-        if sub.start == StartFrom::Earliest {
-            return Err(Error::new(
-                Kind::Unsupported,
-                "the memory backend keeps no history, so it cannot start from the earliest \
-                 message (capability `replay`)",
-            ));
-        }
         let group = self
             .broker
             .declare_group(&sub.group, sub.durable, &sub.patterns);

@@ -1696,7 +1696,45 @@ pub async fn c4_request_reply_round_trips_and_times_out(ctx: Ctx) -> CaseResult 
 /// within the grace (their deliveries are settled); a handler still running
 /// when the grace ends is abandoned and its message redelivered later.
 pub async fn c10_runtime_shutdown_finishes_in_flight_work_within_the_grace(ctx: Ctx) -> CaseResult {
-    use crate::consumer::Consumer;
+    use crate::consumer::{Consumer, Stats};
+
+    /// Run a consumer whose handler takes `work`; once it has started on the
+    /// one message, shut down with `grace`. Returns the stats and how long the
+    /// shutdown took.
+    async fn shut_down_mid_handler(
+        ctx: &Ctx,
+        sub: Subscription,
+        work: Duration,
+        grace: Duration,
+    ) -> std::result::Result<(Stats, Duration), CaseError> {
+        let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+        let started_tx = std::sync::Mutex::new(Some(started_tx));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(
+            Consumer::new(ctx.bus().clone(), sub)
+                .grace(grace)
+                .shutdown_on(async move {
+                    let _ = stopped.await;
+                })
+                .run(move |_: Message| {
+                    if let Some(tx) = started_tx.lock().unwrap().take() {
+                        let _ = tx.send(());
+                    }
+                    async move {
+                        tokio::time::sleep(work).await;
+                        Ok(())
+                    }
+                }),
+        );
+        tokio::time::timeout(ctx.target().patience(), started)
+            .await
+            .expect("the handler started")
+            .expect("sender kept");
+        let shutdown_at = tokio::time::Instant::now();
+        let _ = stop.send(());
+        let stats = run.await.expect("runtime")?;
+        Ok((stats, shutdown_at.elapsed()))
+    }
 
     let group = ctx.group("graceful");
     let sub = || Subscription::new(ctx.topic("job")).group(group.clone());
@@ -1710,31 +1748,13 @@ pub async fn c10_runtime_shutdown_finishes_in_flight_work_within_the_grace(ctx: 
     ctx.bus()
         .publish(&ctx.topic("job"), Message::new("quick"))
         .await?;
-    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
-    let started_tx = std::sync::Mutex::new(Some(started_tx));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(
-        Consumer::new(ctx.bus().clone(), sub())
-            .grace(Duration::from_secs(5))
-            .shutdown_on(async move {
-                let _ = stopped.await;
-            })
-            .run(move |_: Message| {
-                if let Some(tx) = started_tx.lock().unwrap().take() {
-                    let _ = tx.send(());
-                }
-                async {
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    Ok(())
-                }
-            }),
-    );
-    tokio::time::timeout(ctx.target().patience(), started)
-        .await
-        .expect("the handler started")
-        .expect("sender kept");
-    let _ = stop.send(());
-    let stats = run.await.expect("runtime")?;
+    let (stats, _) = shut_down_mid_handler(
+        &ctx,
+        sub(),
+        Duration::from_millis(300),
+        Duration::from_secs(5),
+    )
+    .await?;
     assert_eq!(stats.acked, 1, "the in-flight handler finished: {stats:?}");
     let mut check = ctx.bus().subscribe(sub()).await?;
     ctx.expect_quiet(&mut check).await;
@@ -1744,37 +1764,14 @@ pub async fn c10_runtime_shutdown_finishes_in_flight_work_within_the_grace(ctx: 
     ctx.bus()
         .publish(&ctx.topic("job"), Message::new("slow"))
         .await?;
-    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
-    let started_tx = std::sync::Mutex::new(Some(started_tx));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(
-        Consumer::new(ctx.bus().clone(), sub())
-            .grace(Duration::from_millis(200))
-            .shutdown_on(async move {
-                let _ = stopped.await;
-            })
-            .run(move |_: Message| {
-                if let Some(tx) = started_tx.lock().unwrap().take() {
-                    let _ = tx.send(());
-                }
-                async {
-                    tokio::time::sleep(Duration::from_secs(60)).await;
-                    Ok(())
-                }
-            }),
-    );
-    tokio::time::timeout(ctx.target().patience(), started)
-        .await
-        .expect("the handler started")
-        .expect("sender kept");
-    let shutdown_at = tokio::time::Instant::now();
-    let _ = stop.send(());
-    let stats = run.await.expect("runtime")?;
-    assert!(
-        shutdown_at.elapsed() < Duration::from_secs(10),
-        "shutdown took {:?}",
-        shutdown_at.elapsed()
-    );
+    let (stats, took) = shut_down_mid_handler(
+        &ctx,
+        sub(),
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+    )
+    .await?;
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
     assert_eq!(stats.acked, 0, "{stats:?}");
     let mut again = ctx.bus().subscribe(sub()).await?;
     let d = ctx.recv(&mut again).await;
