@@ -68,7 +68,14 @@ enum State {
 pub(crate) struct AmqpSource {
     shared: Arc<Shared>,
     state: State,
+    /// Checks the channel while the consumer is quiet: when the broker closes the
+    /// connection, lapin does not always end the consumer stream (seen once in
+    /// about fifteen broker restarts: the stream stayed pending for good).
+    watchdog: tokio::time::Interval,
 }
+
+/// How often a quiet subscription checks that its channel is still open.
+const WATCHDOG_PERIOD: Duration = Duration::from_secs(1);
 
 impl Shared {
     pub(crate) fn new(connector: Arc<Connector>, sub: ValidSubscription) -> Arc<Self> {
@@ -162,9 +169,12 @@ async fn reopen(shared: Arc<Shared>) -> Result<(Channel, Consumer)> {
 
 impl AmqpSource {
     pub(crate) fn new(shared: Arc<Shared>, channel: Channel, consumer: Consumer) -> Self {
+        let mut watchdog = tokio::time::interval(WATCHDOG_PERIOD);
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         AmqpSource {
             shared,
             state: State::Consuming { channel, consumer },
+            watchdog,
         }
     }
 
@@ -241,8 +251,18 @@ impl DeliverySource for AmqpSource {
                         return Poll::Ready(Some(Err(e)));
                     }
                 },
-                State::Consuming { consumer, .. } => match consumer.poll_next_unpin(cx) {
-                    Poll::Pending => return Poll::Pending,
+                State::Consuming { consumer, channel } => match consumer.poll_next_unpin(cx) {
+                    Poll::Pending => {
+                        let mut lost = false;
+                        while self.watchdog.poll_tick(cx).is_ready() {
+                            lost |= !channel.status().connected();
+                        }
+                        if !lost || self.shared.closing.load(Ordering::Acquire) {
+                            return Poll::Pending;
+                        }
+                        tracing::warn!(group = %self.shared.sub.group, "amqp channel closed under a quiet consumer; resubscribing");
+                        self.state = State::Reconnecting(Box::pin(reopen(self.shared.clone())));
+                    }
                     Poll::Ready(Some(Ok(d))) => {
                         if let Some(delivery) = self.accept(d) {
                             return Poll::Ready(Some(Ok(delivery)));
