@@ -329,10 +329,7 @@ impl Consumer {
         }
         // Stop fetching and let the running handlers finish within the grace.
         // Deliveries waiting in a lane are not started any more.
-        let now = tokio::time::Instant::now();
-        let deadline = now
-            .checked_add(grace)
-            .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600));
+        let deadline = crate::retry::deadline_after(grace);
         let drain = async {
             while let Some(done) = tasks.join_next().await {
                 count(&mut stats, done);

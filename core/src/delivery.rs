@@ -242,7 +242,7 @@ impl DeliveryStream {
             return Err(e);
         }
         let mut batch = Vec::with_capacity(max.min(1024));
-        let deadline = tokio::time::Instant::now() + timeout.min(crate::retry::MAX_DELAY);
+        let deadline = crate::retry::deadline_after(timeout);
         while batch.len() < max {
             match tokio::time::timeout_at(deadline, self.next()).await {
                 Err(_) => break,

@@ -37,6 +37,14 @@ pub const MIN_DELAY: Duration = Duration::from_millis(10);
 /// The longest delay any policy waits (brokers hold a retry at most this long).
 pub const MAX_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// The instant `after` from now, on tokio's clock, saturating instead of
+/// overflowing: `Duration::MAX` means "as long as it takes" (a century).
+pub fn deadline_after(after: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(after)
+        .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 impl Default for RetryPolicy {
     /// 5 attempts; waits of 1 s, 2 s, 4 s, 8 s, each with up to 100% jitter,
     /// capped at 60 s.

@@ -153,9 +153,7 @@ impl Connector {
 
     /// A deadline `timeout` from now that cannot overflow.
     pub(crate) fn deadline_in(timeout: Duration) -> Instant {
-        let now = Instant::now();
-        now.checked_add(timeout)
-            .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600))
+        polybus_core::retry::deadline_after(timeout)
     }
 
     /// The live connection, reconnecting with backoff if it was lost. Every

@@ -303,10 +303,7 @@ impl DeliverySource for AmqpSource {
             channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
         )
         .await;
-        let now = tokio::time::Instant::now();
-        let deadline = now
-            .checked_add(grace)
-            .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600));
+        let deadline = polybus_core::retry::deadline_after(grace);
         loop {
             let notified = shared.settled.notified();
             tokio::pin!(notified);

@@ -135,11 +135,8 @@ impl DeliverySource for MemorySource {
     async fn close(&mut self, grace: Duration) -> Result<()> {
         let m = self.member.clone();
         m.group.set_closing(m.id);
-        let now = Instant::now();
         // A grace of Duration::MAX means "as long as it takes".
-        let deadline = now
-            .checked_add(grace)
-            .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600));
+        let deadline = polybus_core::retry::deadline_after(grace);
         loop {
             let notified = m.settled.notified();
             tokio::pin!(notified);

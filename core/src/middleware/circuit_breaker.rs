@@ -164,12 +164,9 @@ impl CircuitBreaker {
     }
 
     fn open_state(&self) -> State {
-        let now = Instant::now();
         State::Open {
             // Duration::MAX means "stay open": far in the future, not "now".
-            until: now
-                .checked_add(self.recovery_timeout)
-                .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600)),
+            until: crate::retry::deadline_after(self.recovery_timeout),
         }
     }
 
