@@ -184,6 +184,22 @@ impl Message {
             .unwrap_or(0)
     }
 
+    /// The dead letter of this message (C7): a copy with why, where from, after
+    /// how many deliveries and from which group. A dead letter dead-lettered
+    /// again keeps the topic it was first published to. Backends call this, so
+    /// the headers are the same everywhere.
+    pub fn dead_lettered(&self, topic: &str, attempts: u32, reason: &str, group: &str) -> Message {
+        let mut message = self.clone();
+        let headers = message.headers_mut();
+        headers.insert(header::DEAD_LETTER_REASON.into(), reason.into());
+        headers
+            .entry(header::ORIGINAL_TOPIC.into())
+            .or_insert_with(|| topic.to_owned());
+        headers.insert(header::ATTEMPTS.into(), attempts.to_string());
+        headers.insert(header::GROUP.into(), group.into());
+        message
+    }
+
     /// Drop every header in the library's `polybus-` namespace. Publishing does
     /// this, so callers cannot forge attempts; backends call it on what they accept.
     pub fn strip_library_headers(&mut self) {
@@ -320,6 +336,17 @@ mod tests {
             .unwrap_err();
         assert!(e.is_decode(), "{e}");
         assert!(e.to_string().starts_with("cannot decode msgpack as"), "{e}");
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_its_first_original_topic() {
+        let once = Message::new("x").dead_lettered("user.created", 3, "bad", "billing");
+        assert_eq!(once.header(header::ORIGINAL_TOPIC), Some("user.created"));
+        assert_eq!(once.header(header::ATTEMPTS), Some("3"));
+        let twice = once.dead_lettered("polybus.dead-letter.billing", 1, "worse", "dlq");
+        assert_eq!(twice.header(header::ORIGINAL_TOPIC), Some("user.created"));
+        assert_eq!(twice.header(header::DEAD_LETTER_REASON), Some("worse"));
+        assert_eq!(twice.header(header::GROUP), Some("dlq"));
     }
 
     #[test]

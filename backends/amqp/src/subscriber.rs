@@ -470,14 +470,9 @@ impl AmqpAcker {
 
     async fn dead_letter(&self, attempts: u32, reason: &str) -> Result<()> {
         let sub = &self.shared.sub;
-        let mut message = (*self.message).clone();
-        let headers = message.headers_mut();
-        headers.insert(header::DEAD_LETTER_REASON.into(), reason.into());
-        headers
-            .entry(header::ORIGINAL_TOPIC.into())
-            .or_insert_with(|| self.topic.to_string());
-        headers.insert(header::ATTEMPTS.into(), attempts.to_string());
-        headers.insert(header::GROUP.into(), sub.group.clone());
+        let message = self
+            .message
+            .dead_lettered(self.topic.as_str(), attempts, reason, &sub.group);
         let props = mapping::properties(&message, &[]);
         // Straight to the store queue through the default exchange.
         let store = sub.dead_letter_topic.as_str();

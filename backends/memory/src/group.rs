@@ -8,7 +8,7 @@ use std::task::Waker;
 use std::time::Duration;
 
 use polybus_core::retry::MAX_DELAY;
-use polybus_core::{Error, Message, Settlement, Topic, header};
+use polybus_core::{Error, Message, Settlement, Topic};
 use tokio::time::Instant;
 
 /// A message in a group's queue.
@@ -330,24 +330,4 @@ impl Group {
         let unsettled = state.members.values().map(|m| m.unsettled.len()).sum();
         (state.ready.len(), state.delayed.len(), unsettled)
     }
-}
-
-/// The message a dead letter carries: the original, plus why, where from and
-/// after how many deliveries (C7).
-pub(crate) fn dead_letter_message(
-    entry: &Entry,
-    attempts: u32,
-    reason: &str,
-    group: &str,
-) -> Message {
-    let mut message = (*entry.message).clone();
-    let headers = message.headers_mut();
-    headers.insert(header::DEAD_LETTER_REASON.into(), reason.into());
-    // A dead letter dead-lettered again keeps the topic it was first published to.
-    headers
-        .entry(header::ORIGINAL_TOPIC.into())
-        .or_insert_with(|| entry.topic.to_string());
-    headers.insert(header::ATTEMPTS.into(), attempts.to_string());
-    headers.insert(header::GROUP.into(), group.into());
-    message
 }

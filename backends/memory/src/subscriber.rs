@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use crate::broker::Broker;
-use crate::group::{Entry, Fetch, Group, dead_letter_message};
+use crate::group::{Entry, Fetch, Group};
 
 /// What a member's stream and all its deliveries share.
 pub(crate) struct Member {
@@ -33,7 +33,10 @@ impl Member {
             reason,
             "dead-lettering"
         );
-        let message = dead_letter_message(entry, attempts, reason, self.group.name());
+        let message =
+            entry
+                .message
+                .dead_lettered(entry.topic.as_str(), attempts, reason, self.group.name());
         let store = self.dead_letter_topic.as_str();
         self.broker
             .dead_letter(store, message, self.dead_letter_topic.clone());
