@@ -14,12 +14,16 @@
 # So two test runs must not share one broker: the second one's `start` resets
 # the vhost under the first one's tests.
 # Listens on 127.0.0.1:5672 (amqp) and 127.0.0.1:5671 (amqps, with a CA and server
-# certificate generated here once, for the TLS test). A broker that is already
+# certificate generated once in /var/lib/rabbitmq/polybus/tls, for the TLS test). A broker that is already
 # running is used as it is and left running.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
 state="$root/target/brokers/rabbitmq"
+# The broker runs as the rabbitmq user, which cannot read a checkout in a private
+# folder (mktemp -d makes one 0700): its config and certificates live in its own
+# home instead, shared by every checkout on the machine.
+broker_dir=/var/lib/rabbitmq/polybus
 marker="$state/started-by-polybus"
 # The node's OS pid, asked of the node once it is up.
 pidfile="$state/node.pid"
@@ -46,7 +50,7 @@ install() {
 }
 
 certs() {
-  local dir="$state/tls"
+  local dir="$broker_dir/tls"
   [ -f "$dir/server.pem" ] && return
   log "generating a test CA and server certificate in $dir"
   mkdir -p "$dir"
@@ -62,8 +66,8 @@ certs() {
 }
 
 config() {
-  local dir="$state/tls"
-  cat > "$state/rabbitmq.conf" <<CONF
+  local dir="$broker_dir/tls"
+  cat > "$broker_dir/rabbitmq.conf" <<CONF
 listeners.tcp.default = 127.0.0.1:5672
 listeners.ssl.default = 127.0.0.1:5671
 ssl_options.cacertfile = $dir/ca.pem
@@ -72,7 +76,7 @@ ssl_options.keyfile = $dir/server.key
 ssl_options.verify = verify_none
 ssl_options.fail_if_no_peer_cert = false
 CONF
-  chmod 0644 "$state/rabbitmq.conf"
+  chmod 0644 "$broker_dir/rabbitmq.conf"
 }
 
 fresh_vhost() {
@@ -90,8 +94,8 @@ interop_client() {
 start() {
   install
   interop_client
-  mkdir -p "$state"
-  chmod 0755 "$root/target" "$root/target/brokers" "$state" 2>/dev/null || true
+  mkdir -p "$state" "$broker_dir"
+  chown rabbitmq:rabbitmq "$broker_dir" 2>/dev/null || true
   certs
   config
   if running; then
@@ -109,7 +113,7 @@ start() {
     ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
     setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups \
       env HOME=/var/lib/rabbitmq \
-      RABBITMQ_CONFIG_FILE="$state/rabbitmq" \
+      RABBITMQ_CONFIG_FILE="$broker_dir/rabbitmq" \
       RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
       ERL_EPMD_ADDRESS=127.0.0.1 \
       RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
