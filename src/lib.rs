@@ -26,9 +26,9 @@
 //! |---|---|---|---|
 //! | `memory` | yes | in-process broker simulation ([`polybus_memory`]) | `memory://[NAME][?max_payload=BYTES]` |
 //! | `amqp` | no | RabbitMQ through lapin ([`polybus_amqp`]) | `amqp[s]://user:pass@host:5672[,host2:5672]/vhost` |
-//! | `kafka` | no | Kafka through rdkafka (not built yet) | `kafka://host:9092,host2:9092` |
+//! | `kafka` | no | Kafka through rdkafka, bundled librdkafka ([`polybus_kafka`]) | `kafka://host:9092[,host2:9092][?partitions=3&compression=lz4&…]` |
 //! | `msgpack` | no | the MessagePack codec ([`MsgPack`](polybus_core::Codec)) | |
-//! | `full` | no | every backend built so far (memory, amqp) and msgpack | |
+//! | `full` | no | every backend (memory, amqp, kafka) and msgpack | |
 //!
 //! No broker client is compiled by default.
 //!
@@ -57,6 +57,9 @@ pub use polybus_memory as memory;
 #[cfg(feature = "amqp")]
 pub use polybus_amqp as amqp;
 
+#[cfg(feature = "kafka")]
+pub use polybus_kafka as kafka;
+
 /// Connect to the broker `url` names; the scheme picks the backend.
 ///
 /// | scheme | needs feature |
@@ -83,6 +86,9 @@ pub async fn connect(url: &str) -> Result<Bus> {
         "amqp" | "amqps" => polybus_amqp::connect(url).await,
         #[cfg(not(feature = "amqp"))]
         "amqp" | "amqps" => Err(needs_feature(scheme, "amqp")),
+        #[cfg(feature = "kafka")]
+        "kafka" => polybus_kafka::connect(url).await,
+        #[cfg(not(feature = "kafka"))]
         "kafka" => Err(needs_feature(scheme, "kafka")),
         other => Err(Error::invalid_input(format!(
             "unknown scheme `{other}` in url `{}`: known schemes are memory, amqp, amqps and kafka",
@@ -91,6 +97,7 @@ pub async fn connect(url: &str) -> Result<Bus> {
     }
 }
 
+#[cfg(not(all(feature = "memory", feature = "amqp", feature = "kafka")))]
 fn needs_feature(scheme: &str, feature: &str) -> Error {
     Error::new(
         Kind::Unsupported,
@@ -131,11 +138,14 @@ mod tests {
                 "scheme amqp needs the `amqp` feature of polybus"
             );
         }
-        let e = connect("kafka://localhost:9092").await.unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "scheme kafka needs the `kafka` feature of polybus"
-        );
+        #[cfg(not(feature = "kafka"))]
+        {
+            let e = connect("kafka://localhost:9092").await.unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "scheme kafka needs the `kafka` feature of polybus"
+            );
+        }
         let e = connect("redis://u:secret@host").await.unwrap_err();
         assert!(e.is_invalid_input());
         assert!(!e.to_string().contains("secret"), "{e}");

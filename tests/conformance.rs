@@ -54,3 +54,36 @@ impl Target for Amqp {
 
 #[cfg(feature = "amqp")]
 polybus_core::conformance_suite!(amqp, Amqp);
+
+/// Kafka at `POLYBUS_KAFKA_URL` (default: the tansu broker that
+/// `scripts/brokers/tansu.sh start` runs on 127.0.0.1:9092, on fresh data).
+/// `POLYBUS_SKIP_KAFKA=1` opts out, and every case then reports itself skipped.
+#[cfg(feature = "kafka")]
+struct Kafka;
+
+#[cfg(feature = "kafka")]
+#[polybus_core::async_trait]
+impl Target for Kafka {
+    async fn connect(&self) -> Result<Bus> {
+        let url =
+            std::env::var("POLYBUS_KAFKA_URL").unwrap_or_else(|_| "kafka://127.0.0.1:9092".into());
+        polybus::connect(&url).await
+    }
+
+    async fn connect_unreachable(&self) -> Option<Result<Bus>> {
+        // Port 1 on loopback: nothing listens; librdkafka would retry forever.
+        Some(polybus::connect("kafka://127.0.0.1:1?connect_timeout_ms=3000").await)
+    }
+
+    fn opted_out(&self) -> Option<String> {
+        std::env::var_os("POLYBUS_SKIP_KAFKA").map(|_| "POLYBUS_SKIP_KAFKA is set".into())
+    }
+
+    fn setup_hint(&self) -> &str {
+        "Start tansu with `scripts/brokers/tansu.sh start` (or set POLYBUS_KAFKA_URL; \
+         POLYBUS_SKIP_KAFKA=1 skips these cases)"
+    }
+}
+
+#[cfg(feature = "kafka")]
+polybus_core::conformance_suite!(kafka, Kafka);

@@ -102,6 +102,10 @@ pub enum Capability {
     /// Runs in process under `tokio::time::pause()`, so delays can be tested
     /// without waiting.
     VirtualTime,
+    /// Within a group, each message goes to any member with room, so a member at
+    /// its prefetch never holds up the others. Kafka lacks it: a partition
+    /// belongs to one member at a time, and its messages wait for that member.
+    MessageBalancing,
 }
 
 impl fmt::Display for Capability {
@@ -110,6 +114,7 @@ impl fmt::Display for Capability {
             Capability::Replay => "replay",
             Capability::SurvivesRestart => "survives-restart",
             Capability::VirtualTime => "virtual-time",
+            Capability::MessageBalancing => "message-balancing",
         })
     }
 }

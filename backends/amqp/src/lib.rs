@@ -158,6 +158,7 @@ impl Backend for AmqpBus {
     fn capabilities(&self) -> Capabilities {
         Capabilities::new()
             .with(Capability::SurvivesRestart)
+            .with(Capability::MessageBalancing)
             .with_max_payload(self.connector.options.max_payload)
     }
 }

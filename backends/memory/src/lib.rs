@@ -242,6 +242,7 @@ impl Backend for MemoryBus {
     fn capabilities(&self) -> Capabilities {
         Capabilities::new()
             .with(Capability::VirtualTime)
+            .with(Capability::MessageBalancing)
             .with_max_payload(self.broker.max_payload)
     }
 }

@@ -202,6 +202,7 @@ pub async fn c2_members_of_a_group_share_its_messages(ctx: Ctx) -> CaseResult {
 /// C2/C6: a member that holds its prefetch of unsettled deliveries does not hold
 /// up the group: the next message goes to another member.
 pub async fn c2_a_member_at_its_prefetch_leaves_messages_to_others(ctx: Ctx) -> CaseResult {
+    ctx.require(Capability::MessageBalancing)?;
     let group = ctx.group("workers");
     let sub = || {
         Subscription::new(ctx.topic("job.*"))

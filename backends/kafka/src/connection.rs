@@ -1,0 +1,280 @@
+//! The bus's producer and admin client: configuration, the bounded connect probe,
+//! topics made on demand, and publishing with its error mapping.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use polybus_core::{Error, Kind, Message, Receipt, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+use crate::mapping;
+use crate::options::KafkaOptions;
+
+/// A publish that failed, and whether the record may still have been written.
+pub(crate) type PublishFailure = (Error, bool);
+
+pub(crate) struct Connector {
+    pub(crate) options: KafkaOptions,
+    pub(crate) producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    /// Topics known to exist, so each is looked up or created once per bus.
+    known: Mutex<HashSet<String>>,
+}
+
+impl Connector {
+    /// The settings every client of this bus shares: brokers and the escape hatch.
+    pub(crate) fn config(options: &KafkaOptions, own: &[(&str, String)]) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &options.brokers);
+        // librdkafka logs every refused connection at error level; the typed
+        // errors polybus returns say the same once.
+        config.set("log_level", "3");
+        for (k, v) in own {
+            config.set(*k, v);
+        }
+        for (k, v) in &options.native {
+            config.set(k, v);
+        }
+        config
+    }
+
+    /// Make the producer and admin client, then ask the cluster for its metadata:
+    /// librdkafka retries an unreachable broker forever, so this probe is what
+    /// makes `connect` fail within `connect_timeout`.
+    pub(crate) async fn connect(options: KafkaOptions) -> Result<Arc<Self>> {
+        let producer_config = Self::config(
+            &options,
+            &[
+                ("acks", "all".into()),
+                ("enable.idempotence", "true".into()),
+                ("compression.type", options.compression.as_str().into()),
+                (
+                    "message.timeout.ms",
+                    options.publish_timeout.as_millis().to_string(),
+                ),
+                // Room for the largest payload plus its key and headers.
+                (
+                    "message.max.bytes",
+                    (options.max_payload + 64 * 1024)
+                        .min(1_000_000_000)
+                        .to_string(),
+                ),
+            ],
+        );
+        let producer: FutureProducer = producer_config.create().map_err(config_error)?;
+        let admin: AdminClient<DefaultClientContext> =
+            Self::config(&options, &[]).create().map_err(config_error)?;
+        let probe = producer.clone();
+        let timeout = options.connect_timeout;
+        let brokers = options.brokers.clone();
+        tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, timeout))
+            .await
+            .map_err(|e| Error::new(Kind::Other, format!("metadata probe panicked: {e}")))?
+            .map_err(|e| {
+                Error::new(
+                    Kind::Connection,
+                    format!(
+                        "cannot reach kafka at {brokers} within {} ms: {e}",
+                        timeout.as_millis()
+                    ),
+                )
+                .with_source(e)
+            })?;
+        Ok(Arc::new(Connector {
+            options,
+            producer,
+            admin,
+            known: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    /// Make sure `topic` exists: create it (a topic made concurrently by someone
+    /// else is fine), or, with `create_topics` off, look it up and refuse a
+    /// missing one.
+    pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        if self.known.lock().expect("topics lock").contains(topic) {
+            return Ok(());
+        }
+        if self.options.create_topics {
+            let new = NewTopic::new(
+                topic,
+                self.options.partitions,
+                TopicReplication::Fixed(self.options.replication.into()),
+            );
+            let admin_options =
+                AdminOptions::new().operation_timeout(Some(self.options.connect_timeout));
+            let results = tokio::time::timeout(
+                self.options.connect_timeout,
+                self.admin.create_topics([&new], &admin_options),
+            )
+            .await
+            .map_err(|_| {
+                Error::new(
+                    Kind::Timeout,
+                    format!(
+                        "creating topic `{topic}` took longer than {} ms",
+                        self.options.connect_timeout.as_millis()
+                    ),
+                )
+            })?
+            .map_err(|e| kafka_error(format!("cannot create topic `{topic}`"), e))?;
+            for result in results {
+                match result {
+                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((_, code)) => {
+                        return Err(Error::new(
+                            Kind::Refused,
+                            format!("the broker refused to create topic `{topic}`: {code}"),
+                        ));
+                    }
+                }
+            }
+        } else {
+            let client = self.producer.clone();
+            let name = topic.to_owned();
+            let timeout = self.options.connect_timeout;
+            let metadata = tokio::task::spawn_blocking(move || {
+                client.client().fetch_metadata(Some(&name), timeout)
+            })
+            .await
+            .map_err(|e| Error::new(Kind::Other, format!("metadata lookup panicked: {e}")))?
+            .map_err(|e| kafka_error(format!("cannot look up topic `{topic}`"), e))?;
+            let exists = metadata
+                .topics()
+                .iter()
+                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+            if !exists {
+                return Err(Error::new(
+                    Kind::Refused,
+                    format!(
+                        "topic `{topic}` does not exist, and this bus does not create topics \
+                         (create_topics=false): create it first"
+                    ),
+                ));
+            }
+        }
+        self.known
+            .lock()
+            .expect("topics lock")
+            .insert(topic.to_owned());
+        Ok(())
+    }
+
+    /// Produce `message` to `topic` and wait for its delivery report.
+    pub(crate) async fn produce(
+        &self,
+        topic: &str,
+        message: &Message,
+        extra: &[(&str, String)],
+    ) -> std::result::Result<Receipt, PublishFailure> {
+        self.ensure_topic(topic).await.map_err(|e| (e, false))?;
+        match self
+            .producer
+            .send(record(topic, message, extra), self.options.publish_timeout)
+            .await
+        {
+            Ok(d) => Ok(Receipt::at(Some(d.partition), Some(d.offset))),
+            Err((e, _)) => Err(publish_error(topic, e)),
+        }
+    }
+
+    /// Enqueue `message` for `topic` (which must be known to exist) without an
+    /// async runtime: the returned future resolves on the delivery report.
+    pub(crate) fn send_now(
+        &self,
+        topic: &str,
+        message: &Message,
+        extra: &[(&str, String)],
+    ) -> std::result::Result<DeliveryFuture, KafkaError> {
+        self.producer
+            .send_result(record(topic, message, extra))
+            .map_err(|(e, _)| e)
+    }
+
+    /// Wait for every produced record's delivery report.
+    pub(crate) async fn flush(&self, timeout: Duration) -> Result<()> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || producer.flush(timeout))
+            .await
+            .map_err(|e| Error::new(Kind::Other, format!("flush panicked: {e}")))?
+            .map_err(|e| kafka_error("flushing the producer".into(), e))
+    }
+}
+
+/// `message` as a record for `topic`, with `extra` library headers.
+fn record<'a>(
+    topic: &'a str,
+    message: &'a Message,
+    extra: &[(&str, String)],
+) -> FutureRecord<'a, str, [u8]> {
+    let record = FutureRecord::to(topic)
+        .payload(message.payload().as_ref())
+        .headers(mapping::headers(message, extra))
+        .timestamp(i64::try_from(message.timestamp_millis()).unwrap_or(i64::MAX));
+    match message.key() {
+        Some(key) => record.key(key),
+        None => record,
+    }
+}
+
+fn config_error(e: KafkaError) -> Error {
+    Error::invalid_input(format!("invalid kafka client configuration: {e}")).with_source(e)
+}
+
+/// A librdkafka error as a typed error, `what` saying what was being done.
+pub(crate) fn kafka_error(what: String, e: KafkaError) -> Error {
+    let kind = match e.rdkafka_error_code() {
+        Some(
+            RDKafkaErrorCode::OperationTimedOut
+            | RDKafkaErrorCode::MessageTimedOut
+            | RDKafkaErrorCode::RequestTimedOut,
+        ) => Kind::Timeout,
+        Some(
+            RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::NetworkException
+            | RDKafkaErrorCode::Resolve,
+        ) => Kind::Connection,
+        Some(
+            RDKafkaErrorCode::SaslAuthenticationFailed
+            | RDKafkaErrorCode::Authentication
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::GroupAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed,
+        ) => Kind::Authentication,
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize) => {
+            Kind::PayloadTooLarge
+        }
+        Some(_) => Kind::Refused,
+        None => Kind::Other,
+    };
+    Error::new(kind, format!("{what}: {e}")).with_source(e)
+}
+
+/// A failed delivery report: typed, and whether the record may be on the broker.
+/// Only a refusal before or by the leader is certain not to be written.
+fn publish_error(topic: &str, e: KafkaError) -> PublishFailure {
+    let certain_not_written = matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::QueueFull
+                | RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::Fatal
+        )
+    );
+    (
+        kafka_error(format!("publishing to `{topic}`"), e),
+        !certain_not_written,
+    )
+}

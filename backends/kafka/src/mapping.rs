@@ -1,0 +1,118 @@
+//! How a [`Message`] travels as a Kafka record (C13): an ordinary record that
+//! any Kafka client reads, and that round-trips exactly.
+//!
+//! | Message | Kafka record |
+//! |---|---|
+//! | payload | value |
+//! | key | key (it also picks the partition) |
+//! | headers | native headers, UTF-8 values |
+//! | timestamp | the record's CreateTime, in milliseconds |
+//! | id | header `polybus-id` |
+//! | content type | header `polybus-content-type` |
+//!
+//! Records that another client wrote have no `polybus-id`: their id is then
+//! `topic/partition/offset`, which stays the same on every redelivery. Copies on a
+//! group's retry topic carry three more library headers: `polybus-attempt`,
+//! `polybus-topic` (where the message was first published) and `polybus-due-ms`.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use polybus_core::{Headers, Message, header};
+use rdkafka::Message as _;
+use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
+
+pub(crate) const ID: &str = "polybus-id";
+pub(crate) const CONTENT_TYPE: &str = "polybus-content-type";
+pub(crate) const TOPIC: &str = "polybus-topic";
+pub(crate) const DUE_MS: &str = "polybus-due-ms";
+
+/// The native headers of `message`, plus `extra` library headers.
+pub(crate) fn headers(message: &Message, extra: &[(&str, String)]) -> OwnedHeaders {
+    let mut out = OwnedHeaders::new_with_capacity(message.headers().len() + 2 + extra.len());
+    for (k, v) in message.headers() {
+        out = out.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        });
+    }
+    out = out.insert(Header {
+        key: ID,
+        value: Some(message.id().as_bytes()),
+    });
+    if let Some(ct) = message.content_type() {
+        out = out.insert(Header {
+            key: CONTENT_TYPE,
+            value: Some(ct.as_bytes()),
+        });
+    }
+    for (k, v) in extra {
+        out = out.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        });
+    }
+    out
+}
+
+/// What a record carries besides the message itself.
+#[derive(Debug)]
+pub(crate) struct Received {
+    pub(crate) message: Message,
+    /// `polybus-topic`: where a retried copy was first published.
+    pub(crate) topic: Option<String>,
+    /// `polybus-attempt` (1 if absent).
+    pub(crate) attempt: u32,
+    /// `polybus-due-ms`: not to be delivered before this (retry copies).
+    pub(crate) due_ms: Option<u64>,
+}
+
+/// Rebuild the message of a record.
+pub(crate) fn receive(record: &BorrowedMessage<'_>) -> Received {
+    let payload = record
+        .payload()
+        .map(Bytes::copy_from_slice)
+        .unwrap_or_default();
+    let mut message = Message::new(payload);
+    let mut headers = Headers::new();
+    let mut id = None;
+    let mut topic = None;
+    let mut attempt = 1;
+    let mut due_ms = None;
+    if let Some(native) = record.headers() {
+        for h in native.iter() {
+            let value = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
+            match h.key {
+                ID => id = Some(value),
+                CONTENT_TYPE => message = message.with_content_type(value),
+                TOPIC => topic = Some(value),
+                DUE_MS => due_ms = value.parse().ok(),
+                header::ATTEMPT => attempt = value.parse().unwrap_or(1).max(1),
+                _ => {
+                    headers.insert(h.key.to_owned(), value);
+                }
+            }
+        }
+    }
+    message = message.with_id(id.unwrap_or_else(|| {
+        format!(
+            "{}/{}/{}",
+            record.topic(),
+            record.partition(),
+            record.offset()
+        )
+    }));
+    if let Some(key) = record.key() {
+        message = message.with_key(String::from_utf8_lossy(key).into_owned());
+    }
+    if let Some(ms) = record.timestamp().to_millis().filter(|ms| *ms >= 0) {
+        message = message.with_timestamp(UNIX_EPOCH + Duration::from_millis(ms as u64));
+    }
+    *message.headers_mut() = headers;
+    Received {
+        message,
+        topic,
+        attempt,
+        due_ms,
+    }
+}

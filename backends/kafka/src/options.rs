@@ -1,0 +1,288 @@
+//! [`KafkaOptions`]: brokers, topic creation, compression, limits and time-outs,
+//! parsed from a URL or built with named setters, plus one escape hatch for
+//! native librdkafka settings.
+
+use std::fmt;
+use std::time::Duration;
+
+use polybus_core::{Error, Result};
+
+/// Kafka's default `message.max.bytes` is about 1 MiB for a whole record batch;
+/// the payload limit leaves room for the key and headers under it.
+pub const DEFAULT_MAX_PAYLOAD: usize = 1_000_000;
+
+/// Compression of produced record batches.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// No compression.
+    #[default]
+    None,
+    /// LZ4: cheap, the usual choice.
+    Lz4,
+    /// Zstandard: smaller, costs more CPU.
+    Zstd,
+}
+
+impl Compression {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// Options of a Kafka connection.
+///
+/// ```
+/// use std::time::Duration;
+/// use polybus_kafka::{Compression, KafkaOptions};
+///
+/// let options = KafkaOptions::new("127.0.0.1:9092")
+///     .partitions(6)
+///     .compression(Compression::Lz4)
+///     .native("linger.ms", "10");
+/// # let _ = options;
+/// let parsed = KafkaOptions::from_url("kafka://h1:9092,h2:9092?partitions=6&compression=zstd").unwrap();
+/// # let _ = parsed;
+/// ```
+#[derive(Clone)]
+pub struct KafkaOptions {
+    pub(crate) brokers: String,
+    pub(crate) partitions: i32,
+    pub(crate) replication: i16,
+    pub(crate) create_topics: bool,
+    pub(crate) compression: Compression,
+    pub(crate) max_payload: usize,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) publish_timeout: Duration,
+    pub(crate) subscribe_timeout: Duration,
+    pub(crate) native: Vec<(String, String)>,
+}
+
+impl KafkaOptions {
+    /// Options for the comma-separated `host:port` list `brokers`, with the defaults.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        KafkaOptions {
+            brokers: brokers.into(),
+            partitions: 3,
+            replication: 1,
+            create_topics: true,
+            compression: Compression::None,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            connect_timeout: Duration::from_secs(10),
+            publish_timeout: Duration::from_secs(30),
+            subscribe_timeout: Duration::from_secs(30),
+            native: Vec::new(),
+        }
+    }
+
+    /// Parse `kafka://host:9092,host2:9092?…`. polybus's own parameters:
+    ///
+    /// | parameter | default | meaning |
+    /// |---|---|---|
+    /// | `partitions` | 3 | partitions of each topic polybus creates |
+    /// | `replication` | 1 | replication factor of each topic polybus creates |
+    /// | `create_topics` | true | create missing topics through the admin API; when false, a missing topic is a typed error |
+    /// | `compression` | none | `none`, `lz4` or `zstd` |
+    /// | `max_payload` | 1000000 | larger payloads are refused before sending |
+    /// | `connect_timeout_ms` | 10000 | how long `connect` waits for the cluster's metadata |
+    /// | `publish_timeout_ms` | 30000 | how long a publish waits for its delivery report |
+    /// | `subscribe_timeout_ms` | 30000 | how long `subscribe` waits for its partition assignment |
+    ///
+    /// Any other parameter is a native librdkafka setting passed through unchanged
+    /// to the producer and consumers, e.g. `?linger.ms=10&socket.keepalive.enable=true`.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let Some(rest) = url.strip_prefix("kafka://") else {
+            return Err(Error::invalid_input(format!(
+                "invalid kafka url `{url}`: it must start with kafka://"
+            )));
+        };
+        let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let hosts = hosts.trim_end_matches('/');
+        if hosts.is_empty() || hosts.split(',').any(|h| h.is_empty() || h.contains('/')) {
+            return Err(Error::invalid_input(format!(
+                "invalid kafka url `{url}`: name the brokers as host:port, separated by commas"
+            )));
+        }
+        let mut options = KafkaOptions::new(hosts);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let bad = |what: &str| {
+                Error::invalid_input(format!("invalid kafka url `{url}`: {k} `{v}` {what}"))
+            };
+            let millis = || {
+                v.parse()
+                    .map(Duration::from_millis)
+                    .map_err(|_| bad("is not a number of milliseconds"))
+            };
+            match k {
+                "partitions" => {
+                    options.partitions = v
+                        .parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| bad("is not a positive number"))?
+                }
+                "replication" => {
+                    options.replication = v
+                        .parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| bad("is not a positive number"))?
+                }
+                "create_topics" => {
+                    options.create_topics = v.parse().map_err(|_| bad("is not true or false"))?
+                }
+                "compression" => {
+                    options.compression = match v {
+                        "none" => Compression::None,
+                        "lz4" => Compression::Lz4,
+                        "zstd" => Compression::Zstd,
+                        _ => return Err(bad("is not one of none, lz4, zstd")),
+                    }
+                }
+                "max_payload" => {
+                    options.max_payload = v.parse().map_err(|_| bad("is not a number of bytes"))?
+                }
+                "connect_timeout_ms" => options.connect_timeout = millis()?,
+                "publish_timeout_ms" => options.publish_timeout = millis()?,
+                "subscribe_timeout_ms" => options.subscribe_timeout = millis()?,
+                _ => options.native.push((k.into(), v.into())),
+            }
+        }
+        Ok(options)
+    }
+
+    /// Partitions of each topic polybus creates (default 3; more than one, so a
+    /// group's members share the work).
+    pub fn partitions(mut self, n: i32) -> Self {
+        self.partitions = n.max(1);
+        self
+    }
+
+    /// Replication factor of each topic polybus creates (default 1).
+    pub fn replication(mut self, n: i16) -> Self {
+        self.replication = n.max(1);
+        self
+    }
+
+    /// Create missing topics through the admin API (default), or require them to
+    /// exist: then publishing to, or subscribing to, a missing topic is a
+    /// [`Refused`](polybus_core::Kind::Refused) error.
+    pub fn create_topics(mut self, on: bool) -> Self {
+        self.create_topics = on;
+        self
+    }
+
+    /// Compress produced batches.
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
+        self
+    }
+
+    /// Refuse payloads larger than `bytes` before sending.
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = bytes;
+        self
+    }
+
+    /// How long `connect` waits for the cluster to answer.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long a publish waits for its delivery report.
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
+        self
+    }
+
+    /// How long `subscribe` waits for the group to assign partitions.
+    pub fn subscribe_timeout(mut self, timeout: Duration) -> Self {
+        self.subscribe_timeout = timeout;
+        self
+    }
+
+    /// The escape hatch: a native librdkafka setting, applied to the producer and
+    /// every consumer after polybus's own, so it wins. Settings polybus relies on
+    /// (`enable.auto.commit`, `group.id`, ...) can be broken this way; you own it.
+    pub fn native(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.native.push((key.into(), value.into()));
+        self
+    }
+
+    /// The broker list, as given.
+    pub fn brokers(&self) -> &str {
+        &self.brokers
+    }
+}
+
+/// Native values may hold secrets (`sasl.password`, `ssl.key.password`): shown masked.
+impl fmt::Debug for KafkaOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let native: Vec<_> = self
+            .native
+            .iter()
+            .map(|(k, v)| {
+                let secret = k.contains("password") || k.contains("secret") || k.contains("key");
+                (k.as_str(), if secret { "***" } else { v.as_str() })
+            })
+            .collect();
+        f.debug_struct("KafkaOptions")
+            .field("brokers", &self.brokers)
+            .field("partitions", &self.partitions)
+            .field("replication", &self.replication)
+            .field("create_topics", &self.create_topics)
+            .field("compression", &self.compression)
+            .field("max_payload", &self.max_payload)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("subscribe_timeout", &self.subscribe_timeout)
+            .field("native", &native)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_parameters_are_read_and_the_rest_passes_through() {
+        let o = KafkaOptions::from_url(
+            "kafka://a:9092,b:9093?partitions=6&compression=lz4&create_topics=false&linger.ms=7",
+        )
+        .unwrap();
+        assert_eq!(o.brokers, "a:9092,b:9093");
+        assert_eq!(o.partitions, 6);
+        assert_eq!(o.compression, Compression::Lz4);
+        assert!(!o.create_topics);
+        assert_eq!(o.native, [("linger.ms".to_string(), "7".to_string())]);
+    }
+
+    #[test]
+    fn bad_urls_are_typed_errors_naming_the_part() {
+        for (url, says) in [
+            ("amqp://x", "kafka://"),
+            ("kafka://", "host:port"),
+            ("kafka://a:1,,b:2", "host:port"),
+            ("kafka://a:1?partitions=0", "partitions"),
+            ("kafka://a:1?compression=snappy2", "compression"),
+            ("kafka://a:1?publish_timeout_ms=soon", "publish_timeout_ms"),
+        ] {
+            let e = KafkaOptions::from_url(url).unwrap_err();
+            assert!(e.is_invalid_input(), "{url}");
+            assert!(e.to_string().contains(says), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn secrets_in_native_settings_are_masked() {
+        let o = KafkaOptions::new("a:1").native("sasl.password", "hunter2");
+        assert!(!format!("{o:?}").contains("hunter2"));
+    }
+}

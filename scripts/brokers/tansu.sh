@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# tansu, a Kafka-protocol broker, for the kafka tests, on loopback, with no docker:
+#
+#   scripts/brokers/tansu.sh start     build if missing, start on fresh data, wait
+#   scripts/brokers/tansu.sh restart   kill -9 the broker this script started and
+#                                      start it again on the same data (restart test)
+#   scripts/brokers/tansu.sh stop      stop the broker, if `start` started it
+#
+# No Apache Kafka package is reachable here; tansu 0.6.0 is on crates.io. It needs
+# a storage engine feature or it refuses to start, and builds in about twelve
+# minutes on two cores, so the binary is cached in ~/.cache/polybus/tansu (or
+# $POLYBUS_CACHE/tansu) and the build is skipped when it is there. Its newer
+# releases need a newer rustc than these machines have.
+#
+# The sqlite file lives in target/brokers/tansu and is made anew at every start,
+# so topics of earlier runs do not pile up; two test runs must not share a broker.
+# The path is relative to the working directory on purpose: tansu doubles an
+# absolute sqlite path and then fails to open it. Advertised as 127.0.0.1, not
+# localhost, which librdkafka may resolve to ::1.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+state="$root/target/brokers/tansu"
+cache="${POLYBUS_CACHE:-$HOME/.cache/polybus}/tansu"
+bin="$cache/bin/tansu"
+version=0.6.0
+port=9092
+pidfile="$state/tansu.pid"
+marker="$state/started-by-polybus"
+
+log() { printf 'tansu: %s\n' "$*"; }
+
+listening() {
+  timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port" 2>/dev/null
+}
+
+ours() {
+  [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+}
+
+install() {
+  if [ -x "$bin" ]; then
+    return
+  fi
+  log "building tansu $version with the sqlite engine into $cache (about 12 minutes, once)"
+  cargo install "tansu@$version" --locked --features libsql --root "$cache" --quiet
+}
+
+launch() {
+  (
+    cd "$state"
+    nohup "$bin" broker \
+      --storage-engine sqlite://tansu.db \
+      --listener-url "tcp://127.0.0.1:$port" \
+      --advertised-listener-url "tcp://127.0.0.1:$port" \
+      >>tansu.log 2>&1 &
+    echo $! > "$pidfile"
+  )
+  for _ in $(seq 1 300); do
+    if listening; then
+      log "ready on 127.0.0.1:$port (pid $(cat "$pidfile"))"
+      return
+    fi
+    if ! ours; then
+      log "exited at start; its log:"
+      tail -n 30 "$state/tansu.log" || true
+      exit 1
+    fi
+    sleep 0.1
+  done
+  log "not listening after 30 s; its log:"
+  tail -n 30 "$state/tansu.log" || true
+  exit 1
+}
+
+start() {
+  install
+  mkdir -p "$state"
+  if listening; then
+    log "something already listens on 127.0.0.1:$port; using it as it is"
+    return
+  fi
+  rm -f "$state"/tansu.db*
+  : > "$state/tansu.log"
+  log "starting on 127.0.0.1:$port, data in $state"
+  launch
+  # Who started it: `stop` stops it only for the same session (scripts/test sets
+  # POLYBUS_BROKER_SESSION), or, run by hand without one, always.
+  echo "${POLYBUS_BROKER_SESSION:-manual}" > "$marker"
+}
+
+restart() {
+  if ! ours; then
+    log "no broker started by this script is running; nothing to restart" >&2
+    exit 1
+  fi
+  local pid
+  pid=$(cat "$pidfile")
+  log "killing pid $pid (-9) and starting again on the same data"
+  kill -9 "$pid"
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+  launch
+}
+
+stop() {
+  [ -f "$marker" ] || return 0
+  if [ -n "${POLYBUS_BROKER_SESSION:-}" ] && [ "$(cat "$marker")" != "$POLYBUS_BROKER_SESSION" ]; then
+    log "leaving the broker running: an earlier session started it"
+    return 0
+  fi
+  if ours; then
+    local pid
+    pid=$(cat "$pidfile")
+    log "stopping the broker this script started (pid $pid)"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$marker" "$pidfile"
+}
+
+case "${1:-}" in
+  start) start ;;
+  restart) restart ;;
+  stop) stop ;;
+  *) echo "usage: $0 start|restart|stop" >&2; exit 2 ;;
+esac
