@@ -2,8 +2,10 @@
 # tansu, a Kafka-protocol broker, for the kafka tests, on loopback, with no docker:
 #
 #   scripts/brokers/tansu.sh start     build if missing, start on fresh data, wait
-#   scripts/brokers/tansu.sh restart   kill -9 the broker this script started and
-#                                      start it again on the same data (restart test)
+#   scripts/brokers/tansu.sh restart [SECONDS]
+#                                      kill -9 the broker this script started, wait
+#                                      SECONDS (default 0), start it again on the
+#                                      same data (the restart test)
 #   scripts/brokers/tansu.sh stop      stop the broker, if `start` started it
 #
 # No Apache Kafka package is reachable here; tansu 0.6.0 is on crates.io. It needs
@@ -73,8 +75,16 @@ launch() {
   exit 1
 }
 
+interop_client() {
+  # confluent-kafka, an independent Kafka client (its wheel bundles librdkafka),
+  # for the interop test.
+  python3 -c 'import confluent_kafka' 2>/dev/null ||
+    python3 -m pip install -q --root-user-action=ignore confluent-kafka
+}
+
 start() {
   install
+  interop_client
   mkdir -p "$state"
   if listening; then
     log "something already listens on 127.0.0.1:$port; using it as it is"
@@ -99,6 +109,7 @@ restart() {
   log "killing pid $pid (-9) and starting again on the same data"
   kill -9 "$pid"
   while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+  sleep "${1:-0}"
   launch
 }
 
@@ -121,7 +132,7 @@ stop() {
 
 case "${1:-}" in
   start) start ;;
-  restart) restart ;;
+  restart) restart "${2:-0}" ;;
   stop) stop ;;
-  *) echo "usage: $0 start|restart|stop" >&2; exit 2 ;;
+  *) echo "usage: $0 start|restart [SECONDS]|stop" >&2; exit 2 ;;
 esac

@@ -27,3 +27,24 @@ pub async fn bus(url: &str) -> polybus::Bus {
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}", polybus_core::testkit::unique_name())
 }
+
+/// How to start the Kafka-protocol broker the kafka tests use.
+pub const KAFKA_HINT: &str =
+    "start tansu with `scripts/brokers/tansu.sh start`, or set POLYBUS_SKIP_KAFKA=1";
+
+/// The test broker's URL (`POLYBUS_KAFKA_URL`, default the local tansu); `None`
+/// (and a line on stderr) when the run opted out.
+pub fn kafka_url() -> Option<String> {
+    if std::env::var_os("POLYBUS_SKIP_KAFKA").is_some() {
+        eprintln!("SKIPPED: POLYBUS_SKIP_KAFKA is set");
+        return None;
+    }
+    Some(std::env::var("POLYBUS_KAFKA_URL").unwrap_or_else(|_| "kafka://127.0.0.1:9092".into()))
+}
+
+/// Connect, or fail the test saying how to start the broker.
+pub async fn kafka_bus(url: &str) -> polybus::Bus {
+    polybus::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach kafka: {e}; {KAFKA_HINT}"))
+}

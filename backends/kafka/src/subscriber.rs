@@ -438,6 +438,8 @@ impl Shared {
                 },
             );
             state.outstanding += 1;
+            // The commit metadata now records this hand-out (see `Prior`).
+            state.dirty = true;
             let acker = KafkaAcker {
                 shared: self.clone(),
                 tp: p.tp,
