@@ -639,7 +639,12 @@ impl Shared {
         {
             tracing::warn!(error = %e, "committing a new group's starting offsets failed");
         }
-        if let Err(e) = consumer.assign(&assignment) {
+        let assigned = if cooperative(consumer) {
+            consumer.incremental_assign(&assignment)
+        } else {
+            consumer.assign(&assignment)
+        };
+        if let Err(e) = assigned {
             tracing::warn!(error = %e, "assigning partitions failed");
         }
         let mut state = self.lock();
@@ -742,11 +747,23 @@ impl Shared {
         {
             tracing::warn!(error = %e, "committing offsets of revoked partitions failed; they are read again from the last commit");
         }
-        if let Err(e) = consumer.unassign() {
+        let unassigned = if cooperative(consumer) {
+            consumer.incremental_unassign(revoked)
+        } else {
+            consumer.unassign()
+        };
+        if let Err(e) = unassigned {
             tracing::warn!(error = %e, "unassigning partitions failed");
         }
         self.changed.notify_waiters();
     }
+}
+
+fn cooperative(consumer: &BaseConsumer<SubContext>) -> bool {
+    matches!(
+        consumer.rebalance_protocol(),
+        rdkafka::consumer::RebalanceProtocol::Cooperative
+    )
 }
 
 fn tpl(tps: &[Tp]) -> TopicPartitionList {
@@ -769,7 +786,8 @@ fn millis_from_now(delay: Duration) -> u64 {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    (now + delay).as_millis() as u64
+    // Rounded up: a retry is never due before its delay has passed.
+    (now + delay).as_millis() as u64 + 1
 }
 
 /// The consumer's context: routes librdkafka's rebalance callback to [`Shared`].
@@ -874,6 +892,18 @@ pub(crate) async fn open(connector: Arc<Connector>, sub: ValidSubscription) -> R
             ("topic.metadata.refresh.interval.ms", "1000".into()),
             // Rebalances finish quickly when members heartbeat often.
             ("heartbeat.interval.ms", "500".into()),
+            // The assignment strategy stays librdkafka's eager default (range,
+            // roundrobin), which splits each topic among the members. The
+            // incremental cooperative-sticky strategy balances partition counts
+            // across all topics together: tried here, it gave one member every
+            // partition of the group's topic and the other only the retry topic.
+            //
+            // Known librdkafka bug (confluentinc/librdkafka#5573, fixed in 2.16;
+            // rdkafka 0.39 bundles 2.12.1): a partition removed, re-added and
+            // removed again before its first fetcher stop is acknowledged aborts
+            // the process (`rd_kafka_assignment_partition_stopped: Assertion
+            // rktp->rktp_started failed`). Seen here only in rebalance storms,
+            // when many members of killed test processes expired at once.
             ("session.timeout.ms", "10000".into()),
             ("fetch.wait.max.ms", "100".into()),
         ],
