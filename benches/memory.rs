@@ -1,34 +1,39 @@
 //! The in-memory backend beside a bounded tokio mpsc hand-off of the same
-//! payloads, in the same run: the ratio is the figure that matters.
+//! payloads, in the same run: the ratio is the figure that matters. Then
+//! publish-to-delivery latency at fixed rates and allocations per message, both
+//! beside the same baseline.
 //!
-//! `cargo bench --bench memory`
+//! `cargo bench --bench memory` (`scripts/bench` runs every bench and writes
+//! BENCHMARKS.md)
 
+use std::alloc::System;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput};
 use futures::StreamExt;
 use polybus::{Message, Subscription};
+use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
+
+#[path = "support.rs"]
+mod support;
+
+use support::{Latencies, SIZES};
+
+#[global_allocator]
+static ALLOC: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 /// Messages per measured iteration.
 const BATCH: usize = 1_000;
 /// The prefetch of the subscription, and the capacity of the mpsc baseline.
 const PREFETCH: u32 = 256;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 fn end_to_end(c: &mut Criterion) {
-    let rt = runtime();
+    let rt = support::runtime();
     let mut group = c.benchmark_group("memory/end_to_end");
     group.throughput(Throughput::Elements(BATCH as u64));
     group.measurement_time(Duration::from_secs(5));
-    for size in [16usize, 256, 1024, 64 * 1024] {
+    for size in SIZES {
         let payload = Bytes::from(vec![7u8; size]);
 
         // polybus: publish -> deliver -> ack, a producer task beside the consumer.
@@ -68,7 +73,7 @@ fn end_to_end(c: &mut Criterion) {
         });
 
         // Baseline: a bounded mpsc of Bytes, the least a hand-off can do.
-        group.bench_function(BenchmarkId::new("tokio_mpsc", format!("{size}B")), |b| {
+        group.bench_function(BenchmarkId::new("raw", format!("{size}B")), |b| {
             b.to_async(&rt).iter(|| {
                 let payload = payload.clone();
                 async move {
@@ -90,45 +95,174 @@ fn end_to_end(c: &mut Criterion) {
 }
 
 fn publish_only(c: &mut Criterion) {
-    let rt = runtime();
+    let rt = support::runtime();
     let mut group = c.benchmark_group("memory/publish");
     group.throughput(Throughput::Elements(BATCH as u64));
-    let payload = Bytes::from_static(&[7u8; 16]);
-    let bus = rt.block_on(async { polybus::connect("memory://").await.expect("memory bus") });
-    // A bound group, drained between iterations, so publishing does real routing.
-    let mut sub = rt.block_on(async {
-        bus.subscribe(
-            Subscription::new("bench.pub")
-                .group("sink")
-                .prefetch(65_535),
-        )
-        .await
-        .expect("subscribe")
-    });
-    group.bench_function(BenchmarkId::new("polybus", "16B"), |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut measured = Duration::ZERO;
-                for _ in 0..iters {
-                    let start = Instant::now();
-                    for _ in 0..BATCH {
-                        bus.publish("bench.pub", Message::new(payload.clone()))
-                            .await
-                            .expect("publish");
+    for size in SIZES {
+        let payload = Bytes::from(vec![7u8; size]);
+        let bus = rt.block_on(async { polybus::connect("memory://").await.expect("memory bus") });
+        // A bound group, drained between iterations, so publishing does real routing.
+        let mut sub = rt.block_on(async {
+            bus.subscribe(
+                Subscription::new("bench.pub")
+                    .group("sink")
+                    .prefetch(65_535),
+            )
+            .await
+            .expect("subscribe")
+        });
+        group.bench_function(BenchmarkId::new("polybus", format!("{size}B")), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut measured = Duration::ZERO;
+                    for _ in 0..iters {
+                        let start = Instant::now();
+                        for _ in 0..BATCH {
+                            bus.publish("bench.pub", Message::new(payload.clone()))
+                                .await
+                                .expect("publish");
+                        }
+                        measured += start.elapsed();
+                        // Draining is not measured.
+                        for _ in 0..BATCH {
+                            let d = sub.next().await.expect("open").expect("delivery");
+                            d.ack().await.expect("ack");
+                        }
                     }
-                    measured += start.elapsed();
-                    // Draining is not measured.
-                    for _ in 0..BATCH {
-                        let d = sub.next().await.expect("open").expect("delivery");
-                        d.ack().await.expect("ack");
-                    }
-                }
-                measured
+                    measured
+                })
             })
-        })
-    });
+        });
+        // Baseline: sending into an mpsc with room for the whole batch.
+        group.bench_function(BenchmarkId::new("raw", format!("{size}B")), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut measured = Duration::ZERO;
+                    for _ in 0..iters {
+                        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(BATCH);
+                        let start = Instant::now();
+                        for _ in 0..BATCH {
+                            tx.send(payload.clone()).await.expect("send");
+                        }
+                        measured += start.elapsed();
+                        while let Ok(p) = rx.try_recv() {
+                            std::hint::black_box(p);
+                        }
+                    }
+                    measured
+                })
+            })
+        });
+    }
     group.finish();
 }
 
-criterion_group!(benches, end_to_end, publish_only);
-criterion_main!(benches);
+/// Publish-to-delivery latency at fixed rates, and allocations per message.
+fn latency_and_allocations() {
+    let rt = support::runtime();
+    let mut latency = Vec::new();
+    for rate in support::RATES {
+        let n = support::latency_count(rate);
+        let lat = Latencies::default();
+        rt.block_on(async {
+            let bus = polybus::connect("memory://").await.unwrap();
+            let mut sub = bus
+                .subscribe(Subscription::new("bench.lat").group("lat").prefetch(PREFETCH))
+                .await
+                .unwrap();
+            let l = lat.clone();
+            let consumer = tokio::spawn(async move {
+                while let Some(Ok(d)) = sub.next().await {
+                    l.record(d.message().payload());
+                    d.ack().await.unwrap();
+                }
+            });
+            support::at_rate(rate, n, &lat, |p| {
+                let bus = bus.clone();
+                async move {
+                    bus.publish("bench.lat", Message::new(p)).await.unwrap();
+                }
+            })
+            .await;
+            consumer.abort();
+        });
+        latency.push(lat.row("memory", "polybus", rate));
+
+        let lat = Latencies::default();
+        rt.block_on(async {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PREFETCH as usize);
+            let l = lat.clone();
+            let consumer = tokio::spawn(async move {
+                while let Some(p) = rx.recv().await {
+                    l.record(&p);
+                }
+            });
+            support::at_rate(rate, n, &lat, |p| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(p).await.unwrap();
+                }
+            })
+            .await;
+            consumer.abort();
+        });
+        latency.push(lat.row("memory", "raw", rate));
+    }
+
+    let n: u64 = if support::quick() { 1_000 } else { 20_000 };
+    let payload = Bytes::from_static(&[7u8; 16]);
+    let (bus, mut sub) = rt.block_on(async {
+        let bus = polybus::connect("memory://").await.unwrap();
+        let sub = bus
+            .subscribe(Subscription::new("bench.alloc").group("alloc").prefetch(PREFETCH))
+            .await
+            .unwrap();
+        (bus, sub)
+    });
+    let polybus_allocs = support::allocations_per_message(ALLOC, n, || {
+        rt.block_on(async {
+            let b = bus.clone();
+            let p = payload.clone();
+            let producer = tokio::spawn(async move {
+                for _ in 0..n {
+                    b.publish("bench.alloc", Message::new(p.clone())).await.unwrap();
+                }
+            });
+            for _ in 0..n {
+                sub.next().await.unwrap().unwrap().ack().await.unwrap();
+            }
+            producer.await.unwrap();
+        })
+    });
+    let raw_allocs = support::allocations_per_message(ALLOC, n, || {
+        rt.block_on(async {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PREFETCH as usize);
+            let p = payload.clone();
+            let producer = tokio::spawn(async move {
+                for _ in 0..n {
+                    tx.send(p.clone()).await.unwrap();
+                }
+            });
+            for _ in 0..n {
+                std::hint::black_box(rx.recv().await.unwrap());
+            }
+            producer.await.unwrap();
+        })
+    });
+    support::write_results(
+        "memory",
+        latency,
+        vec![
+            support::alloc_row("memory", "polybus", polybus_allocs),
+            support::alloc_row("memory", "raw", raw_allocs),
+        ],
+    );
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    end_to_end(&mut c);
+    publish_only(&mut c);
+    c.final_summary();
+    latency_and_allocations();
+}

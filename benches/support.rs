@@ -1,0 +1,172 @@
+//! What every bench shares: payload sizes, the runtime, latency at a fixed rate
+//! (HDR histogram), allocations per message (a counting allocator), and the
+//! results file `scripts/benchmarks.py` turns into BENCHMARKS.md.
+//!
+//! Included by path (`#[path = ...] mod support;`) from each bench binary, which
+//! also installs the counting allocator:
+//! `#[global_allocator] static ALLOC: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;`
+#![allow(dead_code)] // each bench uses its own part
+
+use std::alloc::System;
+use std::future::Future;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use stats_alloc::{Region, StatsAlloc};
+
+/// The payload sizes every throughput bench runs at.
+pub const SIZES: [usize; 4] = [16, 256, 1024, 64 * 1024];
+
+/// Fixed rates for the latency runs, messages per second.
+pub const RATES: [u64; 2] = [1_000, 10_000];
+
+/// Whether criterion runs in its quick `--test` mode (CI): then latency and
+/// allocation runs are short and write no results.
+pub fn quick() -> bool {
+    std::env::args().any(|a| a == "--test")
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Criterion's settings for broker benches: few, long samples.
+pub fn broker_group<'a>(
+    c: &'a mut criterion::Criterion,
+    name: &str,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    g
+}
+
+/// Messages per measured iteration of a broker bench, fewer for large payloads.
+pub fn batch_for(size: usize) -> usize {
+    if size >= 64 * 1024 { 200 } else { 1_000 }
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// A 16-byte payload carrying the time it was made.
+pub fn stamped() -> Bytes {
+    let nanos = epoch().elapsed().as_nanos() as u64;
+    let mut p = nanos.to_le_bytes().to_vec();
+    p.resize(16, 0);
+    Bytes::from(p)
+}
+
+/// How long ago `payload` (from [`stamped`]) was made.
+pub fn age(payload: &[u8]) -> Duration {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&payload[..8]);
+    let sent = Duration::from_nanos(u64::from_le_bytes(b));
+    epoch().elapsed().saturating_sub(sent)
+}
+
+/// A histogram of publish-to-delivery times, in microseconds, shared with the
+/// consumer side.
+#[derive(Clone)]
+pub struct Latencies(Arc<Mutex<Histogram<u64>>>);
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Latencies(Arc::new(Mutex::new(
+            Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
+        )))
+    }
+}
+
+impl Latencies {
+    pub fn record(&self, payload: &[u8]) {
+        let us = age(payload).as_micros().max(1) as u64;
+        let _ = self.0.lock().unwrap().record(us.min(60_000_000));
+    }
+
+    pub fn len(&self) -> u64 {
+        self.0.lock().unwrap().len()
+    }
+
+    pub fn row(&self, backend: &str, imp: &str, rate: u64) -> serde_json::Value {
+        let h = self.0.lock().unwrap();
+        serde_json::json!({
+            "backend": backend, "impl": imp, "rate": rate, "n": h.len(),
+            "p50_us": h.value_at_quantile(0.50),
+            "p99_us": h.value_at_quantile(0.99),
+            "p999_us": h.value_at_quantile(0.999),
+        })
+    }
+}
+
+/// Publish `n` messages at `rate` per second, each stamped, each publish spawned
+/// so a slow confirm never lowers the rate; wait until `latencies` has them all.
+pub async fn at_rate<F, Fut>(rate: u64, n: u64, latencies: &Latencies, publish: F)
+where
+    F: Fn(Bytes) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let start = tokio::time::Instant::now();
+    let interval = Duration::from_nanos(1_000_000_000 / rate);
+    for i in 0..n {
+        tokio::time::sleep_until(start + interval * i as u32).await;
+        tokio::spawn(publish(stamped()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while latencies.len() < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(latencies.len(), n, "not every message arrived within 60 s");
+}
+
+/// How many messages a latency run sends at `rate`: two seconds' worth, or a
+/// tenth of a second in quick mode.
+pub fn latency_count(rate: u64) -> u64 {
+    if quick() { rate / 10 } else { rate * 2 }
+}
+
+/// Allocations per message of `run`, which handles `n` messages.
+pub fn allocations_per_message<F: FnOnce()>(
+    alloc: &'static StatsAlloc<System>,
+    n: u64,
+    run: F,
+) -> f64 {
+    let region = Region::new(alloc);
+    run();
+    let change = region.change();
+    change.allocations as f64 / n as f64
+}
+
+pub fn alloc_row(backend: &str, imp: &str, per_message: f64) -> serde_json::Value {
+    serde_json::json!({ "backend": backend, "impl": imp, "allocations_per_message": per_message })
+}
+
+/// Write the latency and allocation rows of `backend` for BENCHMARKS.md
+/// (`target/polybus-bench/<backend>.json`); nothing in quick mode.
+pub fn write_results(backend: &str, latency: Vec<serde_json::Value>, allocs: Vec<serde_json::Value>) {
+    if quick() {
+        return;
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .find(|p| p.join("Cargo.lock").exists())
+        .expect("workspace root")
+        .join("target/polybus-bench");
+    std::fs::create_dir_all(&dir).expect("results dir");
+    let doc = serde_json::json!({ "latency": latency, "allocations": allocs });
+    std::fs::write(
+        dir.join(format!("{backend}.json")),
+        serde_json::to_string_pretty(&doc).unwrap(),
+    )
+    .expect("results file");
+    println!("{}", serde_json::to_string_pretty(&doc).unwrap());
+}
