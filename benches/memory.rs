@@ -15,7 +15,7 @@ use futures::StreamExt;
 use polybus::{Message, Subscription};
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 
-#[path = "support.rs"]
+#[path = "support/mod.rs"]
 mod support;
 
 use support::{Latencies, SIZES};
@@ -167,7 +167,11 @@ fn latency_and_allocations() {
         rt.block_on(async {
             let bus = polybus::connect("memory://").await.unwrap();
             let mut sub = bus
-                .subscribe(Subscription::new("bench.lat").group("lat").prefetch(PREFETCH))
+                .subscribe(
+                    Subscription::new("bench.lat")
+                        .group("lat")
+                        .prefetch(PREFETCH),
+                )
                 .await
                 .unwrap();
             let l = lat.clone();
@@ -214,7 +218,11 @@ fn latency_and_allocations() {
     let (bus, mut sub) = rt.block_on(async {
         let bus = polybus::connect("memory://").await.unwrap();
         let sub = bus
-            .subscribe(Subscription::new("bench.alloc").group("alloc").prefetch(PREFETCH))
+            .subscribe(
+                Subscription::new("bench.alloc")
+                    .group("alloc")
+                    .prefetch(PREFETCH),
+            )
             .await
             .unwrap();
         (bus, sub)
@@ -225,7 +233,9 @@ fn latency_and_allocations() {
             let p = payload.clone();
             let producer = tokio::spawn(async move {
                 for _ in 0..n {
-                    b.publish("bench.alloc", Message::new(p.clone())).await.unwrap();
+                    b.publish("bench.alloc", Message::new(p.clone()))
+                        .await
+                        .unwrap();
                 }
             });
             for _ in 0..n {

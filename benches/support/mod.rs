@@ -93,7 +93,7 @@ impl Latencies {
         let _ = self.0.lock().unwrap().record(us.min(60_000_000));
     }
 
-    pub fn len(&self) -> u64 {
+    pub fn count(&self) -> u64 {
         self.0.lock().unwrap().len()
     }
 
@@ -122,10 +122,10 @@ where
         tokio::spawn(publish(stamped()));
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    while latencies.len() < n && Instant::now() < deadline {
+    while latencies.count() < n && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(latencies.len(), n, "not every message arrived within 60 s");
+    assert_eq!(latencies.count(), n, "not every message arrived within 60 s");
 }
 
 /// How many messages a latency run sends at `rate`: two seconds' worth, or a
@@ -152,7 +152,11 @@ pub fn alloc_row(backend: &str, imp: &str, per_message: f64) -> serde_json::Valu
 
 /// Write the latency and allocation rows of `backend` for BENCHMARKS.md
 /// (`target/polybus-bench/<backend>.json`); nothing in quick mode.
-pub fn write_results(backend: &str, latency: Vec<serde_json::Value>, allocs: Vec<serde_json::Value>) {
+pub fn write_results(
+    backend: &str,
+    latency: Vec<serde_json::Value>,
+    allocs: Vec<serde_json::Value>,
+) {
     if quick() {
         return;
     }

@@ -1,0 +1,395 @@
+//! The RabbitMQ backend beside raw lapin doing the same work with the same
+//! settings, in the same run: persistent messages with publisher confirms, the
+//! whole batch in flight; consuming from a durable quorum queue with the same
+//! prefetch and one ack per message. Then latency at fixed rates and allocations
+//! per message, both beside raw.
+//!
+//! Needs the broker of `scripts/brokers/rabbitmq.sh start` (or `POLYBUS_AMQP_URL`);
+//! `POLYBUS_SKIP_AMQP=1` skips it, saying so. `scripts/bench` runs every bench
+//! and writes BENCHMARKS.md.
+
+use std::alloc::System;
+use std::time::Instant;
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use polybus_core::{Bus, Message, Subscription};
+use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
+
+#[path = "../../../benches/support/mod.rs"]
+mod support;
+
+use support::{Latencies, SIZES};
+
+#[global_allocator]
+static ALLOC: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+const HINT: &str =
+    "start RabbitMQ with `scripts/brokers/rabbitmq.sh start`, or set POLYBUS_SKIP_AMQP=1";
+const PREFETCH: u16 = 300;
+const RAW_EXCHANGE: &str = "polybus-bench-raw";
+
+fn url() -> String {
+    std::env::var("POLYBUS_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/polybus-test".into())
+}
+
+fn name(prefix: &str) -> String {
+    format!("bench.{prefix}.{}", polybus_core::testkit::unique_name())
+}
+
+async fn bus() -> Bus {
+    polybus_amqp::connect(&url())
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach RabbitMQ: {e}; {HINT}"))
+}
+
+/// Raw lapin: a confirm channel for publishing, a topic exchange like polybus's.
+struct Raw {
+    _conn: Connection,
+    publish: Channel,
+    consume: Channel,
+}
+
+async fn raw() -> Raw {
+    let conn = Connection::connect(&url(), ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach RabbitMQ: {e}; {HINT}"));
+    let publish = conn.create_channel().await.unwrap();
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    publish
+        .exchange_declare(
+            RAW_EXCHANGE.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let consume = conn.create_channel().await.unwrap();
+    consume
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await
+        .unwrap();
+    Raw {
+        _conn: conn,
+        publish,
+        consume,
+    }
+}
+
+impl Raw {
+    /// A durable quorum queue bound to `topic`, as polybus makes for a group.
+    async fn queue(&self, topic: &str) -> lapin::Consumer {
+        let queue = format!("raw-{topic}");
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        self.consume
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .unwrap();
+        self.consume
+            .queue_bind(
+                queue.as_str().into(),
+                RAW_EXCHANGE.into(),
+                topic.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        self.consume
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+    }
+
+    /// Publish `n` persistent messages, all in flight, and wait for every confirm.
+    async fn publish_all(&self, topic: &str, payload: &[u8], n: usize) {
+        let mut confirms = Vec::with_capacity(n);
+        for _ in 0..n {
+            confirms.push(
+                self.publish
+                    .basic_publish(
+                        RAW_EXCHANGE.into(),
+                        topic.into(),
+                        BasicPublishOptions::default(),
+                        payload,
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .unwrap(),
+            );
+        }
+        for c in futures::future::join_all(confirms).await {
+            assert!(c.unwrap().is_ack());
+        }
+    }
+}
+
+async fn raw_consume(consumer: &mut lapin::Consumer, n: usize) {
+    for _ in 0..n {
+        let d = consumer.next().await.expect("open").expect("delivery");
+        std::hint::black_box(&d.data);
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+}
+
+fn publish(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    let mut group = support::broker_group(c, "amqp/publish");
+    let bus = rt.block_on(bus());
+    let raw = rt.block_on(raw());
+    for size in SIZES {
+        let n = support::batch_for(size);
+        group.throughput(Throughput::Elements(n as u64));
+        let payload = Bytes::from(vec![7u8; size]);
+        // Both bound to a group queue, so publishing does the same routing and
+        // persistence; drained between samples, unmeasured.
+        let topic = name("pub");
+        let mut sub = rt.block_on(async {
+            bus.subscribe(
+                Subscription::new(topic.clone())
+                    .group(format!("g{}", polybus_core::testkit::unique_name()))
+                    .prefetch(PREFETCH.into()),
+            )
+            .await
+            .unwrap()
+        });
+        group.bench_function(BenchmarkId::new("polybus", format!("{size}B")), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut measured = std::time::Duration::ZERO;
+                    for _ in 0..iters {
+                        let batch = (0..n).map(|_| Message::new(payload.clone())).collect();
+                        let start = Instant::now();
+                        for r in bus.publish_batch(&topic, batch).await {
+                            r.expect("publish");
+                        }
+                        measured += start.elapsed();
+                        for _ in 0..n {
+                            sub.next().await.unwrap().unwrap().ack().await.unwrap();
+                        }
+                    }
+                    measured
+                })
+            })
+        });
+        let raw_topic = name("pubraw");
+        let mut consumer = rt.block_on(raw.queue(&raw_topic));
+        group.bench_function(BenchmarkId::new("raw", format!("{size}B")), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut measured = std::time::Duration::ZERO;
+                    for _ in 0..iters {
+                        let start = Instant::now();
+                        raw.publish_all(&raw_topic, &payload, n).await;
+                        measured += start.elapsed();
+                        raw_consume(&mut consumer, n).await;
+                    }
+                    measured
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+fn end_to_end(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    let mut group = support::broker_group(c, "amqp/end_to_end");
+    let bus = rt.block_on(bus());
+    let raw = rt.block_on(raw());
+    for size in SIZES {
+        let n = support::batch_for(size);
+        group.throughput(Throughput::Elements(n as u64));
+        let payload = Bytes::from(vec![7u8; size]);
+        let topic = name("e2e");
+        let mut sub = rt.block_on(async {
+            bus.subscribe(
+                Subscription::new(topic.clone())
+                    .group(format!("g{}", polybus_core::testkit::unique_name()))
+                    .prefetch(PREFETCH.into()),
+            )
+            .await
+            .unwrap()
+        });
+        group.bench_function(BenchmarkId::new("polybus", format!("{size}B")), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        let batch: Vec<Message> =
+                            (0..n).map(|_| Message::new(payload.clone())).collect();
+                        let (published, ()) =
+                            tokio::join!(bus.publish_batch(&topic, batch), async {
+                                for _ in 0..n {
+                                    let d = sub.next().await.expect("open").expect("delivery");
+                                    d.ack().await.expect("ack");
+                                }
+                            });
+                        assert!(published.iter().all(Result::is_ok));
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+        let raw_topic = name("e2eraw");
+        let mut consumer = rt.block_on(raw.queue(&raw_topic));
+        group.bench_function(BenchmarkId::new("raw", format!("{size}B")), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        tokio::join!(
+                            raw.publish_all(&raw_topic, &payload, n),
+                            raw_consume(&mut consumer, n)
+                        );
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
+    let bus = rt.block_on(bus());
+    let raw = std::sync::Arc::new(rt.block_on(raw()));
+    let mut latency = Vec::new();
+    for rate in support::RATES {
+        let n = support::latency_count(rate);
+        let lat = Latencies::default();
+        rt.block_on(async {
+            let topic = name("lat");
+            let mut sub = bus
+                .subscribe(
+                    Subscription::new(topic.clone())
+                        .group(format!("g{}", polybus_core::testkit::unique_name()))
+                        .prefetch(PREFETCH.into()),
+                )
+                .await
+                .unwrap();
+            let l = lat.clone();
+            let consumer = tokio::spawn(async move {
+                while let Some(Ok(d)) = sub.next().await {
+                    l.record(d.message().payload());
+                    d.ack().await.unwrap();
+                }
+            });
+            support::at_rate(rate, n, &lat, |p| {
+                let (bus, topic) = (bus.clone(), topic.clone());
+                async move {
+                    bus.publish(&topic, Message::new(p)).await.unwrap();
+                }
+            })
+            .await;
+            consumer.abort();
+        });
+        latency.push(lat.row("amqp", "polybus", rate));
+
+        let lat = Latencies::default();
+        rt.block_on(async {
+            let topic = name("latraw");
+            let mut consumer = raw.queue(&topic).await;
+            let l = lat.clone();
+            let task = tokio::spawn(async move {
+                while let Some(Ok(d)) = consumer.next().await {
+                    l.record(&d.data);
+                    d.ack(BasicAckOptions::default()).await.unwrap();
+                }
+            });
+            support::at_rate(rate, n, &lat, |p| {
+                let (raw, topic) = (raw.clone(), topic.clone());
+                async move {
+                    raw.publish_all(&topic, &p, 1).await;
+                }
+            })
+            .await;
+            task.abort();
+        });
+        latency.push(lat.row("amqp", "raw", rate));
+    }
+
+    let n: u64 = if support::quick() { 200 } else { 2_000 };
+    let payload = Bytes::from_static(&[7u8; 16]);
+    let topic = name("alloc");
+    let mut sub = rt.block_on(async {
+        bus.subscribe(
+            Subscription::new(topic.clone())
+                .group(format!("g{}", polybus_core::testkit::unique_name()))
+                .prefetch(PREFETCH.into()),
+        )
+        .await
+        .unwrap()
+    });
+    let polybus_allocs = support::allocations_per_message(ALLOC, n, || {
+        rt.block_on(async {
+            let batch: Vec<Message> = (0..n).map(|_| Message::new(payload.clone())).collect();
+            let (published, ()) = tokio::join!(bus.publish_batch(&topic, batch), async {
+                for _ in 0..n {
+                    sub.next().await.unwrap().unwrap().ack().await.unwrap();
+                }
+            });
+            assert!(published.iter().all(Result::is_ok));
+        })
+    });
+    let raw_topic = name("allocraw");
+    let mut consumer = rt.block_on(raw.queue(&raw_topic));
+    let raw_allocs = support::allocations_per_message(ALLOC, n, || {
+        rt.block_on(async {
+            tokio::join!(
+                raw.publish_all(&raw_topic, &payload, n as usize),
+                raw_consume(&mut consumer, n as usize)
+            );
+        })
+    });
+    support::write_results(
+        "amqp",
+        latency,
+        vec![
+            support::alloc_row("amqp", "polybus", polybus_allocs),
+            support::alloc_row("amqp", "raw", raw_allocs),
+        ],
+    );
+}
+
+fn main() {
+    if std::env::var_os("POLYBUS_SKIP_AMQP").is_some() {
+        eprintln!("SKIPPED: the amqp bench (POLYBUS_SKIP_AMQP is set)");
+        return;
+    }
+    let rt = support::runtime();
+    let mut c = Criterion::default().configure_from_args();
+    publish(&mut c, &rt);
+    end_to_end(&mut c, &rt);
+    c.final_summary();
+    latency_and_allocations(&rt);
+}

@@ -1,0 +1,348 @@
+//! The Kafka backend beside raw rdkafka doing the same work with the same
+//! settings, in the same run: `acks=all` and idempotence on both producers,
+//! the whole batch in flight; on the consuming side a `StreamConsumer` that
+//! stores each offset after handling it (auto-committed), against a polybus
+//! group subscription that acks each delivery. Then latency at fixed rates and
+//! allocations per message, both beside raw.
+//!
+//! Needs the broker of `scripts/brokers/tansu.sh start` (or `POLYBUS_KAFKA_URL`);
+//! `POLYBUS_SKIP_KAFKA=1` skips it, saying so. `scripts/bench` runs every bench
+//! and writes BENCHMARKS.md.
+
+use std::alloc::System;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput};
+use futures::StreamExt;
+use polybus_core::{Bus, Message, Subscription};
+use rdkafka::Message as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
+
+#[path = "../../../benches/support/mod.rs"]
+mod support;
+
+use support::{Latencies, SIZES};
+
+#[global_allocator]
+static ALLOC: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+const HINT: &str = "start tansu with `scripts/brokers/tansu.sh start`, or set POLYBUS_SKIP_KAFKA=1";
+
+fn brokers() -> String {
+    std::env::var("POLYBUS_KAFKA_URL")
+        .unwrap_or_else(|_| "kafka://127.0.0.1:9092".into())
+        .trim_start_matches("kafka://")
+        .split('?')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn name(prefix: &str) -> String {
+    format!("bench.{prefix}.{}", polybus_core::testkit::unique_name())
+}
+
+async fn bus() -> Bus {
+    polybus_kafka::connect(&format!("kafka://{}", brokers()))
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach kafka: {e}; {HINT}"))
+}
+
+/// The raw producer, configured as polybus configures its own.
+fn raw_producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("log_level", "3")
+        .create()
+        .expect("raw producer")
+}
+
+/// The raw consumer: stored offsets, auto-committed; the fetch settings polybus uses.
+fn raw_consumer(topic: &str) -> StreamConsumer {
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set(
+            "group.id",
+            format!("raw-{}", polybus_core::testkit::unique_name()),
+        )
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "latest")
+        .set("fetch.wait.max.ms", "100")
+        .set("heartbeat.interval.ms", "500")
+        .set("log_level", "3")
+        .create()
+        .expect("raw consumer");
+    c.subscribe(&[topic]).expect("subscribe");
+    c
+}
+
+/// Wait until a raw consumer has its partitions, the way polybus's subscribe does.
+async fn raw_ready(c: &StreamConsumer, producer: &FutureProducer, topic: &str) {
+    // Probe until a record arrives: then the assignment is in place.
+    loop {
+        producer
+            .send(
+                FutureRecord::<(), [u8]>::to(topic).payload(b"probe"),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("probe");
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(2), c.recv()).await {
+            c.store_offset_from_message(&m).expect("store");
+            break;
+        }
+    }
+    // Drain any further probes.
+    while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(500), c.recv()).await {
+        c.store_offset_from_message(&m).expect("store");
+    }
+}
+
+async fn raw_send_all(producer: &FutureProducer, topic: &str, payload: &Bytes, n: usize) {
+    let sends = (0..n).map(|_| {
+        producer.send(
+            FutureRecord::<(), [u8]>::to(topic).payload(payload.as_ref()),
+            Duration::from_secs(30),
+        )
+    });
+    for r in futures::future::join_all(sends).await {
+        r.expect("raw send");
+    }
+}
+
+fn publish(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    let mut group = support::broker_group(c, "kafka/publish");
+    let bus = rt.block_on(bus());
+    let producer = raw_producer();
+    for size in SIZES {
+        let n = support::batch_for(size);
+        group.throughput(Throughput::Elements(n as u64));
+        let payload = Bytes::from(vec![7u8; size]);
+        let topic = name("pub");
+        // Creates the topic; the raw producer writes to one made the same way.
+        let raw_topic = name("pubraw");
+        rt.block_on(async {
+            bus.publish(&topic, Message::new("warm")).await.unwrap();
+            bus.publish(&raw_topic, Message::new("warm")).await.unwrap();
+        });
+        group.bench_function(BenchmarkId::new("polybus", format!("{size}B")), |b| {
+            b.to_async(rt).iter(|| async {
+                let batch = (0..n).map(|_| Message::new(payload.clone())).collect();
+                for r in bus.publish_batch(&topic, batch).await {
+                    r.expect("publish");
+                }
+            })
+        });
+        group.bench_function(BenchmarkId::new("raw", format!("{size}B")), |b| {
+            b.to_async(rt)
+                .iter(|| raw_send_all(&producer, &raw_topic, &payload, n))
+        });
+    }
+    group.finish();
+}
+
+fn end_to_end(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    let mut group = support::broker_group(c, "kafka/end_to_end");
+    let bus = rt.block_on(bus());
+    let producer = raw_producer();
+    for size in SIZES {
+        let n = support::batch_for(size);
+        group.throughput(Throughput::Elements(n as u64));
+        let payload = Bytes::from(vec![7u8; size]);
+
+        let topic = name("e2e");
+        let mut sub = rt.block_on(async {
+            bus.subscribe(
+                Subscription::new(topic.clone())
+                    .group(format!("g{}", polybus_core::testkit::unique_name()))
+                    .prefetch(1_000),
+            )
+            .await
+            .expect("subscribe")
+        });
+        group.bench_function(BenchmarkId::new("polybus", format!("{size}B")), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        let batch: Vec<Message> =
+                            (0..n).map(|_| Message::new(payload.clone())).collect();
+                        let (published, ()) =
+                            tokio::join!(bus.publish_batch(&topic, batch), async {
+                                for _ in 0..n {
+                                    let d = sub.next().await.expect("open").expect("delivery");
+                                    d.ack().await.expect("ack");
+                                }
+                            });
+                        assert!(published.iter().all(Result::is_ok));
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+
+        let raw_topic = name("e2eraw");
+        rt.block_on(bus.publish(&raw_topic, Message::new("create")))
+            .unwrap();
+        let consumer = raw_consumer(&raw_topic);
+        rt.block_on(raw_ready(&consumer, &producer, &raw_topic));
+        group.bench_function(BenchmarkId::new("raw", format!("{size}B")), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        tokio::join!(raw_send_all(&producer, &raw_topic, &payload, n), async {
+                            for _ in 0..n {
+                                let m = consumer.recv().await.expect("recv");
+                                std::hint::black_box(m.payload());
+                                consumer.store_offset_from_message(&m).expect("store");
+                            }
+                        });
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
+    let bus = rt.block_on(bus());
+    let producer = raw_producer();
+    let mut latency = Vec::new();
+    for rate in support::RATES {
+        let n = support::latency_count(rate);
+        let lat = Latencies::default();
+        rt.block_on(async {
+            let topic = name("lat");
+            let mut sub = bus
+                .subscribe(
+                    Subscription::new(topic.clone())
+                        .group(format!("g{}", polybus_core::testkit::unique_name()))
+                        .prefetch(1_000),
+                )
+                .await
+                .unwrap();
+            let l = lat.clone();
+            let consumer = tokio::spawn(async move {
+                while let Some(Ok(d)) = sub.next().await {
+                    l.record(d.message().payload());
+                    d.ack().await.unwrap();
+                }
+            });
+            support::at_rate(rate, n, &lat, |p| {
+                let (bus, topic) = (bus.clone(), topic.clone());
+                async move {
+                    bus.publish(&topic, Message::new(p)).await.unwrap();
+                }
+            })
+            .await;
+            consumer.abort();
+        });
+        latency.push(lat.row("kafka", "polybus", rate));
+
+        let lat = Latencies::default();
+        rt.block_on(async {
+            let topic = name("latraw");
+            bus.publish(&topic, Message::new("create")).await.unwrap();
+            let consumer = raw_consumer(&topic);
+            raw_ready(&consumer, &producer, &topic).await;
+            let l = lat.clone();
+            let task = tokio::spawn(async move {
+                loop {
+                    let m = consumer.recv().await.expect("recv");
+                    l.record(m.payload().unwrap_or_default());
+                    consumer.store_offset_from_message(&m).unwrap();
+                }
+            });
+            support::at_rate(rate, n, &lat, |p| {
+                let (producer, topic) = (producer.clone(), topic.clone());
+                async move {
+                    producer
+                        .send(
+                            FutureRecord::<(), [u8]>::to(&topic).payload(p.as_ref()),
+                            Duration::from_secs(30),
+                        )
+                        .await
+                        .unwrap();
+                }
+            })
+            .await;
+            task.abort();
+        });
+        latency.push(lat.row("kafka", "raw", rate));
+    }
+
+    let n: u64 = if support::quick() { 200 } else { 2_000 };
+    let payload = Bytes::from_static(&[7u8; 16]);
+    let topic = name("alloc");
+    let mut sub = rt.block_on(async {
+        bus.subscribe(
+            Subscription::new(topic.clone())
+                .group(format!("g{}", polybus_core::testkit::unique_name()))
+                .prefetch(1_000),
+        )
+        .await
+        .unwrap()
+    });
+    let polybus_allocs = support::allocations_per_message(ALLOC, n, || {
+        rt.block_on(async {
+            let batch: Vec<Message> = (0..n).map(|_| Message::new(payload.clone())).collect();
+            let (published, ()) = tokio::join!(bus.publish_batch(&topic, batch), async {
+                for _ in 0..n {
+                    sub.next().await.unwrap().unwrap().ack().await.unwrap();
+                }
+            });
+            assert!(published.iter().all(Result::is_ok));
+        })
+    });
+    let raw_topic = name("allocraw");
+    rt.block_on(bus.publish(&raw_topic, Message::new("create")))
+        .unwrap();
+    let consumer = raw_consumer(&raw_topic);
+    rt.block_on(raw_ready(&consumer, &producer, &raw_topic));
+    let raw_allocs = support::allocations_per_message(ALLOC, n, || {
+        rt.block_on(async {
+            tokio::join!(
+                raw_send_all(&producer, &raw_topic, &payload, n as usize),
+                async {
+                    for _ in 0..n {
+                        let m = consumer.recv().await.unwrap();
+                        consumer.store_offset_from_message(&m).unwrap();
+                    }
+                }
+            );
+        })
+    });
+    support::write_results(
+        "kafka",
+        latency,
+        vec![
+            support::alloc_row("kafka", "polybus", polybus_allocs),
+            support::alloc_row("kafka", "raw", raw_allocs),
+        ],
+    );
+}
+
+fn main() {
+    if std::env::var_os("POLYBUS_SKIP_KAFKA").is_some() {
+        eprintln!("SKIPPED: the kafka bench (POLYBUS_SKIP_KAFKA is set)");
+        return;
+    }
+    let rt = support::runtime();
+    // rdkafka's StreamConsumer registers with the runtime it is made in.
+    let _context = rt.enter();
+    let mut c = Criterion::default().configure_from_args();
+    publish(&mut c, &rt);
+    end_to_end(&mut c, &rt);
+    c.final_summary();
+    latency_and_allocations(&rt);
+}
