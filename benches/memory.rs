@@ -1,27 +1,23 @@
 //! The in-memory backend beside a bounded tokio mpsc hand-off of the same
 //! payloads, in the same run: the ratio is the figure that matters. Then
-//! publish-to-delivery latency at fixed rates and allocations per message, both
-//! beside the same baseline.
+//! publish-to-delivery latency at fixed rates beside the same baseline.
+//! Allocations are counted in `memory_allocations`, apart: the counting
+//! allocator's shared counters would slow this bench's hot path.
 //!
 //! `cargo bench --bench memory` (`scripts/bench` runs every bench and writes
 //! BENCHMARKS.md)
 
-use std::alloc::System;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use futures::StreamExt;
 use polybus::{Message, Subscription};
-use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 
 #[path = "support/mod.rs"]
 mod support;
 
 use support::{Latencies, SIZES};
-
-#[global_allocator]
-static ALLOC: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 /// Messages per measured iteration.
 const BATCH: usize = 1_000;
@@ -157,8 +153,8 @@ fn publish_only(c: &mut Criterion) {
     group.finish();
 }
 
-/// Publish-to-delivery latency at fixed rates, and allocations per message.
-fn latency_and_allocations() {
+/// Publish-to-delivery latency at fixed rates.
+fn latency() {
     let rt = support::runtime();
     let mut latency = Vec::new();
     for rate in support::RATES {
@@ -213,60 +209,7 @@ fn latency_and_allocations() {
         latency.push(lat.row("memory", "raw", rate));
     }
 
-    let n: u64 = if support::quick() { 1_000 } else { 20_000 };
-    let payload = Bytes::from_static(&[7u8; 16]);
-    let (bus, mut sub) = rt.block_on(async {
-        let bus = polybus::connect("memory://").await.unwrap();
-        let sub = bus
-            .subscribe(
-                Subscription::new("bench.alloc")
-                    .group("alloc")
-                    .prefetch(PREFETCH),
-            )
-            .await
-            .unwrap();
-        (bus, sub)
-    });
-    let polybus_allocs = support::allocations_per_message(ALLOC, n, || {
-        rt.block_on(async {
-            let b = bus.clone();
-            let p = payload.clone();
-            let producer = tokio::spawn(async move {
-                for _ in 0..n {
-                    b.publish("bench.alloc", Message::new(p.clone()))
-                        .await
-                        .unwrap();
-                }
-            });
-            for _ in 0..n {
-                sub.next().await.unwrap().unwrap().ack().await.unwrap();
-            }
-            producer.await.unwrap();
-        })
-    });
-    let raw_allocs = support::allocations_per_message(ALLOC, n, || {
-        rt.block_on(async {
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PREFETCH as usize);
-            let p = payload.clone();
-            let producer = tokio::spawn(async move {
-                for _ in 0..n {
-                    tx.send(p.clone()).await.unwrap();
-                }
-            });
-            for _ in 0..n {
-                std::hint::black_box(rx.recv().await.unwrap());
-            }
-            producer.await.unwrap();
-        })
-    });
-    support::write_results(
-        "memory",
-        latency,
-        vec![
-            support::alloc_row("memory", "polybus", polybus_allocs),
-            support::alloc_row("memory", "raw", raw_allocs),
-        ],
-    );
+    support::write_results("memory", latency, Vec::new());
 }
 
 fn main() {
@@ -274,5 +217,5 @@ fn main() {
     end_to_end(&mut c);
     publish_only(&mut c);
     c.final_summary();
-    latency_and_allocations();
+    latency();
 }

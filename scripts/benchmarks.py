@@ -86,10 +86,14 @@ def main():
         sys.exit("no criterion results under target/criterion: run scripts/bench first")
     extra = {}
     for b in BACKENDS:
-        path = os.path.join(RESULTS, f"{b}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                extra[b] = json.load(f)
+        extra[b] = {"latency": [], "allocations": []}
+        for name in (b, f"{b}-allocations"):
+            path = os.path.join(RESULTS, f"{name}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    doc = json.load(f)
+                for k in ("latency", "allocations"):
+                    extra[b][k] += doc.get(k, [])
     cpu, cores, mem, kernel, rustc, commit = machine()
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     w = sys.stdout.write

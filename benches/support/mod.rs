@@ -125,7 +125,11 @@ where
     while latencies.count() < n && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(latencies.count(), n, "not every message arrived within 60 s");
+    assert_eq!(
+        latencies.count(),
+        n,
+        "not every message arrived within 60 s"
+    );
 }
 
 /// How many messages a latency run sends at `rate`: two seconds' worth, or a
@@ -157,6 +161,21 @@ pub fn write_results(
     latency: Vec<serde_json::Value>,
     allocs: Vec<serde_json::Value>,
 ) {
+    write(
+        backend,
+        serde_json::json!({ "latency": latency, "allocations": allocs }),
+    );
+}
+
+/// Write allocation rows alone (`target/polybus-bench/<backend>-allocations.json`).
+pub fn write_allocations(backend: &str, allocs: Vec<serde_json::Value>) {
+    write(
+        &format!("{backend}-allocations"),
+        serde_json::json!({ "allocations": allocs }),
+    );
+}
+
+fn write(name: &str, doc: serde_json::Value) {
     if quick() {
         return;
     }
@@ -166,11 +185,7 @@ pub fn write_results(
         .expect("workspace root")
         .join("target/polybus-bench");
     std::fs::create_dir_all(&dir).expect("results dir");
-    let doc = serde_json::json!({ "latency": latency, "allocations": allocs });
-    std::fs::write(
-        dir.join(format!("{backend}.json")),
-        serde_json::to_string_pretty(&doc).unwrap(),
-    )
-    .expect("results file");
-    println!("{}", serde_json::to_string_pretty(&doc).unwrap());
+    let text = serde_json::to_string_pretty(&doc).unwrap();
+    std::fs::write(dir.join(format!("{name}.json")), &text).expect("results file");
+    println!("{text}");
 }

@@ -1,0 +1,77 @@
+//! Allocations per message of the in-memory backend beside a bounded tokio mpsc
+//! hand-off of the same payloads, counted by a counting global allocator. Apart
+//! from the `memory` bench, whose throughput the counters would slow.
+//!
+//! `cargo bench --bench memory_allocations`
+
+use std::alloc::System;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use polybus::{Message, Subscription};
+use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
+
+#[path = "support/mod.rs"]
+mod support;
+
+#[global_allocator]
+static ALLOC: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+const PREFETCH: u32 = 256;
+
+fn main() {
+    let rt = support::runtime();
+    let n: u64 = if support::quick() { 1_000 } else { 20_000 };
+    let payload = Bytes::from_static(&[7u8; 16]);
+    let (bus, mut sub) = rt.block_on(async {
+        let bus = polybus::connect("memory://").await.unwrap();
+        let sub = bus
+            .subscribe(
+                Subscription::new("bench.alloc")
+                    .group("alloc")
+                    .prefetch(PREFETCH),
+            )
+            .await
+            .unwrap();
+        (bus, sub)
+    });
+    let polybus_allocs = support::allocations_per_message(ALLOC, n, || {
+        rt.block_on(async {
+            let b = bus.clone();
+            let p = payload.clone();
+            let producer = tokio::spawn(async move {
+                for _ in 0..n {
+                    b.publish("bench.alloc", Message::new(p.clone()))
+                        .await
+                        .unwrap();
+                }
+            });
+            for _ in 0..n {
+                sub.next().await.unwrap().unwrap().ack().await.unwrap();
+            }
+            producer.await.unwrap();
+        })
+    });
+    let raw_allocs = support::allocations_per_message(ALLOC, n, || {
+        rt.block_on(async {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PREFETCH as usize);
+            let p = payload.clone();
+            let producer = tokio::spawn(async move {
+                for _ in 0..n {
+                    tx.send(p.clone()).await.unwrap();
+                }
+            });
+            for _ in 0..n {
+                std::hint::black_box(rx.recv().await.unwrap());
+            }
+            producer.await.unwrap();
+        })
+    });
+    support::write_allocations(
+        "memory",
+        vec![
+            support::alloc_row("memory", "polybus", polybus_allocs),
+            support::alloc_row("memory", "raw", raw_allocs),
+        ],
+    );
+}
