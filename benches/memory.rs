@@ -217,5 +217,7 @@ fn main() {
     end_to_end(&mut c);
     publish_only(&mut c);
     c.final_summary();
-    latency();
+    if support::extras() {
+        latency();
+    }
 }

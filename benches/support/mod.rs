@@ -132,6 +132,12 @@ where
     );
 }
 
+/// Whether to run the latency and allocation part after criterion's
+/// (`POLYBUS_BENCH_EXTRAS=0` leaves it out, for a run of one criterion group).
+pub fn extras() -> bool {
+    std::env::var("POLYBUS_BENCH_EXTRAS").map_or(true, |v| v != "0")
+}
+
 /// How many messages a latency run sends at `rate`: two seconds' worth, or a
 /// tenth of a second in quick mode.
 pub fn latency_count(rate: u64) -> u64 {

@@ -6,6 +6,9 @@
 #                                      kill -9 the broker this script started, wait
 #                                      SECONDS (default 0), start it again on the
 #                                      same data (the restart test)
+#   scripts/brokers/tansu.sh reset     stop the broker this script started, wipe its
+#                                      data, start it again (benches: tansu's sqlite
+#                                      store slows down as it grows by gigabytes)
 #   scripts/brokers/tansu.sh stop      stop the broker, if `start` started it
 #
 # No Apache Kafka package is reachable here; tansu 0.6.0 is on crates.io. It needs
@@ -113,6 +116,20 @@ restart() {
   launch
 }
 
+reset() {
+  if ! ours; then
+    log "no broker started by this script is running; nothing to reset" >&2
+    exit 1
+  fi
+  local pid
+  pid=$(cat "$pidfile")
+  kill "$pid"
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+  rm -f "$state"/tansu.db*
+  log "wiped its data; starting again"
+  launch
+}
+
 stop() {
   [ -f "$marker" ] || return 0
   if [ -n "${POLYBUS_BROKER_SESSION:-}" ] && [ "$(cat "$marker")" != "$POLYBUS_BROKER_SESSION" ]; then
@@ -133,6 +150,7 @@ stop() {
 case "${1:-}" in
   start) start ;;
   restart) restart "${2:-0}" ;;
+  reset) reset ;;
   stop) stop ;;
-  *) echo "usage: $0 start|restart [SECONDS]|stop" >&2; exit 2 ;;
+  *) echo "usage: $0 start|restart [SECONDS]|reset|stop" >&2; exit 2 ;;
 esac

@@ -391,5 +391,7 @@ fn main() {
     publish(&mut c, &rt);
     end_to_end(&mut c, &rt);
     c.final_summary();
-    latency_and_allocations(&rt);
+    if support::extras() {
+        latency_and_allocations(&rt);
+    }
 }

@@ -19,6 +19,7 @@ use polybus_core::{Bus, Message, Subscription};
 use rdkafka::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 
@@ -40,6 +41,13 @@ fn brokers() -> String {
         .next()
         .unwrap_or_default()
         .to_owned()
+}
+
+/// A 32-character id, as long as polybus's.
+fn uuid_like() -> String {
+    let a = polybus_core::testkit::unique_name();
+    let b = polybus_core::testkit::unique_name();
+    format!("{a}{b}{a}")[..32].to_owned()
 }
 
 fn name(prefix: &str) -> String {
@@ -105,13 +113,22 @@ async fn raw_ready(c: &StreamConsumer, producer: &FutureProducer, topic: &str) {
     }
 }
 
+/// A record as a raw client that wants message ids writes it: the payload and
+/// an id header, as polybus writes `polybus-id` (C13).
+fn raw_record<'a>(topic: &'a str, payload: &'a [u8], id: &'a str) -> FutureRecord<'a, (), [u8]> {
+    FutureRecord::to(topic)
+        .payload(payload)
+        .headers(OwnedHeaders::new().insert(Header {
+            key: "id",
+            value: Some(id.as_bytes()),
+        }))
+}
+
 async fn raw_send_all(producer: &FutureProducer, topic: &str, payload: &Bytes, n: usize) {
-    let sends = (0..n).map(|_| {
-        producer.send(
-            FutureRecord::<(), [u8]>::to(topic).payload(payload.as_ref()),
-            Duration::from_secs(30),
-        )
-    });
+    let ids: Vec<String> = (0..n).map(|_| uuid_like()).collect();
+    let sends = ids
+        .iter()
+        .map(|id| producer.send(raw_record(topic, payload, id), Duration::from_secs(30)));
     for r in futures::future::join_all(sends).await {
         r.expect("raw send");
     }
@@ -266,11 +283,9 @@ fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
             support::at_rate(rate, n, &lat, |p| {
                 let (producer, topic) = (producer.clone(), topic.clone());
                 async move {
+                    let id = uuid_like();
                     producer
-                        .send(
-                            FutureRecord::<(), [u8]>::to(&topic).payload(p.as_ref()),
-                            Duration::from_secs(30),
-                        )
+                        .send(raw_record(&topic, &p, &id), Duration::from_secs(30))
                         .await
                         .unwrap();
                 }
@@ -344,5 +359,7 @@ fn main() {
     publish(&mut c, &rt);
     end_to_end(&mut c, &rt);
     c.final_summary();
-    latency_and_allocations(&rt);
+    if support::extras() {
+        latency_and_allocations(&rt);
+    }
 }
