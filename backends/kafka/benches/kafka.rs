@@ -43,11 +43,11 @@ fn brokers() -> String {
         .to_owned()
 }
 
-/// A 32-character id, as long as polybus's.
+/// A 36-character id, as long as polybus's (a hyphenated uuid).
 fn uuid_like() -> String {
     let a = polybus_core::testkit::unique_name();
     let b = polybus_core::testkit::unique_name();
-    format!("{a}{b}{a}")[..32].to_owned()
+    format!("{a}{b}{a}")[..36].to_owned()
 }
 
 fn name(prefix: &str) -> String {
