@@ -242,44 +242,102 @@ impl Connector {
                 }
                 Err(e) => return Err((map_err(e, "cannot publish"), false)),
             };
-            let confirmed = match tokio::time::timeout_at(deadline, confirm).await {
-                Ok(c) => c,
-                Err(_) => {
-                    return Err((
-                        Error::new(Kind::Timeout, "no confirm from the broker in time"),
-                        true,
-                    ));
-                }
-            };
-            return match confirmed {
-                Ok(Confirmation::Ack(Some(returned)))
-                    if mandatory && returned.delivery.properties.message_id() == &id =>
+            let confirmed = tokio::time::timeout_at(deadline, confirm).await;
+            return Self::outcome(confirmed, mandatory, &id, routing_key);
+        }
+    }
+
+    /// Publish a batch to one routing key: every frame written under one hold
+    /// of the write lock, then every confirm awaited at once, as a raw client
+    /// pipelines. What cannot be written (a lost connection) goes through
+    /// [`publish`](Self::publish), which reconnects.
+    pub(crate) async fn publish_many(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        items: &[(&[u8], BasicProperties)],
+    ) -> Vec<std::result::Result<(), (Error, bool)>> {
+        let deadline = Self::deadline_in(self.options.publish_timeout);
+        let mut confirms = Vec::with_capacity(items.len());
+        if let Ok(live) = self.live(deadline).await {
+            let _writing = live.publish_lock.lock().await;
+            for (payload, properties) in items {
+                match live
+                    .publish
+                    .basic_publish(
+                        exchange.into(),
+                        routing_key.into(),
+                        BasicPublishOptions::default(),
+                        payload,
+                        properties.clone(),
+                    )
+                    .await
                 {
-                    Err((
-                        Error::new(
-                            Kind::Refused,
-                            format!("the broker returned the message: no queue `{routing_key}`"),
-                        ),
-                        false,
-                    ))
+                    Ok(confirm) => confirms.push(confirm),
+                    Err(_) => break,
                 }
-                Ok(Confirmation::Ack(_)) => Ok(()),
-                Ok(Confirmation::Nack(_)) => Err((
+            }
+        }
+        let written = confirms.len();
+        let awaited = futures::future::join_all(confirms.into_iter().zip(items).map(
+            |(confirm, (_, properties))| async move {
+                let confirmed = tokio::time::timeout_at(deadline, confirm).await;
+                Self::outcome(confirmed, false, properties.message_id(), routing_key)
+            },
+        ));
+        let rest =
+            futures::future::join_all(items[written..].iter().map(|(payload, properties)| {
+                self.publish(exchange, routing_key, payload, properties.clone(), false)
+            }));
+        let (mut results, rest) = tokio::join!(awaited, rest);
+        results.extend(rest);
+        results
+    }
+
+    /// What a confirm (or its time-out) means for the publish.
+    fn outcome(
+        confirmed: std::result::Result<lapin::Result<Confirmation>, tokio::time::error::Elapsed>,
+        mandatory: bool,
+        id: &Option<lapin::types::ShortString>,
+        routing_key: &str,
+    ) -> std::result::Result<(), (Error, bool)> {
+        let confirmed = match confirmed {
+            Ok(c) => c,
+            Err(_) => {
+                return Err((
+                    Error::new(Kind::Timeout, "no confirm from the broker in time"),
+                    true,
+                ));
+            }
+        };
+        match confirmed {
+            Ok(Confirmation::Ack(Some(returned)))
+                if mandatory && returned.delivery.properties.message_id() == id =>
+            {
+                Err((
                     Error::new(
                         Kind::Refused,
-                        "the broker refused the message (publisher nack)",
+                        format!("the broker returned the message: no queue `{routing_key}`"),
                     ),
                     false,
-                )),
-                Ok(Confirmation::NotRequested) => Err((
-                    Error::new(
-                        Kind::Other,
-                        "no confirm was requested; this is a polybus bug",
-                    ),
-                    true,
-                )),
-                Err(e) => Err((map_err(e, "the confirm was lost"), true)),
-            };
+                ))
+            }
+            Ok(Confirmation::Ack(_)) => Ok(()),
+            Ok(Confirmation::Nack(_)) => Err((
+                Error::new(
+                    Kind::Refused,
+                    "the broker refused the message (publisher nack)",
+                ),
+                false,
+            )),
+            Ok(Confirmation::NotRequested) => Err((
+                Error::new(
+                    Kind::Other,
+                    "no confirm was requested; this is a polybus bug",
+                ),
+                true,
+            )),
+            Err(e) => Err((map_err(e, "the confirm was lost"), true)),
         }
     }
 

@@ -127,6 +127,57 @@ impl Publisher for AmqpBus {
         }
     }
 
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<Message>,
+    ) -> Vec<Result<Receipt, PublishError>> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let _guard = InFlight(self);
+        let options = &self.connector.options;
+        let mut results: Vec<Option<Result<Receipt, PublishError>>> =
+            Vec::with_capacity(messages.len());
+        let mut ready = Vec::with_capacity(messages.len());
+        for message in messages {
+            if let Err(e) = self.check_open("publish") {
+                results.push(Some(Err(PublishError::not_delivered(e, message))));
+                continue;
+            }
+            match prepare_publish(topic, message, options.max_payload) {
+                Ok(m) => {
+                    ready.push((results.len(), m));
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        let props: Vec<_> = ready
+            .iter()
+            .map(|(_, m)| mapping::properties(m, &[]))
+            .collect();
+        let items: Vec<(&[u8], _)> = ready
+            .iter()
+            .zip(props)
+            .map(|((_, m), p)| (m.payload().as_ref(), p))
+            .collect();
+        let outcomes = self
+            .connector
+            .publish_many(&options.exchange, topic, &items)
+            .await;
+        drop(items);
+        for ((i, message), outcome) in ready.into_iter().zip(outcomes) {
+            results[i] = Some(match outcome {
+                Ok(()) => Ok(Receipt::default()),
+                Err((e, true)) => Err(PublishError::maybe_delivered(e, message)),
+                Err((e, false)) => Err(PublishError::not_delivered(e, message)),
+            });
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every message has a result"))
+            .collect()
+    }
+
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
         loop {

@@ -235,7 +235,7 @@ fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
     let bus = rt.block_on(bus());
     let producer = raw_producer();
     let mut latency = Vec::new();
-    for rate in support::RATES {
+    for rate in support::KAFKA_RATES {
         let n = support::latency_count(rate);
         let lat = Latencies::default();
         rt.block_on(async {
