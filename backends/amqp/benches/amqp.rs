@@ -45,8 +45,12 @@ fn name(prefix: &str) -> String {
     format!("bench.{prefix}.{}", polybus_core::testkit::unique_name())
 }
 
+/// polybus on an exchange of its own, so routing is not slowed by the bindings
+/// test runs leave on the default `polybus` exchange; raw lapin has its own too.
 async fn bus() -> Bus {
-    polybus_amqp::connect(&url())
+    let url = url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    polybus_amqp::connect(&format!("{url}{sep}exchange=polybus-bench"))
         .await
         .unwrap_or_else(|e| panic!("cannot reach RabbitMQ: {e}; {HINT}"))
 }
