@@ -159,32 +159,9 @@ fn latency() {
     let mut latency = Vec::new();
     for rate in support::RATES {
         let n = support::latency_count(rate);
-        let lat = Latencies::default();
-        rt.block_on(async {
+        let lat = rt.block_on(async {
             let bus = polybus::connect("memory://").await.unwrap();
-            let mut sub = bus
-                .subscribe(
-                    Subscription::new("bench.lat")
-                        .group("lat")
-                        .prefetch(PREFETCH),
-                )
-                .await
-                .unwrap();
-            let l = lat.clone();
-            let consumer = tokio::spawn(async move {
-                while let Some(Ok(d)) = sub.next().await {
-                    l.record(d.message().payload());
-                    d.ack().await.unwrap();
-                }
-            });
-            support::at_rate(rate, n, &lat, |p| {
-                let bus = bus.clone();
-                async move {
-                    bus.publish("bench.lat", Message::new(p)).await.unwrap();
-                }
-            })
-            .await;
-            consumer.abort();
+            support::polybus_latency(&bus, "bench.lat", PREFETCH, rate, n).await
         });
         latency.push(lat.row("memory", "polybus", rate));
 

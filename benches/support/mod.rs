@@ -141,6 +141,68 @@ pub fn extras() -> bool {
     std::env::var("POLYBUS_BENCH_EXTRAS").map_or(true, |v| v != "0")
 }
 
+/// polybus's side of a latency run: a group subscription on `topic` records
+/// each delivery's age and acks it while `n` stamped messages are published at
+/// `rate`.
+pub async fn polybus_latency(
+    bus: &polybus_core::Bus,
+    topic: &str,
+    prefetch: u32,
+    rate: u64,
+    n: u64,
+) -> Latencies {
+    use futures::StreamExt;
+    let lat = Latencies::default();
+    let mut sub = bus
+        .subscribe(
+            polybus_core::Subscription::new(topic)
+                .group(format!("g{}", polybus_core::testkit::unique_name()))
+                .prefetch(prefetch),
+        )
+        .await
+        .expect("subscribe");
+    let l = lat.clone();
+    let consumer = tokio::spawn(async move {
+        while let Some(Ok(d)) = sub.next().await {
+            l.record(d.message().payload());
+            d.ack().await.expect("ack");
+        }
+    });
+    at_rate(rate, n, &lat, |p| {
+        let (bus, topic) = (bus.clone(), topic.to_owned());
+        async move {
+            bus.publish(&topic, polybus_core::Message::new(p))
+                .await
+                .expect("publish");
+        }
+    })
+    .await;
+    consumer.abort();
+    lat
+}
+
+/// Publish `n` messages of `payload` to `topic` as one pipelined batch while
+/// receiving and acking `n` from `sub`: one end-to-end round of polybus.
+pub async fn polybus_round(
+    bus: &polybus_core::Bus,
+    topic: &str,
+    sub: &mut polybus_core::DeliveryStream,
+    payload: &Bytes,
+    n: usize,
+) {
+    use futures::StreamExt;
+    let batch: Vec<polybus_core::Message> = (0..n)
+        .map(|_| polybus_core::Message::new(payload.clone()))
+        .collect();
+    let (published, ()) = tokio::join!(bus.publish_batch(topic, batch), async {
+        for _ in 0..n {
+            let d = sub.next().await.expect("open").expect("delivery");
+            d.ack().await.expect("ack");
+        }
+    });
+    assert!(published.iter().all(Result::is_ok), "a publish failed");
+}
+
 /// How many messages a latency run sends at `rate`: two seconds' worth, or a
 /// tenth of a second in quick mode.
 pub fn latency_count(rate: u64) -> u64 {

@@ -31,6 +31,52 @@ impl Receipt {
     }
 }
 
+/// Counts a publisher's operations in flight, so `close` can wait for them
+/// (C10); for backends.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One operation in flight, until dropped.
+#[derive(Debug)]
+pub struct InFlightGuard<'a>(&'a InFlight);
+
+impl InFlight {
+    /// Count an operation until the guard is dropped.
+    pub fn enter(&self) -> InFlightGuard<'_> {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlightGuard(self)
+    }
+
+    /// Wait until no operation is in flight.
+    pub async fn idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        if self
+            .0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
 /// Publishes messages. Object-safe: `Arc<dyn Publisher>` works.
 #[async_trait]
 pub trait Publisher: Send + Sync {

@@ -36,7 +36,8 @@ pub mod topic;
 pub mod testkit;
 
 pub use bus::{
-    Backend, Bus, Capabilities, Capability, Publisher, Receipt, Subscriber, prepare_publish,
+    Backend, Bus, Capabilities, Capability, InFlight, InFlightGuard, Publisher, Receipt,
+    Subscriber, prepare_publish,
 };
 pub use delivery::{Acker, Delivery, DeliverySource, DeliveryStream, Settlement};
 pub use error::{Error, Kind, PublishError, Result};

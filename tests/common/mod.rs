@@ -2,6 +2,14 @@
 //! and what to say when it is not there.
 #![allow(dead_code)] // each test binary uses its own part
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use polybus::{Bus, DeliveryStream, Kind, Message};
+
 pub const HOST: &str = "127.0.0.1:5672";
 pub const VHOST: &str = "polybus-test";
 pub const HINT: &str =
@@ -47,4 +55,139 @@ pub async fn kafka_bus(url: &str) -> polybus::Bus {
     polybus::connect(url)
         .await
         .unwrap_or_else(|e| panic!("cannot reach kafka: {e}; {KAFKA_HINT}"))
+}
+
+/// Publishers and a consumer running through a broker outage (the restart
+/// tests): every message whose publish returned `Ok` must arrive.
+pub struct Traffic {
+    stop: Arc<AtomicBool>,
+    seq: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    confirmed: Arc<Mutex<HashSet<u64>>>,
+    received: Arc<Mutex<Vec<u64>>>,
+    publishers: Vec<tokio::task::JoinHandle<()>>,
+    consumer: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    /// Start `tasks` publishers to `topic`, each with `batch` publishes in
+    /// flight, and a consumer acking everything `sub` delivers.
+    pub fn start(
+        publisher: &Bus,
+        topic: &str,
+        tasks: usize,
+        batch: u64,
+        mut sub: DeliveryStream,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seq = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let confirmed = Arc::new(Mutex::new(HashSet::new()));
+        let publishers = (0..tasks)
+            .map(|_| {
+                let (bus, topic, stop, seq, failed, confirmed) = (
+                    publisher.clone(),
+                    topic.to_owned(),
+                    stop.clone(),
+                    seq.clone(),
+                    failed.clone(),
+                    confirmed.clone(),
+                );
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Acquire) {
+                        let first = seq.fetch_add(batch, Ordering::AcqRel);
+                        let messages = (first..first + batch)
+                            .map(|n| {
+                                Message::new(n.to_string())
+                                    .with_id(n.to_string())
+                                    .with_key(format!("k{}", n % 7))
+                            })
+                            .collect();
+                        let results = bus.publish_batch(&topic, messages).await;
+                        for (n, result) in (first..).zip(results) {
+                            match result {
+                                Ok(_) => {
+                                    confirmed.lock().unwrap().insert(n);
+                                }
+                                Err(e) => {
+                                    assert!(
+                                        matches!(
+                                            e.kind(),
+                                            Kind::Connection | Kind::Timeout | Kind::Refused
+                                        ),
+                                        "untyped failure: {}",
+                                        e.error()
+                                    );
+                                    failed.fetch_add(1, Ordering::AcqRel);
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let consumer = {
+            let received = received.clone();
+            tokio::spawn(async move {
+                while let Some(item) = sub.next().await {
+                    match item {
+                        Ok(d) => {
+                            let n: u64 = d.message().id().parse().unwrap();
+                            // A settlement the outage interrupted fails; the
+                            // message comes again.
+                            if d.ack().await.is_ok() {
+                                received.lock().unwrap().push(n);
+                            }
+                        }
+                        Err(e) => eprintln!("consumer: {e}"),
+                    }
+                }
+            })
+        };
+        Traffic {
+            stop,
+            seq,
+            failed,
+            confirmed,
+            received,
+            publishers,
+            consumer,
+        }
+    }
+
+    /// Stop publishing, wait up to `patience` for every confirmed message,
+    /// print the counts and fail if any confirmed message was lost.
+    pub async fn finish(self, label: &str, patience: Duration) {
+        self.stop.store(true, Ordering::Release);
+        for p in self.publishers {
+            p.await.unwrap();
+        }
+        let confirmed: HashSet<u64> = self.confirmed.lock().unwrap().clone();
+        let deadline = Instant::now() + patience;
+        loop {
+            let got: HashSet<u64> = self.received.lock().unwrap().iter().copied().collect();
+            if confirmed.is_subset(&got) || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.consumer.abort();
+        let received = self.received.lock().unwrap().clone();
+        let unique: HashSet<u64> = received.iter().copied().collect();
+        let lost = confirmed.difference(&unique).count();
+        let duplicated = received.len() - unique.len();
+        println!(
+            "{label}: published {} confirmed {} failed {} received {} lost {lost} duplicated {duplicated}",
+            self.seq.load(Ordering::Acquire),
+            confirmed.len(),
+            self.failed.load(Ordering::Acquire),
+            unique.len(),
+        );
+        assert!(
+            confirmed.len() > 100,
+            "too little traffic to prove anything"
+        );
+        assert_eq!(lost, 0, "confirmed messages that never arrived");
+    }
 }

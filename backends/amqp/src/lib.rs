@@ -33,13 +33,12 @@ mod subscriber;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use polybus_core::{
-    Backend, Bus, Capabilities, Capability, DeliveryStream, Error, Message, PublishError,
+    Backend, Bus, Capabilities, Capability, DeliveryStream, Error, InFlight, Message, PublishError,
     Publisher, Receipt, Result, Subscriber, Subscription, async_trait, prepare_publish,
 };
-use tokio::sync::Notify;
 
 use crate::connection::Connector;
 pub use crate::options::{AmqpOptions, DEFAULT_MAX_PAYLOAD};
@@ -49,8 +48,7 @@ use crate::subscriber::{AmqpSource, Shared};
 pub struct AmqpBus {
     connector: Arc<Connector>,
     closed: AtomicBool,
-    in_flight: AtomicUsize,
-    idle: Notify,
+    in_flight: InFlight,
 }
 
 /// Connect to the broker(s) an `amqp://` or `amqps://` URL names; see
@@ -70,8 +68,7 @@ impl AmqpBus {
         Ok(AmqpBus {
             connector: Connector::connect(options).await?,
             closed: AtomicBool::new(false),
-            in_flight: AtomicUsize::new(0),
-            idle: Notify::new(),
+            in_flight: InFlight::default(),
         })
     }
 
@@ -94,22 +91,10 @@ impl fmt::Debug for AmqpBus {
     }
 }
 
-/// Counts a publish as in flight until dropped, so `close` can wait for it.
-struct InFlight<'a>(&'a AmqpBus);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
-
 #[async_trait]
 impl Publisher for AmqpBus {
     async fn publish(&self, topic: &str, message: Message) -> Result<Receipt, PublishError> {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let _guard = InFlight(self);
+        let _in_flight = self.in_flight.enter();
         if let Err(e) = self.check_open("publish") {
             return Err(PublishError::not_delivered(e, message));
         }
@@ -132,8 +117,7 @@ impl Publisher for AmqpBus {
         topic: &str,
         messages: Vec<Message>,
     ) -> Vec<Result<Receipt, PublishError>> {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let _guard = InFlight(self);
+        let _in_flight = self.in_flight.enter();
         let options = &self.connector.options;
         let mut results: Vec<Option<Result<Receipt, PublishError>>> =
             Vec::with_capacity(messages.len());
@@ -180,15 +164,8 @@ impl Publisher for AmqpBus {
 
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
-        loop {
-            let idle = self.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if self.in_flight.load(Ordering::Acquire) == 0 {
-                return Ok(());
-            }
-            idle.await;
-        }
+        self.in_flight.idle().await;
+        Ok(())
     }
 }
 

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput};
-use futures::StreamExt;
 use polybus_core::{Bus, Message, Subscription};
 use rdkafka::Message as _;
 use rdkafka::config::ClientConfig;
@@ -189,16 +188,7 @@ fn end_to_end(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
                 rt.block_on(async {
                     let start = Instant::now();
                     for _ in 0..iters {
-                        let batch: Vec<Message> =
-                            (0..n).map(|_| Message::new(payload.clone())).collect();
-                        let (published, ()) =
-                            tokio::join!(bus.publish_batch(&topic, batch), async {
-                                for _ in 0..n {
-                                    let d = sub.next().await.expect("open").expect("delivery");
-                                    d.ack().await.expect("ack");
-                                }
-                            });
-                        assert!(published.iter().all(Result::is_ok));
+                        support::polybus_round(&bus, &topic, &mut sub, &payload, n).await;
                     }
                     start.elapsed()
                 })
@@ -237,33 +227,7 @@ fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
     let mut latency = Vec::new();
     for rate in support::KAFKA_RATES {
         let n = support::latency_count(rate);
-        let lat = Latencies::default();
-        rt.block_on(async {
-            let topic = name("lat");
-            let mut sub = bus
-                .subscribe(
-                    Subscription::new(topic.clone())
-                        .group(format!("g{}", polybus_core::testkit::unique_name()))
-                        .prefetch(1_000),
-                )
-                .await
-                .unwrap();
-            let l = lat.clone();
-            let consumer = tokio::spawn(async move {
-                while let Some(Ok(d)) = sub.next().await {
-                    l.record(d.message().payload());
-                    d.ack().await.unwrap();
-                }
-            });
-            support::at_rate(rate, n, &lat, |p| {
-                let (bus, topic) = (bus.clone(), topic.clone());
-                async move {
-                    bus.publish(&topic, Message::new(p)).await.unwrap();
-                }
-            })
-            .await;
-            consumer.abort();
-        });
+        let lat = rt.block_on(support::polybus_latency(&bus, &name("lat"), 1_000, rate, n));
         latency.push(lat.row("kafka", "polybus", rate));
 
         let lat = Latencies::default();
@@ -310,13 +274,7 @@ fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
     });
     let polybus_allocs = support::allocations_per_message(ALLOC, n, || {
         rt.block_on(async {
-            let batch: Vec<Message> = (0..n).map(|_| Message::new(payload.clone())).collect();
-            let (published, ()) = tokio::join!(bus.publish_batch(&topic, batch), async {
-                for _ in 0..n {
-                    sub.next().await.unwrap().unwrap().ack().await.unwrap();
-                }
-            });
-            assert!(published.iter().all(Result::is_ok));
+            support::polybus_round(&bus, &topic, &mut sub, &payload, n as usize).await;
         })
     });
     let raw_topic = name("allocraw");

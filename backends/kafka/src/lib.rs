@@ -33,13 +33,12 @@ mod subscriber;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use polybus_core::{
-    Backend, Bus, Capabilities, Capability, DeliveryStream, Error, Message, PublishError,
+    Backend, Bus, Capabilities, Capability, DeliveryStream, Error, InFlight, Message, PublishError,
     Publisher, Receipt, Result, Subscriber, Subscription, async_trait, prepare_publish,
 };
-use tokio::sync::Notify;
 
 use crate::connection::Connector;
 pub use crate::options::{Compression, DEFAULT_MAX_PAYLOAD, KafkaOptions};
@@ -48,8 +47,7 @@ pub use crate::options::{Compression, DEFAULT_MAX_PAYLOAD, KafkaOptions};
 pub struct KafkaBus {
     connector: Arc<Connector>,
     closed: AtomicBool,
-    in_flight: AtomicUsize,
-    idle: Notify,
+    in_flight: InFlight,
 }
 
 /// Connect to the brokers a `kafka://` URL names; see [`KafkaOptions::from_url`].
@@ -69,8 +67,7 @@ impl KafkaBus {
         Ok(KafkaBus {
             connector: Connector::connect(options).await?,
             closed: AtomicBool::new(false),
-            in_flight: AtomicUsize::new(0),
-            idle: Notify::new(),
+            in_flight: InFlight::default(),
         })
     }
 }
@@ -84,22 +81,10 @@ impl fmt::Debug for KafkaBus {
     }
 }
 
-/// Counts a publish as in flight until dropped, so `close` can wait for it.
-struct InFlight<'a>(&'a KafkaBus);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
-
 #[async_trait]
 impl Publisher for KafkaBus {
     async fn publish(&self, topic: &str, message: Message) -> Result<Receipt, PublishError> {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let _guard = InFlight(self);
+        let _in_flight = self.in_flight.enter();
         if self.closed.load(Ordering::Acquire) {
             let e = Error::closed("cannot publish: the kafka bus is closed");
             return Err(PublishError::not_delivered(e, message));
@@ -114,15 +99,7 @@ impl Publisher for KafkaBus {
 
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
-        loop {
-            let idle = self.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if self.in_flight.load(Ordering::Acquire) == 0 {
-                break;
-            }
-            idle.await;
-        }
+        self.in_flight.idle().await;
         // Retry and dead-letter copies produced by subscriptions, too.
         self.connector
             .flush(self.connector.options.publish_timeout)
