@@ -14,13 +14,12 @@ use lapin::options::{
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-};
-use polybus_core::{Error, Kind, Result, ValidSubscription};
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use polybus_core::{Error, Kind, Message, Result, ValidSubscription};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use crate::mapping;
 use crate::options::{AmqpOptions, redact};
 
 /// How long an unused private queue outlives its subscriber (for example across
@@ -205,16 +204,18 @@ impl Connector {
     /// queue is gone the broker returns the message, and that is a failure, not
     /// a silent loss. (Returns are matched by message id, since lapin may attach
     /// a return to another publish's confirm.)
+    ///
+    /// The properties are built from `message` and `extra` library headers for
+    /// each attempt, so the first attempt copies nothing.
     pub(crate) async fn publish(
         &self,
         exchange: &str,
         routing_key: &str,
-        payload: &[u8],
-        properties: BasicProperties,
+        message: &Message,
+        extra: &[(&str, String)],
         mandatory: bool,
     ) -> std::result::Result<(), (Error, bool)> {
         let deadline = Self::deadline_in(self.options.publish_timeout);
-        let id = properties.message_id().clone();
         loop {
             let live = self.live(deadline).await.map_err(|e| (e, false))?;
             let sent = {
@@ -227,8 +228,8 @@ impl Connector {
                             mandatory,
                             ..BasicPublishOptions::default()
                         },
-                        payload,
-                        properties.clone(),
+                        message.payload(),
+                        mapping::properties(message, extra),
                     )
                     .await
             };
@@ -243,7 +244,7 @@ impl Connector {
                 Err(e) => return Err((map_err(e, "cannot publish"), false)),
             };
             let confirmed = tokio::time::timeout_at(deadline, confirm).await;
-            return Self::outcome(confirmed, mandatory, &id, routing_key);
+            return Self::outcome(confirmed, mandatory, message.id(), routing_key);
         }
     }
 
@@ -255,21 +256,21 @@ impl Connector {
         &self,
         exchange: &str,
         routing_key: &str,
-        items: &[(&[u8], BasicProperties)],
+        messages: &[&Message],
     ) -> Vec<std::result::Result<(), (Error, bool)>> {
         let deadline = Self::deadline_in(self.options.publish_timeout);
-        let mut confirms = Vec::with_capacity(items.len());
+        let mut confirms = Vec::with_capacity(messages.len());
         if let Ok(live) = self.live(deadline).await {
             let _writing = live.publish_lock.lock().await;
-            for (payload, properties) in items {
+            for message in messages {
                 match live
                     .publish
                     .basic_publish(
                         exchange.into(),
                         routing_key.into(),
                         BasicPublishOptions::default(),
-                        payload,
-                        properties.clone(),
+                        message.payload(),
+                        mapping::properties(message, &[]),
                     )
                     .await
                 {
@@ -279,16 +280,17 @@ impl Connector {
             }
         }
         let written = confirms.len();
-        let awaited = futures::future::join_all(confirms.into_iter().zip(items).map(
-            |(confirm, (_, properties))| async move {
+        let awaited = futures::future::join_all(confirms.into_iter().zip(messages).map(
+            |(confirm, message)| async move {
                 let confirmed = tokio::time::timeout_at(deadline, confirm).await;
-                Self::outcome(confirmed, false, properties.message_id(), routing_key)
+                Self::outcome(confirmed, false, message.id(), routing_key)
             },
         ));
-        let rest =
-            futures::future::join_all(items[written..].iter().map(|(payload, properties)| {
-                self.publish(exchange, routing_key, payload, properties.clone(), false)
-            }));
+        let rest = futures::future::join_all(
+            messages[written..]
+                .iter()
+                .map(|message| self.publish(exchange, routing_key, message, &[], false)),
+        );
         let (mut results, rest) = tokio::join!(awaited, rest);
         results.extend(rest);
         results
@@ -298,7 +300,7 @@ impl Connector {
     fn outcome(
         confirmed: std::result::Result<lapin::Result<Confirmation>, tokio::time::error::Elapsed>,
         mandatory: bool,
-        id: &Option<lapin::types::ShortString>,
+        id: &str,
         routing_key: &str,
     ) -> std::result::Result<(), (Error, bool)> {
         let confirmed = match confirmed {
@@ -312,7 +314,13 @@ impl Connector {
         };
         match confirmed {
             Ok(Confirmation::Ack(Some(returned)))
-                if mandatory && returned.delivery.properties.message_id() == id =>
+                if mandatory
+                    && returned
+                        .delivery
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .is_some_and(|returned| returned.as_str() == id) =>
             {
                 Err((
                     Error::new(

@@ -100,10 +100,9 @@ impl Publisher for AmqpBus {
         }
         let options = &self.connector.options;
         let message = prepare_publish(topic, message, options.max_payload)?;
-        let props = mapping::properties(&message, &[]);
         match self
             .connector
-            .publish(&options.exchange, topic, message.payload(), props, false)
+            .publish(&options.exchange, topic, &message, &[], false)
             .await
         {
             Ok(()) => Ok(Receipt::default()),
@@ -135,20 +134,12 @@ impl Publisher for AmqpBus {
                 Err(e) => results.push(Some(Err(e))),
             }
         }
-        let props: Vec<_> = ready
-            .iter()
-            .map(|(_, m)| mapping::properties(m, &[]))
-            .collect();
-        let items: Vec<(&[u8], _)> = ready
-            .iter()
-            .zip(props)
-            .map(|((_, m), p)| (m.payload().as_ref(), p))
-            .collect();
+        let batch: Vec<&Message> = ready.iter().map(|(_, m)| m).collect();
         let outcomes = self
             .connector
-            .publish_many(&options.exchange, topic, &items)
+            .publish_many(&options.exchange, topic, &batch)
             .await;
-        drop(items);
+        drop(batch);
         for ((i, message), outcome) in ready.into_iter().zip(outcomes) {
             results[i] = Some(match outcome {
                 Ok(()) => Ok(Receipt::default()),

@@ -446,15 +446,12 @@ impl AmqpAcker {
         let step = retry_step_ms(delay);
         let result = async {
             let queue = connector.retry_queue(&sub.group, sub.durable, step).await?;
-            let props = mapping::properties(
-                &self.message,
-                &[
-                    (header::ATTEMPT, (self.attempt + 1).to_string()),
-                    (mapping::TOPIC, self.topic.to_string()),
-                ],
-            );
+            let extra = [
+                (header::ATTEMPT, (self.attempt + 1).to_string()),
+                (mapping::TOPIC, self.topic.to_string()),
+            ];
             connector
-                .publish("", &queue, self.message.payload(), props, true)
+                .publish("", &queue, &self.message, &extra, true)
                 .await
                 .map_err(|(e, _)| e)
         }
@@ -473,13 +470,12 @@ impl AmqpAcker {
         let message = self
             .message
             .dead_lettered(self.topic.as_str(), attempts, reason, &sub.group);
-        let props = mapping::properties(&message, &[]);
         // Straight to the store queue through the default exchange.
         let store = sub.dead_letter_topic.as_str();
         let published = self
             .shared
             .connector
-            .publish("", store, message.payload(), props, true)
+            .publish("", store, &message, &[], true)
             .await;
         match published {
             Ok(()) => self.ack().await,

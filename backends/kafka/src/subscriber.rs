@@ -213,14 +213,20 @@ impl Part {
     }
 }
 
-/// A record on its way to the subscriber.
-struct Pending {
+/// One delivery of a record: where it sits, in which assignment, and what it
+/// carries. A pending record and the acker of a handed-out one both hold it.
+struct Record {
     tp: Tp,
     offset: i64,
     epoch: u64,
     message: Arc<Message>,
     topic: Topic,
     attempt: u32,
+}
+
+/// A record on its way to the subscriber.
+struct Pending {
+    record: Record,
     redelivered: bool,
     due: Option<Instant>,
     /// Whether its partition is paused until it is due (retry-topic copies).
@@ -310,12 +316,14 @@ impl Shared {
         }
         part.unsettled.insert(offset, Slot::default());
         let pending = Pending {
-            tp,
-            offset,
-            epoch: part.epoch,
-            message: Arc::new(r.message),
-            topic,
-            attempt,
+            record: Record {
+                tp,
+                offset,
+                epoch: part.epoch,
+                message: Arc::new(r.message),
+                topic,
+                attempt,
+            },
             redelivered,
             due: r.due_ms.and_then(instant_of),
             holds_partition: from_retry,
@@ -323,7 +331,7 @@ impl Shared {
         if attempt > self.sub.retry.attempts() {
             // Exhausted by crashes: dead-letter on receipt, never hand it out.
             drop(state);
-            self.dead_letter_on_receipt(pending);
+            self.dead_letter_on_receipt(pending.record);
             return;
         }
         if pending.due.is_some_and(|d| d > Instant::now()) {
@@ -334,7 +342,7 @@ impl Shared {
         }
     }
 
-    fn dead_letter_on_receipt(self: &Arc<Shared>, p: Pending) {
+    fn dead_letter_on_receipt(self: &Arc<Shared>, p: Record) {
         let attempts = p.attempt - 1;
         let dead = p.message.dead_lettered(
             p.topic.as_str(),
@@ -391,18 +399,19 @@ impl Shared {
 
     /// Give a handed-out delivery back to be delivered again from memory after
     /// `delay`, as `attempt`; its offset stays uncommitted meanwhile.
-    fn hold_again(&self, d: &KafkaAcker, attempt: u32, delay: Duration) -> bool {
+    fn hold_again(&self, d: &Record, attempt: u32, delay: Duration) -> bool {
         let mut state = self.lock();
         state.outstanding = state.outstanding.saturating_sub(1);
         let ok = Self::valid(&state, &d.tp, d.epoch);
         if ok {
             state.held.push(Pending {
-                tp: d.tp.clone(),
-                offset: d.offset,
-                epoch: d.epoch,
-                message: d.message.clone(),
-                topic: d.topic.clone(),
-                attempt,
+                record: Record {
+                    tp: d.tp.clone(),
+                    message: d.message.clone(),
+                    topic: d.topic.clone(),
+                    attempt,
+                    ..*d
+                },
                 redelivered: true,
                 due: Some(Instant::now() + delay),
                 holds_partition: false,
@@ -421,7 +430,12 @@ impl Shared {
             return Poll::Ready(None);
         }
         while state.outstanding < self.sub.prefetch as usize {
-            let Some(p) = state.ready.pop_front() else {
+            let Some(Pending {
+                record: p,
+                redelivered,
+                ..
+            }) = state.ready.pop_front()
+            else {
                 break;
             };
             let Some(part) = state
@@ -440,20 +454,16 @@ impl Shared {
             state.outstanding += 1;
             // The commit metadata now records this hand-out (see `Prior`).
             state.dirty = true;
+            let (message, topic, attempt) = (p.message.clone(), p.topic.clone(), p.attempt);
             let acker = KafkaAcker {
                 shared: self.clone(),
-                tp: p.tp,
-                offset: p.offset,
-                epoch: p.epoch,
-                message: p.message.clone(),
-                topic: p.topic.clone(),
-                attempt: p.attempt,
+                record: p,
             };
             return Poll::Ready(Some(Ok(Delivery::new(
-                p.message,
-                p.topic,
-                p.attempt,
-                p.redelivered,
+                message,
+                topic,
+                attempt,
+                redelivered,
                 Box::new(acker),
             ))));
         }
@@ -494,36 +504,38 @@ impl Shared {
         // Flow control (C6): fetch only while there is room.
         let full = state.phase != Phase::Running
             || state.ready.len() + state.outstanding >= self.sub.prefetch as usize;
-        let waiting: HashSet<Tp> = state
-            .held
-            .iter()
-            .filter(|p| p.holds_partition)
-            .map(|p| p.tp.clone())
-            .collect();
-        let want: HashSet<Tp> = state
-            .parts
-            .keys()
-            .filter(|tp| full || waiting.contains(*tp))
-            .cloned()
-            .collect();
-        let pause: Vec<Tp> = want.difference(&state.paused).cloned().collect();
-        let resume: Vec<Tp> = state
-            .paused
-            .difference(&want)
-            .filter(|tp| state.parts.contains_key(*tp))
-            .cloned()
-            .collect();
-        if !pause.is_empty() && consumer.pause(&tpl(&pause)).is_ok() {
-            state.paused.extend(pause);
-        }
-        if !resume.is_empty() && consumer.resume(&tpl(&resume)).is_ok() {
-            for tp in &resume {
-                state.paused.remove(tp);
+        // The steady state, with room and nothing paused, costs no set work
+        // per record.
+        let holding = state.held.iter().any(|p| p.holds_partition);
+        if full || holding || !state.paused.is_empty() {
+            let waiting: HashSet<Tp> = state
+                .held
+                .iter()
+                .filter(|p| p.holds_partition)
+                .map(|p| p.record.tp.clone())
+                .collect();
+            let want: HashSet<Tp> = state
+                .parts
+                .keys()
+                .filter(|tp| full || waiting.contains(*tp))
+                .cloned()
+                .collect();
+            let pause: Vec<Tp> = want.difference(&state.paused).cloned().collect();
+            let resume: Vec<Tp> = state
+                .paused
+                .difference(&want)
+                .filter(|tp| state.parts.contains_key(*tp))
+                .cloned()
+                .collect();
+            if !pause.is_empty() && consumer.pause(&tpl(&pause)).is_ok() {
+                state.paused.extend(pause);
+            }
+            if !resume.is_empty() && consumer.resume(&tpl(&resume)).is_ok() {
+                for tp in &resume {
+                    state.paused.remove(tp);
+                }
             }
         }
-        state
-            .paused
-            .retain(|tp| want.contains(tp) || !resume.contains(tp));
         if state.dirty && last_commit.elapsed() >= COMMIT_INTERVAL {
             let positions = Self::positions(&mut state, None);
             state.dirty = false;
@@ -738,8 +750,8 @@ impl Shared {
             state.parts.remove(tp);
             state.paused.remove(tp);
         }
-        state.ready.retain(|p| !gone.contains(&p.tp));
-        state.held.retain(|p| !gone.contains(&p.tp));
+        state.ready.retain(|p| !gone.contains(&p.record.tp));
+        state.held.retain(|p| !gone.contains(&p.record.tp));
         drop(state);
         if positions.count() > 0
             && !consumer.assignment_lost()
@@ -1042,21 +1054,19 @@ impl Drop for KafkaSource {
 /// The settling half of one delivery.
 struct KafkaAcker {
     shared: Arc<Shared>,
-    tp: Tp,
-    offset: i64,
-    epoch: u64,
-    message: Arc<Message>,
-    topic: Topic,
-    attempt: u32,
+    record: Record,
 }
 
 impl KafkaAcker {
     fn still_valid(&self) -> bool {
-        Shared::valid(&self.shared.lock(), &self.tp, self.epoch)
+        Shared::valid(&self.shared.lock(), &self.record.tp, self.record.epoch)
     }
 
     fn finish(&self) -> Result<()> {
-        if self.shared.finish(&self.tp, self.offset, self.epoch, true) {
+        if self
+            .shared
+            .finish(&self.record.tp, self.record.offset, self.record.epoch, true)
+        {
             Ok(())
         } else {
             Err(Shared::closed_error())
@@ -1072,14 +1082,16 @@ impl KafkaAcker {
         extra: &[(&str, String)],
     ) -> Result<()> {
         if !self.still_valid() {
-            self.shared.finish(&self.tp, self.offset, self.epoch, true);
+            self.shared
+                .finish(&self.record.tp, self.record.offset, self.record.epoch, true);
             return Err(Shared::closed_error());
         }
         match self.shared.connector.produce(topic, message, extra).await {
             Ok(_) => self.finish(),
             Err((e, _)) => {
                 let delay = self.shared.sub.retry.first_delay();
-                self.shared.hold_again(self, self.attempt, delay);
+                self.shared
+                    .hold_again(&self.record, self.record.attempt, delay);
                 Err(e)
             }
         }
@@ -1100,16 +1112,19 @@ impl Acker for KafkaAcker {
                 // the partition moves on (C7), and the copy survives restarts.
                 Some(retry_topic) => {
                     let extra = [
-                        (header::ATTEMPT, (self.attempt + 1).to_string()),
-                        (mapping::TOPIC, self.topic.as_str().to_owned()),
+                        (header::ATTEMPT, (self.record.attempt + 1).to_string()),
+                        (mapping::TOPIC, self.record.topic.as_str().to_owned()),
                         (mapping::DUE_MS, millis_from_now(delay).to_string()),
                     ];
-                    self.move_to(retry_topic, &self.message.clone(), &extra)
+                    self.move_to(retry_topic, &self.record.message, &extra)
                         .await
                 }
                 // Private groups end with their subscription: retry in memory.
                 None => {
-                    if self.shared.hold_again(&self, self.attempt + 1, delay) {
+                    if self
+                        .shared
+                        .hold_again(&self.record, self.record.attempt + 1, delay)
+                    {
                         Ok(())
                     } else {
                         Err(Shared::closed_error())
@@ -1117,9 +1132,9 @@ impl Acker for KafkaAcker {
                 }
             },
             Settlement::DeadLetter { reason } => {
-                let dead = self.message.dead_lettered(
-                    self.topic.as_str(),
-                    self.attempt,
+                let dead = self.record.message.dead_lettered(
+                    self.record.topic.as_str(),
+                    self.record.attempt,
                     &reason,
                     &self.shared.sub.group,
                 );
@@ -1127,7 +1142,8 @@ impl Acker for KafkaAcker {
                 self.move_to(&store, &dead, &[]).await
             }
             other => {
-                self.shared.hold_again(&self, self.attempt, Duration::ZERO);
+                self.shared
+                    .hold_again(&self.record, self.record.attempt, Duration::ZERO);
                 Err(Error::new(
                     Kind::Unsupported,
                     format!(
