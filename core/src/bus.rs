@@ -3,9 +3,14 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use async_trait::async_trait;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Either, Ready};
 
 use crate::delivery::DeliveryStream;
 use crate::error::{Error, Kind, PublishError, Result};
@@ -77,13 +82,74 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
+/// The future a backend returns for one publish or settlement.
+///
+/// A named type rather than an `async fn`, so that a backend that never waits
+/// (the in-memory broker) answers at once without allocating a future for every
+/// message; a backend that does I/O wraps its `async` block with
+/// [`BackendFuture::new`], which boxes it.
+#[must_use = "futures do nothing unless you `.await` or poll them"]
+pub struct BackendFuture<'a, T>(Either<Ready<T>, BoxFuture<'a, T>>);
+
+/// What [`Publisher::publish`] returns: the [`Receipt`] once the broker has
+/// taken the message, or the message back inside the error.
+pub type PublishFuture<'a> = BackendFuture<'a, Result<Receipt, PublishError>>;
+
+impl<'a, T> BackendFuture<'a, T> {
+    /// An operation still to be done by `future`.
+    pub fn new(future: impl Future<Output = T> + Send + 'a) -> Self {
+        BackendFuture(Either::Right(Box::pin(future)))
+    }
+
+    /// An operation already done.
+    pub fn ready(output: T) -> Self {
+        BackendFuture(Either::Left(futures::future::ready(output)))
+    }
+}
+
+impl<T> Future for BackendFuture<'_, T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        self.0.poll_unpin(cx)
+    }
+}
+
+impl<T> fmt::Debug for BackendFuture<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.0 {
+            Either::Left(_) => "ready",
+            Either::Right(_) => "boxed",
+        };
+        f.debug_tuple("BackendFuture").field(&state).finish()
+    }
+}
+
 /// Publishes messages. Object-safe: `Arc<dyn Publisher>` works.
+///
+/// ```
+/// use polybus_core::{Message, PublishError, PublishFuture, Publisher, Receipt, async_trait};
+///
+/// /// Middleware that stamps every message with the service's name.
+/// struct Stamp<P>(P);
+///
+/// #[async_trait]
+/// impl<P: Publisher> Publisher for Stamp<P> {
+///     fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
+///         self.0.publish(topic, message.with_header("service", "billing"))
+///     }
+///
+///     async fn close(&self) -> polybus_core::Result<()> {
+///         self.0.close().await
+///     }
+/// }
+/// ```
 #[async_trait]
 pub trait Publisher: Send + Sync {
-    /// Publish `message` to `topic`. Returns `Ok` only once the broker has taken
-    /// responsibility for it (C4); on failure the message comes back inside the
-    /// error. Headers under `polybus-` are dropped: they are the library's.
-    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt, PublishError>;
+    /// Publish `message` to `topic`. Resolves to `Ok` only once the broker has
+    /// taken responsibility for it (C4); on failure the message comes back inside
+    /// the error. Headers under `polybus-` are dropped: they are the library's.
+    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a>;
 
     /// Publish several messages to `topic`, pipelined: all are in flight at once,
     /// and each gets its own result, in order.
@@ -106,8 +172,8 @@ macro_rules! forward_publisher {
     ($($ty:ty),*) => {$(
         #[async_trait]
         impl<P: Publisher + ?Sized> Publisher for $ty {
-            async fn publish(&self, topic: &str, message: Message) -> Result<Receipt, PublishError> {
-                (**self).publish(topic, message).await
+            fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
+                (**self).publish(topic, message)
             }
 
             async fn publish_batch(
@@ -239,8 +305,10 @@ impl Bus {
     }
 
     /// Publish; see [`Publisher::publish`].
-    pub async fn publish(&self, topic: &str, message: Message) -> Result<Receipt, PublishError> {
-        self.inner.publish(topic, message).await
+    // `(*self.inner)` calls the backend directly; `self.inner.publish` would go
+    // through the `Arc<P>` forwarding impl first.
+    pub fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
+        (*self.inner).publish(topic, message)
     }
 
     /// Publish several, pipelined; see [`Publisher::publish_batch`].
@@ -249,12 +317,12 @@ impl Bus {
         topic: &str,
         messages: Vec<Message>,
     ) -> Vec<Result<Receipt, PublishError>> {
-        self.inner.publish_batch(topic, messages).await
+        (*self.inner).publish_batch(topic, messages).await
     }
 
     /// Subscribe; see [`Subscriber::subscribe`].
     pub async fn subscribe(&self, subscription: Subscription) -> Result<DeliveryStream> {
-        self.inner.subscribe(subscription).await
+        (*self.inner).subscribe(subscription).await
     }
 
     /// What the backend offers beyond the contract.
@@ -264,7 +332,7 @@ impl Bus {
 
     /// Close the publishing side; see [`Publisher::close`].
     pub async fn close(&self) -> Result<()> {
-        self.inner.close().await
+        (*self.inner).close().await
     }
 
     /// The backend, as a publisher trait object (for middleware).
@@ -286,8 +354,8 @@ impl fmt::Debug for Bus {
 
 #[async_trait]
 impl Publisher for Bus {
-    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt, PublishError> {
-        self.inner.publish(topic, message).await
+    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
+        (*self.inner).publish(topic, message)
     }
 
     async fn publish_batch(
@@ -295,18 +363,18 @@ impl Publisher for Bus {
         topic: &str,
         messages: Vec<Message>,
     ) -> Vec<Result<Receipt, PublishError>> {
-        self.inner.publish_batch(topic, messages).await
+        (*self.inner).publish_batch(topic, messages).await
     }
 
     async fn close(&self) -> Result<()> {
-        self.inner.close().await
+        (*self.inner).close().await
     }
 }
 
 #[async_trait]
 impl Subscriber for Bus {
     async fn subscribe(&self, subscription: Subscription) -> Result<DeliveryStream> {
-        self.inner.subscribe(subscription).await
+        (*self.inner).subscribe(subscription).await
     }
 }
 

@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use futures::Stream;
 use serde::de::DeserializeOwned;
 
+use crate::bus::BackendFuture;
 use crate::error::Result;
 use crate::message::{Codec, Message};
 use crate::retry::RetryPolicy;
@@ -36,16 +37,19 @@ pub enum Settlement {
     },
 }
 
+/// What [`Acker::settle`] returns.
+pub type SettleFuture = BackendFuture<'static, Result<()>>;
+
 /// The backend's half of a delivery: it carries out the settlement.
-#[async_trait]
 pub trait Acker: Send + Sync + 'static {
     /// The retry policy of the subscription the delivery came from.
     fn retry_policy(&self) -> &RetryPolicy;
 
     /// Settle, and report whether the broker took the settlement. A delivery whose
     /// channel or subscription is gone returns a [`Closed`](crate::Kind::Closed) error;
-    /// the broker redelivers it.
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<()>;
+    /// the broker redelivers it. A backend that settles without waiting answers
+    /// with [`SettleFuture::ready`].
+    fn settle(self: Box<Self>, settlement: Settlement) -> SettleFuture;
 
     /// Settle from `Drop`: must not block. Backends that need I/O spawn it.
     fn settle_on_drop(self: Box<Self>, settlement: Settlement);

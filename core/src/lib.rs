@@ -36,17 +36,17 @@ pub mod topic;
 pub mod testkit;
 
 pub use bus::{
-    Backend, Bus, Capabilities, Capability, InFlight, InFlightGuard, Publisher, Receipt,
-    Subscriber, prepare_publish,
+    Backend, BackendFuture, Bus, Capabilities, Capability, InFlight, InFlightGuard, PublishFuture,
+    Publisher, Receipt, Subscriber, prepare_publish,
 };
-pub use delivery::{Acker, Delivery, DeliverySource, DeliveryStream, Settlement};
+pub use delivery::{Acker, Delivery, DeliverySource, DeliveryStream, SettleFuture, Settlement};
 pub use error::{Error, Kind, PublishError, Result};
 #[cfg(feature = "msgpack")]
 pub use message::MsgPack;
 pub use message::{Codec, Headers, Json, Message, header};
 pub use retry::RetryPolicy;
 pub use subscription::{StartFrom, Subscription, ValidSubscription};
-pub use topic::{Pattern, Topic};
+pub use topic::{Pattern, Topic, TopicCache};
 
 #[doc(hidden)]
 pub use async_trait::async_trait;

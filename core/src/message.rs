@@ -45,13 +45,67 @@ pub mod header {
 /// every backend carries, so it round-trips unchanged.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Message {
-    id: String,
+    id: Id,
     key: Option<String>,
     headers: Headers,
     payload: Bytes,
     content_type: Option<String>,
     timestamp: SystemTime,
 }
+
+/// Longest id kept inside the message: a hyphenated UUID, the id every message
+/// gets by default.
+const INLINE_ID: usize = 36;
+
+/// A message id. Ids up to [`INLINE_ID`] bytes live inline, so a default id costs
+/// no allocation on publish, nor on receipt where backends parse it back.
+#[derive(Clone)]
+enum Id {
+    Inline { len: u8, bytes: [u8; INLINE_ID] },
+    Heap(Box<str>),
+}
+
+impl Id {
+    fn new(id: &str) -> Self {
+        if id.len() <= INLINE_ID {
+            let mut bytes = [0; INLINE_ID];
+            bytes[..id.len()].copy_from_slice(id.as_bytes());
+            Id::Inline {
+                len: id.len() as u8,
+                bytes,
+            }
+        } else {
+            Id::Heap(id.into())
+        }
+    }
+
+    fn uuid(uuid: uuid::Uuid) -> Self {
+        let mut bytes = [0; INLINE_ID];
+        uuid.hyphenated().encode_lower(&mut bytes);
+        Id::Inline {
+            len: INLINE_ID as u8,
+            bytes,
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Only ever filled from a `&str` cut at its length, so always UTF-8.
+            Id::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).expect("inline id is UTF-8")
+            }
+            Id::Heap(id) => id,
+        }
+    }
+}
+
+impl PartialEq for Id {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Id {}
 
 fn now_millis() -> SystemTime {
     truncate_to_millis(SystemTime::now())
@@ -69,7 +123,7 @@ impl Message {
     /// creation time) and the current time.
     pub fn new(payload: impl Into<Bytes>) -> Self {
         Message {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: Id::uuid(uuid::Uuid::now_v7()),
             key: None,
             headers: Headers::new(),
             payload: payload.into(),
@@ -101,8 +155,8 @@ impl Message {
     }
 
     /// Set the id. Ids are the caller's to keep unique.
-    pub fn with_id(mut self, id: impl Into<String>) -> Self {
-        self.id = id.into();
+    pub fn with_id(mut self, id: impl AsRef<str>) -> Self {
+        self.id = Id::new(id.as_ref());
         self
     }
 
@@ -133,7 +187,7 @@ impl Message {
 
     /// The id.
     pub fn id(&self) -> &str {
-        &self.id
+        self.id.as_str()
     }
 
     /// The key, if any.
@@ -213,7 +267,7 @@ impl Message {
 impl fmt::Debug for Message {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Message")
-            .field("id", &self.id)
+            .field("id", &self.id.as_str())
             .field("key", &self.key)
             .field("headers", &self.headers)
             .field("payload_len", &self.payload.len())
@@ -310,6 +364,27 @@ mod tests {
             .unwrap()
             .subsec_nanos();
         assert_eq!(nanos % 1_000_000, 0);
+    }
+
+    #[test]
+    fn ids_of_any_length_round_trip_and_compare_by_text() {
+        let generated = Message::new("x");
+        assert_eq!(generated.id().len(), 36);
+        assert!(uuid::Uuid::parse_str(generated.id()).is_ok());
+        let long = "é".repeat(40);
+        for id in [
+            "",
+            "a",
+            "ü-36-bytes-of-text-just-at-the-limi",
+            long.as_str(),
+        ] {
+            let m = Message::new("x").with_id(id);
+            assert_eq!(m.id(), id);
+            let owned: String = id.into();
+            assert_eq!(m, m.clone().with_id(owned));
+        }
+        let m = Message::new("x");
+        assert_ne!(m.clone().with_id("a"), m.with_id("b"));
     }
 
     #[test]

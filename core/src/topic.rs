@@ -247,6 +247,22 @@ impl std::str::FromStr for Pattern {
     }
 }
 
+/// The [`Topic`] of each delivery a subscription receives, reusing the last
+/// one's allocation while the name repeats (a subscription mostly sees one topic
+/// at a time); for backends.
+#[derive(Debug, Default)]
+pub struct TopicCache(Option<Topic>);
+
+impl TopicCache {
+    /// The topic called `name`, as [`Topic::from_broker`] makes it.
+    pub fn get(&mut self, name: &str) -> Topic {
+        match &self.0 {
+            Some(last) if last.as_str() == name => last.clone(),
+            _ => self.0.insert(Topic::from_broker(name)).clone(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,6 +311,17 @@ mod tests {
         assert!(m("polybus.dead-letter.*", "polybus.dead-letter.g"));
         assert!(m("polybus.#", "polybus.dead-letter.g"));
         assert!(m("#", "polybusx.a"));
+    }
+
+    #[test]
+    fn topic_cache_reuses_the_last_topic_and_follows_a_new_name() {
+        let mut cache = TopicCache::default();
+        let a = cache.get("user.created");
+        let again = cache.get("user.created");
+        assert!(Arc::ptr_eq(&a.0, &again.0));
+        let b = cache.get("user.deleted");
+        assert_eq!(b.as_str(), "user.deleted");
+        assert_eq!(cache.get("user.created"), a);
     }
 
     #[test]

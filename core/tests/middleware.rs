@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use polybus_core::middleware::{BreakerState, CircuitBreaker, PublisherExt};
 use polybus_core::{
-    Error, Kind, Message, PublishError, Publisher, Receipt, Result, RetryPolicy, async_trait,
+    Error, Kind, Message, PublishError, PublishFuture, Publisher, Receipt, Result, RetryPolicy,
+    async_trait,
 };
 use tokio::time::Instant;
 
@@ -44,20 +45,22 @@ impl Script {
 
 #[async_trait]
 impl Publisher for Script {
-    async fn publish(&self, _topic: &str, message: Message) -> Result<Receipt, PublishError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        let step = self.steps.lock().unwrap().pop_front().unwrap_or(Step::Ok);
-        let conn = || Error::new(Kind::Connection, "connection reset");
-        match step {
-            Step::Ok => Ok(Receipt::default()),
-            Step::Lost => Err(PublishError::not_delivered(conn(), message)),
-            Step::Unsure => Err(PublishError::maybe_delivered(conn(), message)),
-            Step::Invalid => Err(PublishError::not_delivered(
-                Error::invalid_input("bad"),
-                message,
-            )),
-            Step::Hang => std::future::pending().await,
-        }
+    fn publish<'a>(&'a self, _topic: &'a str, message: Message) -> PublishFuture<'a> {
+        PublishFuture::new(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let step = self.steps.lock().unwrap().pop_front().unwrap_or(Step::Ok);
+            let conn = || Error::new(Kind::Connection, "connection reset");
+            match step {
+                Step::Ok => Ok(Receipt::default()),
+                Step::Lost => Err(PublishError::not_delivered(conn(), message)),
+                Step::Unsure => Err(PublishError::maybe_delivered(conn(), message)),
+                Step::Invalid => Err(PublishError::not_delivered(
+                    Error::invalid_input("bad"),
+                    message,
+                )),
+                Step::Hang => std::future::pending().await,
+            }
+        })
     }
 
     async fn close(&self) -> Result<()> {

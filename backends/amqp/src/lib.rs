@@ -37,7 +37,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use polybus_core::{
     Backend, Bus, Capabilities, Capability, DeliveryStream, Error, InFlight, Message, PublishError,
-    Publisher, Receipt, Result, Subscriber, Subscription, async_trait, prepare_publish,
+    PublishFuture, Publisher, Receipt, Result, Subscriber, Subscription, async_trait,
+    prepare_publish,
 };
 
 use crate::connection::Connector;
@@ -93,22 +94,24 @@ impl fmt::Debug for AmqpBus {
 
 #[async_trait]
 impl Publisher for AmqpBus {
-    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt, PublishError> {
-        let _in_flight = self.in_flight.enter();
-        if let Err(e) = self.check_open("publish") {
-            return Err(PublishError::not_delivered(e, message));
-        }
-        let options = &self.connector.options;
-        let message = prepare_publish(topic, message, options.max_payload)?;
-        match self
-            .connector
-            .publish(&options.exchange, topic, &message, &[], false)
-            .await
-        {
-            Ok(()) => Ok(Receipt::default()),
-            Err((e, true)) => Err(PublishError::maybe_delivered(e, message)),
-            Err((e, false)) => Err(PublishError::not_delivered(e, message)),
-        }
+    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
+        PublishFuture::new(async move {
+            let _in_flight = self.in_flight.enter();
+            if let Err(e) = self.check_open("publish") {
+                return Err(PublishError::not_delivered(e, message));
+            }
+            let options = &self.connector.options;
+            let message = prepare_publish(topic, message, options.max_payload)?;
+            match self
+                .connector
+                .publish(&options.exchange, topic, &message, &[], false)
+                .await
+            {
+                Ok(()) => Ok(Receipt::default()),
+                Err((e, true)) => Err(PublishError::maybe_delivered(e, message)),
+                Err((e, false)) => Err(PublishError::not_delivered(e, message)),
+            }
+        })
     }
 
     async fn publish_batch(

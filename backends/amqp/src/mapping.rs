@@ -14,6 +14,7 @@
 //! along on redeliveries: `polybus-attempt`, and `polybus-topic`, the original
 //! routing key, which a retry queue's dead-lettering replaces.
 
+use std::borrow::Cow;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -53,7 +54,11 @@ pub(crate) fn properties(message: &Message, extra: &[(&str, String)]) -> BasicPr
         headers.insert(KEY.into(), long(key));
     }
     let millis = message.timestamp_millis();
-    headers.insert(TIMESTAMP_MS.into(), long(&millis.to_string()));
+    let millis_text = millis.to_string().into_bytes();
+    headers.insert(
+        TIMESTAMP_MS.into(),
+        AMQPValue::LongString(millis_text.into()),
+    );
     for (k, v) in extra {
         headers.insert((*k).into(), long(v));
     }
@@ -68,11 +73,12 @@ pub(crate) fn properties(message: &Message, extra: &[(&str, String)]) -> BasicPr
     props
 }
 
-/// A header value as text, whatever type another client gave it.
-fn text(value: &AMQPValue) -> String {
-    match value {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+/// A header value as text, whatever type another client gave it; borrowed when
+/// it already is text, so values that are only parsed cost no allocation.
+fn text(value: &AMQPValue) -> Cow<'_, str> {
+    let owned = match value {
+        AMQPValue::LongString(s) => return String::from_utf8_lossy(s.as_bytes()),
+        AMQPValue::ShortString(s) => return Cow::Borrowed(s.as_str()),
         AMQPValue::Boolean(b) => b.to_string(),
         AMQPValue::ShortShortInt(n) => n.to_string(),
         AMQPValue::ShortShortUInt(n) => n.to_string(),
@@ -84,9 +90,10 @@ fn text(value: &AMQPValue) -> String {
         AMQPValue::Float(n) => n.to_string(),
         AMQPValue::Double(n) => n.to_string(),
         AMQPValue::Timestamp(n) => n.to_string(),
-        AMQPValue::ByteArray(b) => String::from_utf8_lossy(b.as_slice()).into_owned(),
+        AMQPValue::ByteArray(b) => return String::from_utf8_lossy(b.as_slice()),
         other => format!("{other:?}"),
-    }
+    };
+    Cow::Owned(owned)
 }
 
 /// What a delivery carries besides the message itself.
@@ -112,14 +119,14 @@ pub(crate) fn receive(props: &BasicProperties, body: Vec<u8>) -> Received {
         for (k, v) in table.inner() {
             let name = k.as_str();
             match name {
-                KEY => key = Some(text(v)),
+                KEY => key = Some(text(v).into_owned()),
                 TIMESTAMP_MS => millis = text(v).parse::<u64>().ok(),
-                TOPIC => topic = Some(text(v)),
+                TOPIC => topic = Some(text(v).into_owned()),
                 header::ATTEMPT => attempt = text(v).parse().unwrap_or(1).max(1),
                 "x-delivery-count" => delivery_count = text(v).parse().unwrap_or(0),
                 _ if is_broker_header(name) => {}
                 _ => {
-                    headers.insert(name.to_owned(), text(v));
+                    headers.insert(name.to_owned(), text(v).into_owned());
                 }
             }
         }

@@ -28,8 +28,8 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 use polybus_core::{
-    Acker, Delivery, DeliverySource, Error, Kind, Message, Result, RetryPolicy, Settlement, Topic,
-    ValidSubscription, async_trait, header,
+    Acker, Delivery, DeliverySource, Error, Kind, Message, Result, RetryPolicy, SettleFuture,
+    Settlement, Topic, TopicCache, ValidSubscription, async_trait, header,
 };
 use tokio::sync::Notify;
 
@@ -72,6 +72,7 @@ pub(crate) struct AmqpSource {
     /// connection, lapin does not always end the consumer stream (seen once in
     /// about fifteen broker restarts: the stream stayed pending for good).
     watchdog: tokio::time::Interval,
+    topics: TopicCache,
 }
 
 /// How often a quiet subscription checks that its channel is still open.
@@ -175,12 +176,13 @@ impl AmqpSource {
             shared,
             state: State::Consuming { channel, consumer },
             watchdog,
+            topics: TopicCache::default(),
         }
     }
 
     /// Turn a lapin delivery into ours, or dead-letter it if it has used up its
     /// attempts (its consumers died holding it: quorum queues count that).
-    fn accept(&self, d: lapin::message::Delivery) -> Option<Delivery> {
+    fn accept(&mut self, d: lapin::message::Delivery) -> Option<Delivery> {
         let lapin::message::Delivery {
             routing_key,
             redelivered,
@@ -192,8 +194,8 @@ impl AmqpSource {
         let r = mapping::receive(&properties, data);
         let attempt = r.attempt.saturating_add(r.delivery_count);
         let topic = match &r.topic {
-            Some(t) => Topic::from_broker(t),
-            None => Topic::from_broker(routing_key.as_str()),
+            Some(t) => self.topics.get(t),
+            None => self.topics.get(routing_key.as_str()),
         };
         self.shared.unsettled.fetch_add(1, Ordering::AcqRel);
         let acker = AmqpAcker {
@@ -511,14 +513,13 @@ impl AmqpAcker {
     }
 }
 
-#[async_trait]
 impl Acker for AmqpAcker {
     fn retry_policy(&self) -> &RetryPolicy {
         &self.shared.sub.retry
     }
 
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<()> {
-        self.run(settlement).await
+    fn settle(self: Box<Self>, settlement: Settlement) -> SettleFuture {
+        SettleFuture::new(async move { self.run(settlement).await })
     }
 
     fn settle_on_drop(self: Box<Self>, settlement: Settlement) {

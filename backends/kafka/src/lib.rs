@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use polybus_core::{
     Backend, Bus, Capabilities, Capability, DeliveryStream, Error, InFlight, Message, PublishError,
-    Publisher, Receipt, Result, Subscriber, Subscription, async_trait, prepare_publish,
+    PublishFuture, Publisher, Result, Subscriber, Subscription, async_trait, prepare_publish,
 };
 
 use crate::connection::Connector;
@@ -83,18 +83,20 @@ impl fmt::Debug for KafkaBus {
 
 #[async_trait]
 impl Publisher for KafkaBus {
-    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt, PublishError> {
-        let _in_flight = self.in_flight.enter();
-        if self.closed.load(Ordering::Acquire) {
-            let e = Error::closed("cannot publish: the kafka bus is closed");
-            return Err(PublishError::not_delivered(e, message));
-        }
-        let message = prepare_publish(topic, message, self.connector.options.max_payload)?;
-        match self.connector.produce(topic, &message, &[]).await {
-            Ok(receipt) => Ok(receipt),
-            Err((e, true)) => Err(PublishError::maybe_delivered(e, message)),
-            Err((e, false)) => Err(PublishError::not_delivered(e, message)),
-        }
+    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
+        PublishFuture::new(async move {
+            let _in_flight = self.in_flight.enter();
+            if self.closed.load(Ordering::Acquire) {
+                let e = Error::closed("cannot publish: the kafka bus is closed");
+                return Err(PublishError::not_delivered(e, message));
+            }
+            let message = prepare_publish(topic, message, self.connector.options.max_payload)?;
+            match self.connector.produce(topic, &message, &[]).await {
+                Ok(receipt) => Ok(receipt),
+                Err((e, true)) => Err(PublishError::maybe_delivered(e, message)),
+                Err((e, false)) => Err(PublishError::not_delivered(e, message)),
+            }
+        })
     }
 
     async fn close(&self) -> Result<()> {

@@ -75,33 +75,39 @@ pub(crate) fn receive(record: &BorrowedMessage<'_>) -> Received {
         .unwrap_or_default();
     let mut message = Message::new(payload);
     let mut headers = Headers::new();
-    let mut id = None;
+    let mut has_id = false;
     let mut topic = None;
     let mut attempt = 1;
     let mut due_ms = None;
     if let Some(native) = record.headers() {
         for h in native.iter() {
-            let value = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
+            // Borrowed unless it is not UTF-8: parsed values and the id (kept
+            // inside the message) then cost no allocation.
+            let value = String::from_utf8_lossy(h.value.unwrap_or_default());
             match h.key {
-                ID => id = Some(value),
+                ID => {
+                    message = message.with_id(&*value);
+                    has_id = true;
+                }
                 CONTENT_TYPE => message = message.with_content_type(value),
-                TOPIC => topic = Some(value),
+                TOPIC => topic = Some(value.into_owned()),
                 DUE_MS => due_ms = value.parse().ok(),
                 header::ATTEMPT => attempt = value.parse().unwrap_or(1).max(1),
                 _ => {
-                    headers.insert(h.key.to_owned(), value);
+                    headers.insert(h.key.to_owned(), value.into_owned());
                 }
             }
         }
     }
-    message = message.with_id(id.unwrap_or_else(|| {
-        format!(
+    if !has_id {
+        let id = format!(
             "{}/{}/{}",
             record.topic(),
             record.partition(),
             record.offset()
-        )
-    }));
+        );
+        message = message.with_id(id);
+    }
     if let Some(key) = record.key() {
         message = message.with_key(String::from_utf8_lossy(key).into_owned());
     }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use polybus_core::topic::Segment;
 use polybus_core::{
     Acker, Delivery, DeliverySource, Error, Kind, Message, Pattern, Result, RetryPolicy,
-    Settlement, StartFrom, Topic, ValidSubscription, async_trait, header,
+    SettleFuture, Settlement, StartFrom, Topic, TopicCache, ValidSubscription, async_trait, header,
 };
 use rdkafka::ClientContext;
 use rdkafka::Message as _;
@@ -46,7 +46,8 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 /// The version of the commit metadata format below.
 const METADATA_TAG: &str = "polybus1";
 
-type Tp = (String, i32);
+/// A topic partition. The topic is shared, so each record's costs no allocation.
+type Tp = (Topic, i32);
 
 /// A regular expression (librdkafka's dialect: POSIX-like, no look-around) that
 /// matches exactly the topics `pattern` matches, leaving aside the reserved
@@ -130,6 +131,10 @@ struct State {
     waker: Option<Waker>,
     assigned: bool,
     phase: Phase,
+    /// Names of the topics records come from.
+    topics: TopicCache,
+    /// Names of the topics retried copies were first published to.
+    origins: TopicCache,
 }
 
 /// One assigned partition.
@@ -258,6 +263,8 @@ impl Shared {
                 waker: None,
                 assigned: false,
                 phase: Phase::Running,
+                topics: TopicCache::default(),
+                origins: TopicCache::default(),
             }),
             changed: Notify::new(),
             rt: Handle::current(),
@@ -277,7 +284,6 @@ impl Shared {
 
     /// A record from the broker.
     fn on_record(self: &Arc<Self>, record: &BorrowedMessage<'_>) {
-        let tp: Tp = (record.topic().to_owned(), record.partition());
         let offset = record.offset();
         let from_retry = self.retry_topic.as_deref() == Some(record.topic());
         // The regex cannot leave out the reserved namespace; the matcher can.
@@ -289,8 +295,11 @@ impl Shared {
             ready,
             held,
             dirty,
+            topics,
+            origins,
             ..
         } = &mut *state;
+        let tp: Tp = (topics.get(record.topic()), record.partition());
         let Some(part) = parts.get_mut(&tp) else {
             return; // revoked while it was in flight
         };
@@ -300,8 +309,8 @@ impl Shared {
             return;
         };
         let topic = match (&r.topic, from_retry) {
-            (Some(t), true) => Topic::from_broker(t),
-            _ => Topic::from_broker(record.topic()),
+            (Some(t), true) => origins.get(t),
+            _ => tp.0.clone(),
         };
         let mut attempt = r.attempt;
         let mut redelivered = attempt > 1;
@@ -577,7 +586,7 @@ impl Shared {
             if position == part.committed {
                 continue;
             }
-            let mut e = list.add_partition(&tp.0, tp.1);
+            let mut e = list.add_partition(tp.0.as_str(), tp.1);
             if e.set_offset(Offset::Offset(position.0)).is_ok() {
                 e.set_metadata(position.1.clone());
             }
@@ -660,7 +669,8 @@ impl Shared {
             tracing::warn!(error = %e, "assigning partitions failed");
         }
         let mut state = self.lock();
-        for (tp, start, prior) in parts {
+        for ((topic, partition), start, prior) in parts {
+            let tp: Tp = (state.topics.get(&topic), partition);
             let epoch = state.next_epoch;
             state.next_epoch += 1;
             state.paused.remove(&tp);
@@ -741,7 +751,7 @@ impl Shared {
         let gone: HashSet<Tp> = revoked
             .elements()
             .iter()
-            .map(|e| (e.topic().to_owned(), e.partition()))
+            .map(|e| (Topic::from_broker(e.topic()), e.partition()))
             .collect();
         self.hand_back(&gone, consumer.assignment_lost());
         let mut state = self.lock();
@@ -781,7 +791,7 @@ fn cooperative(consumer: &BaseConsumer<SubContext>) -> bool {
 fn tpl(tps: &[Tp]) -> TopicPartitionList {
     let mut list = TopicPartitionList::new();
     for (t, p) in tps {
-        list.add_partition(t, *p);
+        list.add_partition(t.as_str(), *p);
     }
     list
 }
@@ -1098,13 +1108,9 @@ impl KafkaAcker {
     }
 }
 
-#[async_trait]
-impl Acker for KafkaAcker {
-    fn retry_policy(&self) -> &RetryPolicy {
-        &self.shared.sub.retry
-    }
-
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<()> {
+impl KafkaAcker {
+    /// Settlements that produce a copy (retry, dead letter) and wait for it.
+    async fn settle_later(self: Box<Self>, settlement: Settlement) -> Result<()> {
         match settlement {
             Settlement::Ack => self.finish(),
             Settlement::Retry { delay } => match &self.shared.retry_topic {
@@ -1153,11 +1159,26 @@ impl Acker for KafkaAcker {
             }
         }
     }
+}
+
+impl Acker for KafkaAcker {
+    fn retry_policy(&self) -> &RetryPolicy {
+        &self.shared.sub.retry
+    }
+
+    fn settle(self: Box<Self>, settlement: Settlement) -> SettleFuture {
+        // An ack only marks the offset settled (the driver commits it on its
+        // clock), so it is answered at once, without boxing a future.
+        match settlement {
+            Settlement::Ack => SettleFuture::ready(self.finish()),
+            other => SettleFuture::new(self.settle_later(other)),
+        }
+    }
 
     fn settle_on_drop(self: Box<Self>, settlement: Settlement) {
         let rt = self.shared.rt.clone();
         rt.spawn(async move {
-            if let Err(e) = self.settle(settlement).await {
+            if let Err(e) = self.settle_later(settlement).await {
                 tracing::debug!(error = %e, "settling a dropped delivery failed");
             }
         });

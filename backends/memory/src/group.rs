@@ -171,7 +171,7 @@ impl Group {
         id
     }
 
-    pub(crate) fn fetch(&self, member_id: u64, waker: &Waker, now: Instant) -> Fetch {
+    pub(crate) fn fetch(&self, member_id: u64, waker: &Waker) -> Fetch {
         let mut guard = self.lock();
         let state = &mut *guard;
         if state.deleted {
@@ -183,7 +183,12 @@ impl Group {
         if member.closing {
             return Fetch::Closed;
         }
-        while state.delayed.peek().is_some_and(|d| d.due <= now) {
+        // Read the clock only when a retry waits: it is a system call's worth
+        // of time on every fetch otherwise.
+        let now = (!state.delayed.is_empty()).then(Instant::now);
+        while let Some(now) = now
+            && state.delayed.peek().is_some_and(|d| d.due <= now)
+        {
             let d = state.delayed.pop().expect("peeked");
             state.ready.push_back(d.entry);
         }

@@ -6,10 +6,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use polybus_core::{
-    Acker, Delivery, DeliverySource, Error, Result, RetryPolicy, Settlement, Topic, async_trait,
+    Acker, Delivery, DeliverySource, Error, Result, RetryPolicy, SettleFuture, Settlement, Topic,
+    async_trait,
 };
 use tokio::sync::Notify;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 
 use crate::broker::Broker;
 use crate::group::{Entry, Fetch, Group};
@@ -99,7 +100,7 @@ impl DeliverySource for MemorySource {
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Delivery>>> {
         let m = &self.member;
         loop {
-            match m.group.fetch(m.id, cx.waker(), Instant::now()) {
+            match m.group.fetch(m.id, cx.waker()) {
                 Fetch::Delivered(tag, entry) => {
                     let acker = Box::new(MemoryAcker {
                         member: m.clone(),
@@ -173,14 +174,13 @@ struct MemoryAcker {
     tag: u64,
 }
 
-#[async_trait]
 impl Acker for MemoryAcker {
     fn retry_policy(&self) -> &RetryPolicy {
         &self.member.retry
     }
 
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<()> {
-        self.member.settle(self.tag, settlement)
+    fn settle(self: Box<Self>, settlement: Settlement) -> SettleFuture {
+        SettleFuture::ready(self.member.settle(self.tag, settlement))
     }
 
     fn settle_on_drop(self: Box<Self>, settlement: Settlement) {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use crate::{Error, Kind, Message, PublishError, Publisher, Receipt, Result};
+use crate::{Error, Kind, Message, PublishError, PublishFuture, Publisher, Result};
 
 /// Where a breaker stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,18 +248,20 @@ impl<P> Guarded<P> {
 
 #[async_trait]
 impl<P: Publisher> Publisher for Guarded<P> {
-    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt, PublishError> {
-        let permit = match self.breaker.acquire() {
-            Ok(p) => p,
-            Err(e) => return Err(PublishError::not_delivered(e, message)),
-        };
-        let result = self.inner.publish(topic, message).await;
-        match &result {
-            Ok(_) => permit.success(),
-            Err(e) if e.error().is_invalid_input() || e.error().is_closed() => drop(permit),
-            Err(_) => permit.failure(),
-        }
-        result
+    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
+        PublishFuture::new(async move {
+            let permit = match self.breaker.acquire() {
+                Ok(p) => p,
+                Err(e) => return Err(PublishError::not_delivered(e, message)),
+            };
+            let result = self.inner.publish(topic, message).await;
+            match &result {
+                Ok(_) => permit.success(),
+                Err(e) if e.error().is_invalid_input() || e.error().is_closed() => drop(permit),
+                Err(_) => permit.failure(),
+            }
+            result
+        })
     }
 
     async fn close(&self) -> Result<()> {

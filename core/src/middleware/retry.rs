@@ -2,14 +2,14 @@
 
 use async_trait::async_trait;
 
-use crate::{Message, PublishError, Publisher, Receipt, Result, RetryPolicy};
+use crate::{Message, PublishFuture, Publisher, Result, RetryPolicy};
 
 /// Retries a publish that failed with a retryable error (a lost connection, a
 /// time-out), waiting the policy's delay between attempts, up to its maximum
 /// number of attempts.
 ///
 /// What is safe to retry: a failure that says the broker *certainly* did not take
-/// the message ([`PublishError::may_have_been_delivered`] is false) is retried.
+/// the message ([`PublishError::may_have_been_delivered`](crate::PublishError::may_have_been_delivered) is false) is retried.
 /// One that says it *may* have (a lost confirm, a time-out) is not, since a
 /// retry could deliver it twice: opt in with
 /// [`retry_maybe_delivered`](Retry::retry_maybe_delivered) when consumers
@@ -42,26 +42,28 @@ impl<P> Retry<P> {
 
 #[async_trait]
 impl<P: Publisher> Publisher for Retry<P> {
-    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt, PublishError> {
-        let mut message = message;
-        let mut attempt = 1;
-        loop {
-            let e = match self.inner.publish(topic, message).await {
-                Ok(receipt) => return Ok(receipt),
-                Err(e) => e,
-            };
-            let retry = e.error().is_retryable()
-                && (self.maybe_delivered || !e.may_have_been_delivered())
-                && !self.policy.is_exhausted(attempt);
-            if !retry {
-                return Err(e);
+    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
+        PublishFuture::new(async move {
+            let mut message = message;
+            let mut attempt = 1;
+            loop {
+                let e = match self.inner.publish(topic, message).await {
+                    Ok(receipt) => return Ok(receipt),
+                    Err(e) => e,
+                };
+                let retry = e.error().is_retryable()
+                    && (self.maybe_delivered || !e.may_have_been_delivered())
+                    && !self.policy.is_exhausted(attempt);
+                if !retry {
+                    return Err(e);
+                }
+                let delay = self.policy.delay_after(attempt);
+                tracing::debug!(topic, attempt, ?delay, error = %e, "publish failed; retrying");
+                tokio::time::sleep(delay).await;
+                message = e.into_message();
+                attempt += 1;
             }
-            let delay = self.policy.delay_after(attempt);
-            tracing::debug!(topic, attempt, ?delay, error = %e, "publish failed; retrying");
-            tokio::time::sleep(delay).await;
-            message = e.into_message();
-            attempt += 1;
-        }
+        })
     }
 
     async fn close(&self) -> Result<()> {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::{Error, Kind, Message, PublishError, Publisher, Receipt, Result};
+use crate::{Error, Kind, Message, PublishError, PublishFuture, Publisher, Result};
 
 /// Fails a publish that takes longer than its limit with a [`Kind::Timeout`]
 /// error. The broker may still take the message after the deadline, so the error
@@ -24,20 +24,22 @@ impl<P> Timeout<P> {
 
 #[async_trait]
 impl<P: Publisher> Publisher for Timeout<P> {
-    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt, PublishError> {
-        // The inner publish owns its message; keep a copy (the payload is shared,
-        // not copied) to hand back if the deadline passes.
-        let copy = message.clone();
-        match tokio::time::timeout(self.limit, self.inner.publish(topic, message)).await {
-            Ok(result) => result,
-            Err(_) => Err(PublishError::maybe_delivered(
-                Error::new(
-                    Kind::Timeout,
-                    format!("publish to `{topic}` took longer than {:?}", self.limit),
-                ),
-                copy,
-            )),
-        }
+    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
+        PublishFuture::new(async move {
+            // The inner publish owns its message; keep a copy (the payload is shared,
+            // not copied) to hand back if the deadline passes.
+            let copy = message.clone();
+            match tokio::time::timeout(self.limit, self.inner.publish(topic, message)).await {
+                Ok(result) => result,
+                Err(_) => Err(PublishError::maybe_delivered(
+                    Error::new(
+                        Kind::Timeout,
+                        format!("publish to `{topic}` took longer than {:?}", self.limit),
+                    ),
+                    copy,
+                )),
+            }
+        })
     }
 
     async fn close(&self) -> Result<()> {
