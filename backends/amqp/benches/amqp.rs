@@ -1,7 +1,10 @@
 //! The RabbitMQ backend beside raw lapin doing the same work with the same
 //! settings, in the same run: persistent messages with publisher confirms, the
 //! whole batch in flight; consuming from a durable quorum queue with the same
-//! prefetch and one ack per message. Then latency at fixed rates and allocations
+//! prefetch and one ack per message. Raw lapin sends the same AMQP message
+//! polybus does (a message id, the timestamp, the millisecond timestamp header
+//! of C13), as the Kafka bench's raw producer writes polybus's id header, so the
+//! ratios compare the clients, not what they carry. Then latency at fixed rates and allocations
 //! per message, both beside raw.
 //!
 //! Needs the broker of `scripts/brokers/rabbitmq.sh start` (or `POLYBUS_AMQP_URL`);
@@ -9,7 +12,7 @@
 //! and writes BENCHMARKS.md.
 
 use std::alloc::System;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput};
@@ -147,7 +150,7 @@ impl Raw {
                         topic.into(),
                         BasicPublishOptions::default(),
                         payload,
-                        BasicProperties::default().with_delivery_mode(2),
+                        raw_properties(),
                     )
                     .await
                     .unwrap(),
@@ -157,6 +160,25 @@ impl Raw {
             assert!(c.unwrap().is_ack());
         }
     }
+}
+
+/// What polybus puts on each message, made by hand: a message id, the time in
+/// seconds (the AMQP property) and in milliseconds (a header).
+fn raw_properties() -> BasicProperties {
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "polybus-timestamp-ms".into(),
+        AMQPValue::LongString(millis.to_string().into_bytes().into()),
+    );
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(uuid::Uuid::now_v7().to_string().into())
+        .with_timestamp(millis / 1000)
+        .with_headers(headers)
 }
 
 async fn raw_consume(consumer: &mut lapin::Consumer, n: usize) {
