@@ -3,7 +3,9 @@
 //! confirm-mode publish path (C4), and topology declarations.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::{Arc, Mutex as StdMutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -14,7 +16,9 @@ use lapin::options::{
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm,
+};
 use polybus_core::{Error, Kind, Message, Result, ValidSubscription};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -34,15 +38,53 @@ pub(crate) struct Connector {
 pub(crate) struct Live {
     pub(crate) conn: Connection,
     publish: Channel,
-    /// lapin numbers confirms and writes frames under different locks, so two
+    /// lapin numbers confirms and queues frames under different locks, so two
     /// `basic_publish` calls at once on one channel could mismatch confirms.
-    /// Held only while the frames are written, never while a confirm is awaited.
-    publish_lock: Mutex<()>,
+    /// Held only for the call's first poll, which does both (see [`Live::write`]).
+    publish_lock: StdMutex<()>,
     /// Retry queues already declared on this connection.
     declared: StdMutex<HashSet<String>>,
 }
 
 impl Live {
+    /// `basic_publish`, resolved once the frames are written. lapin registers
+    /// the confirm and queues the frames in the call's first poll, then waits
+    /// for its I/O thread to write them; only that first poll is serialized, so
+    /// concurrent publishes wait for the write together, not in turn (holding
+    /// the lock across the write added a thread round trip per publish to every
+    /// publish queued behind it: +0.4 to 0.7 ms at p50 at 10 k msg/s).
+    async fn write(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
+        message: &Message,
+        extra: &[(&str, String)],
+    ) -> lapin::Result<PublisherConfirm> {
+        let mut publish = std::pin::pin!(self.publish.basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory,
+                ..BasicPublishOptions::default()
+            },
+            message.payload(),
+            mapping::properties(message, extra),
+        ));
+        let first = std::future::poll_fn(|cx| {
+            let _queueing = self
+                .publish_lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            Poll::Ready(publish.as_mut().poll(cx))
+        })
+        .await;
+        match first {
+            Poll::Ready(sent) => sent,
+            Poll::Pending => publish.await,
+        }
+    }
+
     fn healthy(&self) -> bool {
         self.conn.status().connected() && self.publish.status().connected()
     }
@@ -145,7 +187,7 @@ impl Connector {
         Ok(Live {
             conn,
             publish,
-            publish_lock: Mutex::new(()),
+            publish_lock: StdMutex::new(()),
             declared: StdMutex::new(HashSet::new()),
         })
     }
@@ -218,21 +260,9 @@ impl Connector {
         let deadline = Self::deadline_in(self.options.publish_timeout);
         loop {
             let live = self.live(deadline).await.map_err(|e| (e, false))?;
-            let sent = {
-                let _writing = live.publish_lock.lock().await;
-                live.publish
-                    .basic_publish(
-                        exchange.into(),
-                        routing_key.into(),
-                        BasicPublishOptions {
-                            mandatory,
-                            ..BasicPublishOptions::default()
-                        },
-                        message.payload(),
-                        mapping::properties(message, extra),
-                    )
-                    .await
-            };
+            let sent = live
+                .write(exchange, routing_key, mandatory, message, extra)
+                .await;
             let confirm = match sent {
                 Ok(confirm) => confirm,
                 // Not written: safe to try again on a new connection.
@@ -248,9 +278,8 @@ impl Connector {
         }
     }
 
-    /// Publish a batch to one routing key: every frame written under one hold
-    /// of the write lock, then every confirm awaited at once, as a raw client
-    /// pipelines. What cannot be written (a lost connection) goes through
+    /// Publish a batch to one routing key: every message written in turn, then
+    /// every confirm awaited at once, as a raw client pipelines. What cannot be written (a lost connection) goes through
     /// [`publish`](Self::publish), which reconnects.
     pub(crate) async fn publish_many(
         &self,
@@ -261,19 +290,8 @@ impl Connector {
         let deadline = Self::deadline_in(self.options.publish_timeout);
         let mut confirms = Vec::with_capacity(messages.len());
         if let Ok(live) = self.live(deadline).await {
-            let _writing = live.publish_lock.lock().await;
             for message in messages {
-                match live
-                    .publish
-                    .basic_publish(
-                        exchange.into(),
-                        routing_key.into(),
-                        BasicPublishOptions::default(),
-                        message.payload(),
-                        mapping::properties(message, &[]),
-                    )
-                    .await
-                {
+                match live.write(exchange, routing_key, false, message, &[]).await {
                     Ok(confirm) => confirms.push(confirm),
                     Err(_) => break,
                 }
