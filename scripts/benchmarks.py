@@ -75,8 +75,14 @@ def machine():
     except OSError:
         pass
     rustc = subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip()
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
+    # The commit the benches ran on, recorded by scripts/bench; the notes may
+    # be edited, and the table regenerated, after the run.
+    try:
+        with open(os.path.join(ROOT, "target", "polybus-bench", "commit")) as f:
+            commit = f.read().strip()
+    except OSError:
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True).stdout.strip()
     return cpu, os.cpu_count(), mem, platform.release(), rustc, commit
 
 
