@@ -42,9 +42,10 @@
 #![warn(missing_docs)]
 
 pub use polybus_core::{
-    Acker, Backend, Bus, Capabilities, Capability, Codec, Delivery, DeliverySource, DeliveryStream,
-    Error, Headers, Json, Kind, Message, Pattern, PublishError, Publisher, Receipt, Result,
-    RetryPolicy, Settlement, StartFrom, Subscriber, Subscription, Topic, header,
+    Acker, Backend, BackendFuture, Bus, Capabilities, Capability, Codec, Delivery, DeliverySource,
+    DeliveryStream, Error, Headers, Json, Kind, Message, Pattern, PublishError, PublishFuture,
+    Publisher, Receipt, Result, RetryPolicy, SettleFuture, Settlement, StartFrom, Subscriber,
+    Subscription, Topic, header,
 };
 pub use polybus_core::{consumer, middleware, rpc};
 

@@ -87,8 +87,12 @@ impl Drop for InFlightGuard<'_> {
 /// A named type rather than an `async fn`, so that a backend that never waits
 /// (the in-memory broker) answers at once without allocating a future for every
 /// message; a backend that does I/O wraps its `async` block with
-/// [`BackendFuture::new`], which boxes it.
-#[must_use = "futures do nothing unless you `.await` or poll them"]
+/// [`BackendFuture::boxed`].
+///
+/// A backend may do the work when called rather than when polled (the in-memory
+/// broker enqueues at once): dropping the future does not undo an operation
+/// that has started, and its outcome is then unknown, as with a time-out.
+#[must_use = "the outcome is lost unless the future is awaited"]
 pub struct BackendFuture<'a, T>(Either<Ready<T>, BoxFuture<'a, T>>);
 
 /// What [`Publisher::publish`] returns: the [`Receipt`] once the broker has
@@ -96,8 +100,8 @@ pub struct BackendFuture<'a, T>(Either<Ready<T>, BoxFuture<'a, T>>);
 pub type PublishFuture<'a> = BackendFuture<'a, Result<Receipt, PublishError>>;
 
 impl<'a, T> BackendFuture<'a, T> {
-    /// An operation still to be done by `future`.
-    pub fn new(future: impl Future<Output = T> + Send + 'a) -> Self {
+    /// An operation still to be done by `future`, which is boxed.
+    pub fn boxed(future: impl Future<Output = T> + Send + 'a) -> Self {
         BackendFuture(Either::Right(Box::pin(future)))
     }
 
@@ -121,14 +125,16 @@ impl<T> fmt::Debug for BackendFuture<'_, T> {
             Either::Left(_) => "ready",
             Either::Right(_) => "boxed",
         };
-        f.debug_tuple("BackendFuture").field(&state).finish()
+        f.debug_tuple("BackendFuture")
+            .field(&format_args!("{state}"))
+            .finish()
     }
 }
 
 /// Publishes messages. Object-safe: `Arc<dyn Publisher>` works.
 ///
 /// ```
-/// use polybus_core::{Message, PublishError, PublishFuture, Publisher, Receipt, async_trait};
+/// use polybus_core::{Message, PublishFuture, Publisher, async_trait};
 ///
 /// /// Middleware that stamps every message with the service's name.
 /// struct Stamp<P>(P);
@@ -149,6 +155,8 @@ pub trait Publisher: Send + Sync {
     /// Publish `message` to `topic`. Resolves to `Ok` only once the broker has
     /// taken responsibility for it (C4); on failure the message comes back inside
     /// the error. Headers under `polybus-` are dropped: they are the library's.
+    /// The publish may start before the future is first polled; see
+    /// [`BackendFuture`].
     fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a>;
 
     /// Publish several messages to `topic`, pipelined: all are in flight at once,

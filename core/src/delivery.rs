@@ -48,7 +48,8 @@ pub trait Acker: Send + Sync + 'static {
     /// Settle, and report whether the broker took the settlement. A delivery whose
     /// channel or subscription is gone returns a [`Closed`](crate::Kind::Closed) error;
     /// the broker redelivers it. A backend that settles without waiting answers
-    /// with [`SettleFuture::ready`].
+    /// with [`SettleFuture::ready`]; the settlement may then be done before the
+    /// future is polled.
     fn settle(self: Box<Self>, settlement: Settlement) -> SettleFuture;
 
     /// Settle from `Drop`: must not block. Backends that need I/O spawn it.

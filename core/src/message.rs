@@ -1,5 +1,6 @@
 //! [`Message`]: what is published and delivered, with its metadata (clause C13).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -66,7 +67,7 @@ enum Id {
 }
 
 impl Id {
-    fn new(id: &str) -> Self {
+    fn new(id: Cow<'_, str>) -> Self {
         if id.len() <= INLINE_ID {
             let mut bytes = [0; INLINE_ID];
             bytes[..id.len()].copy_from_slice(id.as_bytes());
@@ -75,7 +76,7 @@ impl Id {
                 bytes,
             }
         } else {
-            Id::Heap(id.into())
+            Id::Heap(id.into_owned().into_boxed_str())
         }
     }
 
@@ -155,8 +156,8 @@ impl Message {
     }
 
     /// Set the id. Ids are the caller's to keep unique.
-    pub fn with_id(mut self, id: impl AsRef<str>) -> Self {
-        self.id = Id::new(id.as_ref());
+    pub fn with_id<'a>(mut self, id: impl Into<Cow<'a, str>>) -> Self {
+        self.id = Id::new(id.into());
         self
     }
 

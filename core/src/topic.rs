@@ -255,7 +255,7 @@ pub struct TopicCache(Option<Topic>);
 
 impl TopicCache {
     /// The topic called `name`, as [`Topic::from_broker`] makes it.
-    pub fn get(&mut self, name: &str) -> Topic {
+    pub fn topic(&mut self, name: &str) -> Topic {
         match &self.0 {
             Some(last) if last.as_str() == name => last.clone(),
             _ => self.0.insert(Topic::from_broker(name)).clone(),
@@ -316,12 +316,12 @@ mod tests {
     #[test]
     fn topic_cache_reuses_the_last_topic_and_follows_a_new_name() {
         let mut cache = TopicCache::default();
-        let a = cache.get("user.created");
-        let again = cache.get("user.created");
+        let a = cache.topic("user.created");
+        let again = cache.topic("user.created");
         assert!(Arc::ptr_eq(&a.0, &again.0));
-        let b = cache.get("user.deleted");
+        let b = cache.topic("user.deleted");
         assert_eq!(b.as_str(), "user.deleted");
-        assert_eq!(cache.get("user.created"), a);
+        assert_eq!(cache.topic("user.created"), a);
     }
 
     #[test]

@@ -46,7 +46,7 @@ impl Script {
 #[async_trait]
 impl Publisher for Script {
     fn publish<'a>(&'a self, _topic: &'a str, message: Message) -> PublishFuture<'a> {
-        PublishFuture::new(async move {
+        PublishFuture::boxed(async move {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let step = self.steps.lock().unwrap().pop_front().unwrap_or(Step::Ok);
             let conn = || Error::new(Kind::Connection, "connection reset");

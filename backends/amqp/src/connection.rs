@@ -279,8 +279,9 @@ impl Connector {
     }
 
     /// Publish a batch to one routing key: every message written in turn, then
-    /// every confirm awaited at once, as a raw client pipelines. What cannot be written (a lost connection) goes through
-    /// [`publish`](Self::publish), which reconnects.
+    /// every confirm awaited at once, as a raw client pipelines. What cannot be
+    /// written (a lost connection) goes through [`publish`](Self::publish),
+    /// which reconnects.
     pub(crate) async fn publish_many(
         &self,
         exchange: &str,

@@ -95,7 +95,7 @@ impl fmt::Debug for AmqpBus {
 #[async_trait]
 impl Publisher for AmqpBus {
     fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
-        PublishFuture::new(async move {
+        PublishFuture::boxed(async move {
             let _in_flight = self.in_flight.enter();
             if let Err(e) = self.check_open("publish") {
                 return Err(PublishError::not_delivered(e, message));

@@ -194,8 +194,8 @@ impl AmqpSource {
         let r = mapping::receive(&properties, data);
         let attempt = r.attempt.saturating_add(r.delivery_count);
         let topic = match &r.topic {
-            Some(t) => self.topics.get(t),
-            None => self.topics.get(routing_key.as_str()),
+            Some(t) => self.topics.topic(t),
+            None => self.topics.topic(routing_key.as_str()),
         };
         self.shared.unsettled.fetch_add(1, Ordering::AcqRel);
         let acker = AmqpAcker {
@@ -519,7 +519,7 @@ impl Acker for AmqpAcker {
     }
 
     fn settle(self: Box<Self>, settlement: Settlement) -> SettleFuture {
-        SettleFuture::new(async move { self.run(settlement).await })
+        SettleFuture::boxed(async move { self.run(settlement).await })
     }
 
     fn settle_on_drop(self: Box<Self>, settlement: Settlement) {

@@ -84,7 +84,7 @@ impl fmt::Debug for KafkaBus {
 #[async_trait]
 impl Publisher for KafkaBus {
     fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
-        PublishFuture::new(async move {
+        PublishFuture::boxed(async move {
             let _in_flight = self.in_flight.enter();
             if self.closed.load(Ordering::Acquire) {
                 let e = Error::closed("cannot publish: the kafka bus is closed");

@@ -46,7 +46,8 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 /// The version of the commit metadata format below.
 const METADATA_TAG: &str = "polybus1";
 
-/// A topic partition. The topic is shared, so each record's costs no allocation.
+/// A topic partition. Its topic is shared (see `State::topics`), so a record
+/// from the same topic as the one before it costs no allocation.
 type Tp = (Topic, i32);
 
 /// A regular expression (librdkafka's dialect: POSIX-like, no look-around) that
@@ -299,7 +300,7 @@ impl Shared {
             origins,
             ..
         } = &mut *state;
-        let tp: Tp = (topics.get(record.topic()), record.partition());
+        let tp: Tp = (topics.topic(record.topic()), record.partition());
         let Some(part) = parts.get_mut(&tp) else {
             return; // revoked while it was in flight
         };
@@ -309,7 +310,7 @@ impl Shared {
             return;
         };
         let topic = match (&r.topic, from_retry) {
-            (Some(t), true) => origins.get(t),
+            (Some(t), true) => origins.topic(t),
             _ => tp.0.clone(),
         };
         let mut attempt = r.attempt;
@@ -670,7 +671,7 @@ impl Shared {
         }
         let mut state = self.lock();
         for ((topic, partition), start, prior) in parts {
-            let tp: Tp = (state.topics.get(&topic), partition);
+            let tp: Tp = (state.topics.topic(&topic), partition);
             let epoch = state.next_epoch;
             state.next_epoch += 1;
             state.paused.remove(&tp);
@@ -1106,10 +1107,9 @@ impl KafkaAcker {
             }
         }
     }
-}
 
-impl KafkaAcker {
-    /// Settlements that produce a copy (retry, dead letter) and wait for it.
+    /// Any settlement, waiting where one must: a retry or dead letter produces a
+    /// copy and waits for its delivery report.
     async fn settle_later(self: Box<Self>, settlement: Settlement) -> Result<()> {
         match settlement {
             Settlement::Ack => self.finish(),
@@ -1171,7 +1171,7 @@ impl Acker for KafkaAcker {
         // clock), so it is answered at once, without boxing a future.
         match settlement {
             Settlement::Ack => SettleFuture::ready(self.finish()),
-            other => SettleFuture::new(self.settle_later(other)),
+            other => SettleFuture::boxed(self.settle_later(other)),
         }
     }
 

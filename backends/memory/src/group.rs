@@ -183,8 +183,7 @@ impl Group {
         if member.closing {
             return Fetch::Closed;
         }
-        // Read the clock only when a retry waits: it is a system call's worth
-        // of time on every fetch otherwise.
+        // Read the clock only when a retry waits, not on every fetch.
         let now = (!state.delayed.is_empty()).then(Instant::now);
         while let Some(now) = now
             && state.delayed.peek().is_some_and(|d| d.due <= now)

@@ -249,7 +249,7 @@ impl<P> Guarded<P> {
 #[async_trait]
 impl<P: Publisher> Publisher for Guarded<P> {
     fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
-        PublishFuture::new(async move {
+        PublishFuture::boxed(async move {
             let permit = match self.breaker.acquire() {
                 Ok(p) => p,
                 Err(e) => return Err(PublishError::not_delivered(e, message)),

@@ -9,12 +9,14 @@ use crate::{Message, PublishFuture, Publisher, Result, RetryPolicy};
 /// number of attempts.
 ///
 /// What is safe to retry: a failure that says the broker *certainly* did not take
-/// the message ([`PublishError::may_have_been_delivered`](crate::PublishError::may_have_been_delivered) is false) is retried.
+/// the message ([`may_have_been_delivered`] is false) is retried.
 /// One that says it *may* have (a lost confirm, a time-out) is not, since a
 /// retry could deliver it twice: opt in with
 /// [`retry_maybe_delivered`](Retry::retry_maybe_delivered) when consumers
 /// deduplicate (by message id, which a retry keeps). Invalid input, oversize
 /// payloads and a closed publisher are never retried.
+///
+/// [`may_have_been_delivered`]: crate::PublishError::may_have_been_delivered
 #[derive(Debug, Clone)]
 pub struct Retry<P> {
     inner: P,
@@ -43,7 +45,7 @@ impl<P> Retry<P> {
 #[async_trait]
 impl<P: Publisher> Publisher for Retry<P> {
     fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
-        PublishFuture::new(async move {
+        PublishFuture::boxed(async move {
             let mut message = message;
             let mut attempt = 1;
             loop {

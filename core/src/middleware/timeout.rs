@@ -25,7 +25,7 @@ impl<P> Timeout<P> {
 #[async_trait]
 impl<P: Publisher> Publisher for Timeout<P> {
     fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
-        PublishFuture::new(async move {
+        PublishFuture::boxed(async move {
             // The inner publish owns its message; keep a copy (the payload is shared,
             // not copied) to hand back if the deadline passes.
             let copy = message.clone();
