@@ -264,6 +264,69 @@ async fn c9_settling_a_delivery_of_a_revoked_partition_is_a_typed_error() {
     }
 }
 
+/// C6 across a rebalance: a member that had paused fetching for want of room
+/// fetches again once its partitions are reassigned. librdkafka keeps a
+/// partition's pause across a revocation and a new assignment; a member that
+/// forgot it stalled for good (seen after broker restarts under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c6_a_member_paused_for_room_fetches_again_after_a_rebalance() {
+    let Some(url) = kafka_url() else { return };
+    let bus = kafka_bus(&format!("{url}?partitions=2")).await;
+    let topic = unique("paused.");
+    let group = unique("paused-");
+    let sub = || {
+        Subscription::new(topic.clone())
+            .group(group.clone())
+            .prefetch(1)
+    };
+    let mut a = bus.subscribe(sub()).await.unwrap();
+    // Records on both partitions. `a` is not read yet, so the one record it
+    // buffers fills its prefetch and it pauses both partitions.
+    let mut partitions = std::collections::HashSet::new();
+    let mut sent = std::collections::HashSet::new();
+    for k in 0.. {
+        let payload = format!("m{k}");
+        let r = bus
+            .publish(
+                &topic,
+                Message::new(payload.clone()).with_key(format!("k{k}")),
+            )
+            .await
+            .unwrap();
+        sent.insert(payload);
+        partitions.insert(r.partition.unwrap());
+        if partitions.len() == 2 && sent.len() >= 6 {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A second member joins: the rebalance takes both partitions from `a`,
+    // with the record it buffered, and gives one back.
+    let other = kafka_bus(&url).await;
+    let mut b = other.subscribe(sub()).await.unwrap();
+    let mut got = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !sent.is_subset(&got) && tokio::time::Instant::now() < deadline {
+        let next = tokio::time::timeout(Duration::from_millis(500), async {
+            tokio::select! {
+                d = a.next() => d,
+                d = b.next() => d,
+            }
+        })
+        .await;
+        if let Ok(Some(d)) = next {
+            let d = d.unwrap();
+            got.insert(String::from_utf8_lossy(d.message().payload()).into_owned());
+            d.ack().await.unwrap();
+        }
+    }
+    let missing: Vec<_> = sent.difference(&got).collect();
+    assert!(
+        missing.is_empty(),
+        "never delivered after the rebalance: {missing:?}"
+    );
+}
+
 /// The escape hatch is applied, and a setting librdkafka does not know is a
 /// typed error at connect.
 #[tokio::test]

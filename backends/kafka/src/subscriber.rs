@@ -669,6 +669,16 @@ impl Shared {
         if let Err(e) = assigned {
             tracing::warn!(error = %e, "assigning partitions failed");
         }
+        // librdkafka keeps a partition's pause across a revocation and a new
+        // assignment (librdkafka#1849), but the flow control below starts each
+        // assigned partition unpaused: resume them, or a partition paused for
+        // want of room before a rebalance (a broker restart) stays paused for
+        // good. `chores` pauses again if there is still no room.
+        if assignment.count() > 0
+            && let Err(e) = consumer.resume(&assignment)
+        {
+            tracing::warn!(error = %e, "resuming newly assigned partitions failed");
+        }
         let mut state = self.lock();
         for ((topic, partition), start, prior) in parts {
             let tp: Tp = (state.topics.topic(&topic), partition);
