@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use futures::StreamExt;
-use polybus::{Message, Subscription};
+use polybus::Message;
 
 #[path = "support/mod.rs"]
 mod support;
@@ -34,15 +34,7 @@ fn end_to_end(c: &mut Criterion) {
 
         // polybus: publish -> deliver -> ack, a producer task beside the consumer.
         let bus = rt.block_on(async { polybus::connect("memory://").await.expect("memory bus") });
-        let mut sub = rt.block_on(async {
-            bus.subscribe(
-                Subscription::new("bench.e2e")
-                    .group("bench")
-                    .prefetch(PREFETCH),
-            )
-            .await
-            .expect("subscribe")
-        });
+        let mut sub = rt.block_on(support::own_group(&bus, "bench.e2e", PREFETCH));
         group.bench_function(BenchmarkId::new("polybus", format!("{size}B")), |b| {
             b.iter_custom(|iters| {
                 rt.block_on(async {
@@ -98,15 +90,7 @@ fn publish_only(c: &mut Criterion) {
         let payload = Bytes::from(vec![7u8; size]);
         let bus = rt.block_on(async { polybus::connect("memory://").await.expect("memory bus") });
         // A bound group, drained between iterations, so publishing does real routing.
-        let mut sub = rt.block_on(async {
-            bus.subscribe(
-                Subscription::new("bench.pub")
-                    .group("sink")
-                    .prefetch(65_535),
-            )
-            .await
-            .expect("subscribe")
-        });
+        let mut sub = rt.block_on(support::own_group(&bus, "bench.pub", 65_535));
         group.bench_function(BenchmarkId::new("polybus", format!("{size}B")), |b| {
             b.iter_custom(|iters| {
                 rt.block_on(async {

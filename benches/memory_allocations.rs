@@ -8,7 +8,7 @@ use std::alloc::System;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use polybus::{Message, Subscription};
+use polybus::Message;
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 
 #[path = "support/mod.rs"]
@@ -25,14 +25,7 @@ fn main() {
     let payload = Bytes::from_static(&[7u8; 16]);
     let (bus, mut sub) = rt.block_on(async {
         let bus = polybus::connect("memory://").await.unwrap();
-        let sub = bus
-            .subscribe(
-                Subscription::new("bench.alloc")
-                    .group("alloc")
-                    .prefetch(PREFETCH),
-            )
-            .await
-            .unwrap();
+        let sub = support::own_group(&bus, "bench.alloc", PREFETCH).await;
         (bus, sub)
     });
     let polybus_allocs = support::allocations_per_message(ALLOC, n, || {
@@ -69,9 +62,6 @@ fn main() {
     });
     support::write_allocations(
         "memory",
-        vec![
-            support::alloc_row("memory", "polybus", polybus_allocs),
-            support::alloc_row("memory", "raw", raw_allocs),
-        ],
+        support::alloc_rows("memory", polybus_allocs, raw_allocs),
     );
 }

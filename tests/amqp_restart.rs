@@ -26,8 +26,9 @@ async fn rabbitmqctl(args: &[&str]) {
     );
 }
 
-/// C11: RabbitMQ stops and starts while two tasks publish with confirms and a
-/// group consumes. Every message whose publish returned `Ok` must arrive.
+/// C11: RabbitMQ stops and starts while two tasks publish with confirms (one
+/// message at a time, and batches of eight) and a group consumes. Every message
+/// whose publish returned `Ok` must arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c11_broker_restart_mid_stream_loses_no_confirmed_message() {
     let Some(url) = url() else { return };
@@ -49,7 +50,7 @@ async fn c11_broker_restart_mid_stream_loses_no_confirmed_message() {
         .await
         .unwrap();
 
-    let traffic = Traffic::start(&publisher, &topic, 2, 1, sub);
+    let traffic = Traffic::start(&publisher, &topic, &[1, 8], sub);
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     eprintln!("restart: stopping RabbitMQ");

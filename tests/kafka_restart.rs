@@ -37,7 +37,7 @@ async fn c11_broker_killed_and_restarted_mid_stream_loses_no_acknowledged_messag
         .await
         .unwrap();
 
-    let traffic = Traffic::start(&publisher, &topic, 2, 16, sub);
+    let traffic = Traffic::start(&publisher, &topic, &[16, 16], sub);
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     eprintln!("restart: kill -9 of the broker, 3 s down, then start again");

@@ -141,6 +141,48 @@ pub fn extras() -> bool {
     std::env::var("POLYBUS_BENCH_EXTRAS").map_or(true, |v| v != "0")
 }
 
+/// A topic name no earlier run has used.
+pub fn name(prefix: &str) -> String {
+    format!("bench.{prefix}.{}", polybus_core::testkit::unique_name())
+}
+
+/// Whether `POLYBUS_SKIP_<BACKEND>` opts this broker bench out; says so if it does.
+pub fn skipped(backend: &str) -> bool {
+    let var = format!("POLYBUS_SKIP_{}", backend.to_uppercase());
+    let skip = std::env::var_os(&var).is_some();
+    if skip {
+        eprintln!("SKIPPED: the {backend} bench ({var} is set)");
+    }
+    skip
+}
+
+/// A subscription to `topic` in a group of its own, so a bench reads exactly
+/// what it publishes.
+pub async fn own_group(
+    bus: &polybus_core::Bus,
+    topic: &str,
+    prefetch: u32,
+) -> polybus_core::DeliveryStream {
+    bus.subscribe(
+        polybus_core::Subscription::new(topic)
+            .group(format!("g{}", polybus_core::testkit::unique_name()))
+            .prefetch(prefetch),
+    )
+    .await
+    .expect("subscribe")
+}
+
+/// Publish `n` messages of `payload` to `topic` as one pipelined batch; every
+/// publish must succeed.
+pub async fn publish_batch(bus: &polybus_core::Bus, topic: &str, payload: &Bytes, n: usize) {
+    let batch: Vec<polybus_core::Message> = (0..n)
+        .map(|_| polybus_core::Message::new(payload.clone()))
+        .collect();
+    for r in bus.publish_batch(topic, batch).await {
+        r.expect("publish");
+    }
+}
+
 /// polybus's side of a latency run: a group subscription on `topic` records
 /// each delivery's age and acks it while `n` stamped messages are published at
 /// `rate`.
@@ -153,14 +195,7 @@ pub async fn polybus_latency(
 ) -> Latencies {
     use futures::StreamExt;
     let lat = Latencies::default();
-    let mut sub = bus
-        .subscribe(
-            polybus_core::Subscription::new(topic)
-                .group(format!("g{}", polybus_core::testkit::unique_name()))
-                .prefetch(prefetch),
-        )
-        .await
-        .expect("subscribe");
+    let mut sub = own_group(bus, topic, prefetch).await;
     let l = lat.clone();
     let consumer = tokio::spawn(async move {
         while let Some(Ok(d)) = sub.next().await {
@@ -191,16 +226,12 @@ pub async fn polybus_round(
     n: usize,
 ) {
     use futures::StreamExt;
-    let batch: Vec<polybus_core::Message> = (0..n)
-        .map(|_| polybus_core::Message::new(payload.clone()))
-        .collect();
-    let (published, ()) = tokio::join!(bus.publish_batch(topic, batch), async {
+    tokio::join!(publish_batch(bus, topic, payload, n), async {
         for _ in 0..n {
             let d = sub.next().await.expect("open").expect("delivery");
             d.ack().await.expect("ack");
         }
     });
-    assert!(published.iter().all(Result::is_ok), "a publish failed");
 }
 
 /// How many messages a latency run sends at `rate`: two seconds' worth, or a
@@ -225,8 +256,14 @@ pub fn allocations_per_message<F: FnOnce()>(
     change.allocations as f64 / n as f64
 }
 
-pub fn alloc_row(backend: &str, imp: &str, per_message: f64) -> serde_json::Value {
-    serde_json::json!({ "backend": backend, "impl": imp, "allocations_per_message": per_message })
+/// The allocation rows of `backend`: polybus's and the raw client's, per message.
+pub fn alloc_rows(backend: &str, polybus: f64, raw: f64) -> Vec<serde_json::Value> {
+    [("polybus", polybus), ("raw", raw)]
+        .into_iter()
+        .map(|(imp, per_message)| {
+            serde_json::json!({ "backend": backend, "impl": imp, "allocations_per_message": per_message })
+        })
+        .collect()
 }
 
 /// Write the latency and allocation rows of `backend` for BENCHMARKS.md

@@ -133,6 +133,20 @@ impl Message {
         }
     }
 
+    /// A message rebuilt from a broker's record; for backends. Its id is empty
+    /// and its timestamp the Unix epoch until set from the record: unlike
+    /// [`new`](Self::new), it makes no id and reads no clock.
+    pub fn from_record(payload: impl Into<Bytes>) -> Self {
+        Message {
+            id: Id::new(Cow::Borrowed("")),
+            key: None,
+            headers: Headers::new(),
+            payload: payload.into(),
+            content_type: None,
+            timestamp: UNIX_EPOCH,
+        }
+    }
+
     /// A message whose payload is `value` encoded with `codec`, and whose content type
     /// is the codec's.
     pub fn encode<C: Codec, T: Serialize + ?Sized>(value: &T) -> Result<Self> {

@@ -70,21 +70,17 @@ pub struct Traffic {
 }
 
 impl Traffic {
-    /// Start `tasks` publishers to `topic`, each with `batch` publishes in
-    /// flight, and a consumer acking everything `sub` delivers.
-    pub fn start(
-        publisher: &Bus,
-        topic: &str,
-        tasks: usize,
-        batch: u64,
-        mut sub: DeliveryStream,
-    ) -> Self {
+    /// Start a publisher to `topic` for each of `batches`, each with that many
+    /// publishes in flight (a batch of one goes through `publish`, larger ones
+    /// through `publish_batch`), and a consumer acking everything `sub` delivers.
+    pub fn start(publisher: &Bus, topic: &str, batches: &[u64], mut sub: DeliveryStream) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let seq = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let confirmed = Arc::new(Mutex::new(HashSet::new()));
-        let publishers = (0..tasks)
-            .map(|_| {
+        let publishers = batches
+            .iter()
+            .map(|&batch| {
                 let (bus, topic, stop, seq, failed, confirmed) = (
                     publisher.clone(),
                     topic.to_owned(),
@@ -96,14 +92,19 @@ impl Traffic {
                 tokio::spawn(async move {
                     while !stop.load(Ordering::Acquire) {
                         let first = seq.fetch_add(batch, Ordering::AcqRel);
-                        let messages = (first..first + batch)
+                        let mut messages: Vec<Message> = (first..first + batch)
                             .map(|n| {
                                 Message::new(n.to_string())
                                     .with_id(n.to_string())
                                     .with_key(format!("k{}", n % 7))
                             })
                             .collect();
-                        let results = bus.publish_batch(&topic, messages).await;
+                        let results = if batch == 1 {
+                            let only = messages.pop().expect("a batch of one");
+                            vec![bus.publish(&topic, only).await]
+                        } else {
+                            bus.publish_batch(&topic, messages).await
+                        };
                         for (n, result) in (first..).zip(results) {
                             match result {
                                 Ok(_) => {

@@ -23,7 +23,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use polybus_core::{Bus, Message, Subscription};
+use polybus_core::Bus;
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 
 #[path = "../../../benches/support/mod.rs"]
@@ -42,10 +42,6 @@ const RAW_EXCHANGE: &str = "polybus-bench-raw";
 fn url() -> String {
     std::env::var("POLYBUS_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/polybus-test".into())
-}
-
-fn name(prefix: &str) -> String {
-    format!("bench.{prefix}.{}", polybus_core::testkit::unique_name())
 }
 
 /// polybus on an exchange of its own, so routing is not slowed by the bindings
@@ -199,26 +195,15 @@ fn publish(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         let payload = Bytes::from(vec![7u8; size]);
         // Both bound to a group queue, so publishing does the same routing and
         // persistence; drained between samples, unmeasured.
-        let topic = name("pub");
-        let mut sub = rt.block_on(async {
-            bus.subscribe(
-                Subscription::new(topic.clone())
-                    .group(format!("g{}", polybus_core::testkit::unique_name()))
-                    .prefetch(PREFETCH.into()),
-            )
-            .await
-            .unwrap()
-        });
+        let topic = support::name("pub");
+        let mut sub = rt.block_on(support::own_group(&bus, &topic, PREFETCH.into()));
         group.bench_function(BenchmarkId::new("polybus", format!("{size}B")), |b| {
             b.iter_custom(|iters| {
                 rt.block_on(async {
                     let mut measured = std::time::Duration::ZERO;
                     for _ in 0..iters {
-                        let batch = (0..n).map(|_| Message::new(payload.clone())).collect();
                         let start = Instant::now();
-                        for r in bus.publish_batch(&topic, batch).await {
-                            r.expect("publish");
-                        }
+                        support::publish_batch(&bus, &topic, &payload, n).await;
                         measured += start.elapsed();
                         for _ in 0..n {
                             sub.next().await.unwrap().unwrap().ack().await.unwrap();
@@ -228,7 +213,7 @@ fn publish(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
                 })
             })
         });
-        let raw_topic = name("pubraw");
+        let raw_topic = support::name("pubraw");
         let mut consumer = rt.block_on(raw.queue(&raw_topic));
         group.bench_function(BenchmarkId::new("raw", format!("{size}B")), |b| {
             b.iter_custom(|iters| {
@@ -256,16 +241,8 @@ fn end_to_end(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         let n = support::batch_for(size);
         group.throughput(Throughput::Elements(n as u64));
         let payload = Bytes::from(vec![7u8; size]);
-        let topic = name("e2e");
-        let mut sub = rt.block_on(async {
-            bus.subscribe(
-                Subscription::new(topic.clone())
-                    .group(format!("g{}", polybus_core::testkit::unique_name()))
-                    .prefetch(PREFETCH.into()),
-            )
-            .await
-            .unwrap()
-        });
+        let topic = support::name("e2e");
+        let mut sub = rt.block_on(support::own_group(&bus, &topic, PREFETCH.into()));
         group.bench_function(BenchmarkId::new("polybus", format!("{size}B")), |b| {
             b.iter_custom(|iters| {
                 rt.block_on(async {
@@ -277,7 +254,7 @@ fn end_to_end(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
                 })
             })
         });
-        let raw_topic = name("e2eraw");
+        let raw_topic = support::name("e2eraw");
         let mut consumer = rt.block_on(raw.queue(&raw_topic));
         group.bench_function(BenchmarkId::new("raw", format!("{size}B")), |b| {
             b.iter_custom(|iters| {
@@ -305,7 +282,7 @@ fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
         let n = support::latency_count(rate);
         let lat = rt.block_on(support::polybus_latency(
             &bus,
-            &name("lat"),
+            &support::name("lat"),
             PREFETCH.into(),
             rate,
             n,
@@ -314,7 +291,7 @@ fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
 
         let lat = Latencies::default();
         rt.block_on(async {
-            let topic = name("latraw");
+            let topic = support::name("latraw");
             let mut consumer = raw.queue(&topic).await;
             let l = lat.clone();
             let task = tokio::spawn(async move {
@@ -337,22 +314,14 @@ fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
 
     let n: u64 = if support::quick() { 200 } else { 2_000 };
     let payload = Bytes::from_static(&[7u8; 16]);
-    let topic = name("alloc");
-    let mut sub = rt.block_on(async {
-        bus.subscribe(
-            Subscription::new(topic.clone())
-                .group(format!("g{}", polybus_core::testkit::unique_name()))
-                .prefetch(PREFETCH.into()),
-        )
-        .await
-        .unwrap()
-    });
+    let topic = support::name("alloc");
+    let mut sub = rt.block_on(support::own_group(&bus, &topic, PREFETCH.into()));
     let polybus_allocs = support::allocations_per_message(ALLOC, n, || {
         rt.block_on(async {
             support::polybus_round(&bus, &topic, &mut sub, &payload, n as usize).await;
         })
     });
-    let raw_topic = name("allocraw");
+    let raw_topic = support::name("allocraw");
     let mut consumer = rt.block_on(raw.queue(&raw_topic));
     let raw_allocs = support::allocations_per_message(ALLOC, n, || {
         rt.block_on(async {
@@ -365,16 +334,12 @@ fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
     support::write_results(
         "amqp",
         latency,
-        vec![
-            support::alloc_row("amqp", "polybus", polybus_allocs),
-            support::alloc_row("amqp", "raw", raw_allocs),
-        ],
+        support::alloc_rows("amqp", polybus_allocs, raw_allocs),
     );
 }
 
 fn main() {
-    if std::env::var_os("POLYBUS_SKIP_AMQP").is_some() {
-        eprintln!("SKIPPED: the amqp bench (POLYBUS_SKIP_AMQP is set)");
+    if support::skipped("amqp") {
         return;
     }
     let rt = support::runtime();

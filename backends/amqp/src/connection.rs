@@ -258,6 +258,21 @@ impl Connector {
         mandatory: bool,
     ) -> std::result::Result<(), (Error, bool)> {
         let deadline = Self::deadline_in(self.options.publish_timeout);
+        self.publish_until(deadline, exchange, routing_key, message, extra, mandatory)
+            .await
+    }
+
+    /// [`publish`](Self::publish), bounded by a `deadline` the caller may share
+    /// with other publishes (a batch has one time-out, not one per message).
+    async fn publish_until(
+        &self,
+        deadline: Instant,
+        exchange: &str,
+        routing_key: &str,
+        message: &Message,
+        extra: &[(&str, String)],
+        mandatory: bool,
+    ) -> std::result::Result<(), (Error, bool)> {
         loop {
             let live = self.live(deadline).await.map_err(|e| (e, false))?;
             let sent = live
@@ -280,8 +295,8 @@ impl Connector {
 
     /// Publish a batch to one routing key: every message written in turn, then
     /// every confirm awaited at once, as a raw client pipelines. What cannot be
-    /// written (a lost connection) goes through [`publish`](Self::publish),
-    /// which reconnects.
+    /// written (a lost connection) is published again after a reconnect, all
+    /// within the batch's one time-out.
     pub(crate) async fn publish_many(
         &self,
         exchange: &str,
@@ -305,11 +320,9 @@ impl Connector {
                 Self::outcome(confirmed, false, message.id(), routing_key)
             },
         ));
-        let rest = futures::future::join_all(
-            messages[written..]
-                .iter()
-                .map(|message| self.publish(exchange, routing_key, message, &[], false)),
-        );
+        let rest = futures::future::join_all(messages[written..].iter().map(|message| {
+            self.publish_until(deadline, exchange, routing_key, message, &[], false)
+        }));
         let (mut results, rest) = tokio::join!(awaited, rest);
         results.extend(rest);
         results

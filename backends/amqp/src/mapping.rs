@@ -15,7 +15,7 @@
 //! routing key, which a retry queue's dead-lettering replaces.
 
 use std::borrow::Cow;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use lapin::BasicProperties;
@@ -131,10 +131,11 @@ pub(crate) fn receive(props: &BasicProperties, body: Vec<u8>) -> Received {
             }
         }
     }
-    let mut message = Message::new(Bytes::from(body));
-    if let Some(id) = props.message_id() {
-        message = message.with_id(id.as_str());
-    }
+    // A message without an id (another client's) gets a fresh one, as if new.
+    let mut message = match props.message_id() {
+        Some(id) => Message::from_record(Bytes::from(body)).with_id(id.as_str()),
+        None => Message::new(Bytes::from(body)),
+    };
     if let Some(key) = key {
         message = message.with_key(key);
     }
@@ -144,9 +145,10 @@ pub(crate) fn receive(props: &BasicProperties, body: Vec<u8>) -> Received {
     // Plain AMQP clients send seconds, or nothing (then: the time of receipt).
     // (A client that sends nanoseconds would overflow: then keep the receipt time.)
     let millis = millis.or_else(|| props.timestamp().and_then(|s| s.checked_mul(1000)));
-    if let Some(ms) = millis {
-        message = message.with_timestamp(UNIX_EPOCH + Duration::from_millis(ms));
-    }
+    message = message.with_timestamp(match millis {
+        Some(ms) => UNIX_EPOCH + Duration::from_millis(ms),
+        None => SystemTime::now(),
+    });
     *message.headers_mut() = headers;
     Received {
         message,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput};
-use polybus_core::{Bus, Message, Subscription};
+use polybus_core::{Bus, Message};
 use rdkafka::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -43,14 +43,9 @@ fn brokers() -> String {
 }
 
 /// A 36-character id, as long as polybus's (a hyphenated uuid).
-fn uuid_like() -> String {
-    let a = polybus_core::testkit::unique_name();
-    let b = polybus_core::testkit::unique_name();
-    format!("{a}{b}{a}")[..36].to_owned()
-}
-
-fn name(prefix: &str) -> String {
-    format!("bench.{prefix}.{}", polybus_core::testkit::unique_name())
+/// A message id as polybus makes them, for the raw producer's id header.
+fn message_id() -> String {
+    uuid::Uuid::now_v7().to_string()
 }
 
 async fn bus() -> Bus {
@@ -124,7 +119,7 @@ fn raw_record<'a>(topic: &'a str, payload: &'a [u8], id: &'a str) -> FutureRecor
 }
 
 async fn raw_send_all(producer: &FutureProducer, topic: &str, payload: &Bytes, n: usize) {
-    let ids: Vec<String> = (0..n).map(|_| uuid_like()).collect();
+    let ids: Vec<String> = (0..n).map(|_| message_id()).collect();
     let sends = ids
         .iter()
         .map(|id| producer.send(raw_record(topic, payload, id), Duration::from_secs(30)));
@@ -141,20 +136,16 @@ fn publish(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         let n = support::batch_for(size);
         group.throughput(Throughput::Elements(n as u64));
         let payload = Bytes::from(vec![7u8; size]);
-        let topic = name("pub");
+        let topic = support::name("pub");
         // Creates the topic; the raw producer writes to one made the same way.
-        let raw_topic = name("pubraw");
+        let raw_topic = support::name("pubraw");
         rt.block_on(async {
             bus.publish(&topic, Message::new("warm")).await.unwrap();
             bus.publish(&raw_topic, Message::new("warm")).await.unwrap();
         });
         group.bench_function(BenchmarkId::new("polybus", format!("{size}B")), |b| {
-            b.to_async(rt).iter(|| async {
-                let batch = (0..n).map(|_| Message::new(payload.clone())).collect();
-                for r in bus.publish_batch(&topic, batch).await {
-                    r.expect("publish");
-                }
-            })
+            b.to_async(rt)
+                .iter(|| support::publish_batch(&bus, &topic, &payload, n))
         });
         group.bench_function(BenchmarkId::new("raw", format!("{size}B")), |b| {
             b.to_async(rt)
@@ -173,16 +164,8 @@ fn end_to_end(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         group.throughput(Throughput::Elements(n as u64));
         let payload = Bytes::from(vec![7u8; size]);
 
-        let topic = name("e2e");
-        let mut sub = rt.block_on(async {
-            bus.subscribe(
-                Subscription::new(topic.clone())
-                    .group(format!("g{}", polybus_core::testkit::unique_name()))
-                    .prefetch(1_000),
-            )
-            .await
-            .expect("subscribe")
-        });
+        let topic = support::name("e2e");
+        let mut sub = rt.block_on(support::own_group(&bus, &topic, 1_000));
         group.bench_function(BenchmarkId::new("polybus", format!("{size}B")), |b| {
             b.iter_custom(|iters| {
                 rt.block_on(async {
@@ -195,7 +178,7 @@ fn end_to_end(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
             })
         });
 
-        let raw_topic = name("e2eraw");
+        let raw_topic = support::name("e2eraw");
         rt.block_on(bus.publish(&raw_topic, Message::new("create")))
             .unwrap();
         let consumer = raw_consumer(&raw_topic);
@@ -227,12 +210,18 @@ fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
     let mut latency = Vec::new();
     for rate in support::KAFKA_RATES {
         let n = support::latency_count(rate);
-        let lat = rt.block_on(support::polybus_latency(&bus, &name("lat"), 1_000, rate, n));
+        let lat = rt.block_on(support::polybus_latency(
+            &bus,
+            &support::name("lat"),
+            1_000,
+            rate,
+            n,
+        ));
         latency.push(lat.row("kafka", "polybus", rate));
 
         let lat = Latencies::default();
         rt.block_on(async {
-            let topic = name("latraw");
+            let topic = support::name("latraw");
             bus.publish(&topic, Message::new("create")).await.unwrap();
             let consumer = raw_consumer(&topic);
             raw_ready(&consumer, &producer, &topic).await;
@@ -247,7 +236,7 @@ fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
             support::at_rate(rate, n, &lat, |p| {
                 let (producer, topic) = (producer.clone(), topic.clone());
                 async move {
-                    let id = uuid_like();
+                    let id = message_id();
                     producer
                         .send(raw_record(&topic, &p, &id), Duration::from_secs(30))
                         .await
@@ -262,22 +251,14 @@ fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
 
     let n: u64 = if support::quick() { 200 } else { 2_000 };
     let payload = Bytes::from_static(&[7u8; 16]);
-    let topic = name("alloc");
-    let mut sub = rt.block_on(async {
-        bus.subscribe(
-            Subscription::new(topic.clone())
-                .group(format!("g{}", polybus_core::testkit::unique_name()))
-                .prefetch(1_000),
-        )
-        .await
-        .unwrap()
-    });
+    let topic = support::name("alloc");
+    let mut sub = rt.block_on(support::own_group(&bus, &topic, 1_000));
     let polybus_allocs = support::allocations_per_message(ALLOC, n, || {
         rt.block_on(async {
             support::polybus_round(&bus, &topic, &mut sub, &payload, n as usize).await;
         })
     });
-    let raw_topic = name("allocraw");
+    let raw_topic = support::name("allocraw");
     rt.block_on(bus.publish(&raw_topic, Message::new("create")))
         .unwrap();
     let consumer = raw_consumer(&raw_topic);
@@ -298,16 +279,12 @@ fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
     support::write_results(
         "kafka",
         latency,
-        vec![
-            support::alloc_row("kafka", "polybus", polybus_allocs),
-            support::alloc_row("kafka", "raw", raw_allocs),
-        ],
+        support::alloc_rows("kafka", polybus_allocs, raw_allocs),
     );
 }
 
 fn main() {
-    if std::env::var_os("POLYBUS_SKIP_KAFKA").is_some() {
-        eprintln!("SKIPPED: the kafka bench (POLYBUS_SKIP_KAFKA is set)");
+    if support::skipped("kafka") {
         return;
     }
     let rt = support::runtime();

@@ -15,7 +15,7 @@
 //! group's retry topic carry three more library headers: `polybus-attempt`,
 //! `polybus-topic` (where the message was first published) and `polybus-due-ms`.
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use polybus_core::{Headers, Message, header};
@@ -73,7 +73,7 @@ pub(crate) fn receive(record: &BorrowedMessage<'_>) -> Received {
         .payload()
         .map(Bytes::copy_from_slice)
         .unwrap_or_default();
-    let mut message = Message::new(payload);
+    let mut message = Message::from_record(payload);
     let mut headers = Headers::new();
     let mut has_id = false;
     let mut topic = None;
@@ -111,9 +111,12 @@ pub(crate) fn receive(record: &BorrowedMessage<'_>) -> Received {
     if let Some(key) = record.key() {
         message = message.with_key(String::from_utf8_lossy(key).into_owned());
     }
-    if let Some(ms) = record.timestamp().to_millis().filter(|ms| *ms >= 0) {
-        message = message.with_timestamp(UNIX_EPOCH + Duration::from_millis(ms as u64));
-    }
+    // A record without a timestamp (an old client's) is stamped on receipt.
+    let timestamp = match record.timestamp().to_millis().filter(|ms| *ms >= 0) {
+        Some(ms) => UNIX_EPOCH + Duration::from_millis(ms as u64),
+        None => SystemTime::now(),
+    };
+    message = message.with_timestamp(timestamp);
     *message.headers_mut() = headers;
     Received {
         message,
