@@ -234,6 +234,26 @@ pub async fn polybus_round(
     });
 }
 
+/// The time of `iters` end-to-end rounds of polybus (see [`polybus_round`]),
+/// for criterion's `iter_custom`.
+pub fn time_rounds(
+    rt: &tokio::runtime::Runtime,
+    bus: &polybus_core::Bus,
+    topic: &str,
+    sub: &mut polybus_core::DeliveryStream,
+    payload: &Bytes,
+    n: usize,
+    iters: u64,
+) -> Duration {
+    rt.block_on(async {
+        let start = Instant::now();
+        for _ in 0..iters {
+            polybus_round(bus, topic, sub, payload, n).await;
+        }
+        start.elapsed()
+    })
+}
+
 /// How many messages a latency run sends at `rate`: two seconds' worth, or a
 /// tenth of a second in quick mode.
 pub fn latency_count(rate: u64) -> u64 {

@@ -245,13 +245,7 @@ fn end_to_end(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         let mut sub = rt.block_on(support::own_group(&bus, &topic, PREFETCH.into()));
         group.bench_function(BenchmarkId::new("polybus", format!("{size}B")), |b| {
             b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        support::polybus_round(&bus, &topic, &mut sub, &payload, n).await;
-                    }
-                    start.elapsed()
-                })
+                support::time_rounds(rt, &bus, &topic, &mut sub, &payload, n, iters)
             })
         });
         let raw_topic = support::name("e2eraw");
