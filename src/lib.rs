@@ -42,12 +42,11 @@
 #![warn(missing_docs)]
 
 pub use polybus_core::{
-    Acker, Backend, BackendFuture, Bus, Capabilities, Capability, Codec, Delivery, DeliverySource,
-    DeliveryStream, Error, Headers, Json, Kind, Message, Pattern, PublishError, PublishFuture,
-    Publisher, Receipt, Result, RetryPolicy, SettleFuture, Settlement, StartFrom, Subscriber,
-    Subscription, Topic, header,
+    Bus, Capabilities, Capability, Codec, Delivery, DeliveryStream, Error, Headers, Json, Kind,
+    Message, Pattern, PublishError, PublishFuture, Publisher, Receipt, Result, RetryPolicy,
+    StartFrom, Subscriber, Subscription, Topic, header,
 };
-pub use polybus_core::{consumer, middleware, rpc};
+pub use polybus_core::{consumer, middleware, names, rpc};
 
 #[cfg(feature = "msgpack")]
 pub use polybus_core::MsgPack;

@@ -4,7 +4,8 @@
 //! | outcome | settlement |
 //! |---|---|
 //! | `Ok(())` | ack |
-//! | `Err(HandlerError::retry(..))` (or any `?`-converted error) | nack: redelivered after the retry policy's delay, dead-lettered after the last attempt |
+//! | `Err(HandlerError::retry(..))`, or an error converted by `?` | nack: redelivered after the retry policy's delay, dead-lettered after the last attempt |
+//! | a polybus error converted by `?` that cannot succeed on retry (invalid input, payload too large, decode, encode) | dead letter, with the error as reason |
 //! | `Err(HandlerError::permanent(..))` | dead letter, with the error as reason |
 //! | the payload does not decode into the handler's type | dead letter, with the decode error as reason |
 //! | the handler panics | nack (the runtime keeps running) |
@@ -46,7 +47,7 @@ use futures::{FutureExt, StreamExt};
 use serde::de::DeserializeOwned;
 use tokio::task::JoinSet;
 
-use crate::{Bus, Codec, Delivery, Message, Result, RetryPolicy, Subscription};
+use crate::{Bus, Codec, Delivery, Kind, Message, Result, RetryPolicy, Subscription};
 
 /// What a handler receives, made from a delivery. A failure to make it (an
 /// undecodable payload) dead-letters the delivery with the error as reason.
@@ -115,11 +116,37 @@ impl HandlerError {
     }
 }
 
-/// `?` on any error means "try again".
-impl<E: std::error::Error> From<E> for HandlerError {
+/// `?` on an error means "try again" ([`HandlerError::retry`]), with one
+/// exception: polybus's own errors ([`Error`](crate::Error),
+/// [`PublishError`](crate::PublishError)) that can never succeed on a retry of
+/// the same message become [`HandlerError::permanent`], so the message is
+/// dead-lettered at once instead of burning its attempts: invalid input, an
+/// oversize payload, a payload that does not decode or encode. Every other
+/// polybus error (a lost connection, a time-out, a refusal, a closed bus, an open
+/// circuit) and every foreign error retries, since the handler cannot know it
+/// will fail again.
+impl<E: std::error::Error + 'static> From<E> for HandlerError {
     fn from(e: E) -> Self {
-        HandlerError::retry(e)
+        if never_succeeds_on_retry(&e) {
+            HandlerError::permanent(e)
+        } else {
+            HandlerError::retry(e)
+        }
     }
+}
+
+fn never_succeeds_on_retry(e: &(dyn std::error::Error + 'static)) -> bool {
+    let kind = if let Some(e) = e.downcast_ref::<crate::Error>() {
+        e.kind()
+    } else if let Some(e) = e.downcast_ref::<crate::PublishError>() {
+        e.kind()
+    } else {
+        return false;
+    };
+    matches!(
+        kind,
+        Kind::InvalidInput | Kind::PayloadTooLarge | Kind::Decode | Kind::Encode
+    )
 }
 
 impl fmt::Debug for HandlerError {
@@ -270,69 +297,115 @@ impl Consumer {
         } = self;
         let prefetch = subscription.prefetch_limit().max(concurrency as u32);
         let mut stream = bus.subscribe(subscription.prefetch(prefetch)).await?;
-        let handler = Arc::new(handler);
-        let mut tasks: JoinSet<(Outcome, Option<String>)> = JoinSet::new();
-        // Per-key lanes: a key is in `waiting` while one of its deliveries runs;
-        // its later deliveries wait there, in order.
-        let mut waiting: HashMap<String, VecDeque<Delivery>> = HashMap::new();
-        let mut stats = Stats::default();
-        let spawn = |tasks: &mut JoinSet<_>, delivery: Delivery| {
-            let lane = if lanes {
-                delivery.message().key().map(str::to_owned)
-            } else {
-                None
-            };
-            let fut = handle(delivery, handler.clone(), handler_timeout);
-            tasks.spawn(async move {
-                // A panic unwinds through `handle`, dropping (so nacking) the
-                // delivery; catching it here keeps the lane's key.
-                let outcome = std::panic::AssertUnwindSafe(fut)
-                    .catch_unwind()
-                    .await
-                    .unwrap_or(Outcome::Panicked);
-                (outcome, lane)
-            });
+        let mut run = Run {
+            handler: Arc::new(handler),
+            handler_timeout,
+            lanes,
+            tasks: JoinSet::new(),
+            waiting: HashMap::new(),
+            stats: Stats::default(),
         };
         loop {
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                    if let Some(lane) = count(&mut stats, done) {
-                        match waiting.get_mut(&lane).and_then(VecDeque::pop_front) {
-                            Some(next) => spawn(&mut tasks, next),
-                            None => {
-                                waiting.remove(&lane);
-                            }
-                        }
-                    }
-                }
-                next = stream.next(), if tasks.len() < concurrency => match next {
-                    Some(Ok(delivery)) => {
-                        let key = delivery.message().key().filter(|_| lanes).map(str::to_owned);
-                        match key {
-                            Some(key) if waiting.contains_key(&key) => {
-                                waiting.get_mut(&key).expect("checked").push_back(delivery);
-                            }
-                            Some(key) => {
-                                waiting.insert(key, VecDeque::new());
-                                spawn(&mut tasks, delivery);
-                            }
-                            None => spawn(&mut tasks, delivery),
-                        }
-                    }
+                Some(done) = run.tasks.join_next(), if !run.tasks.is_empty() => run.finished(done),
+                next = stream.next(), if run.tasks.len() < concurrency => match next {
+                    Some(Ok(delivery)) => run.admit(delivery),
                     // Broker backends report a lost connection here and resume.
                     Some(Err(e)) => tracing::warn!(error = %e, "subscription error"),
                     None => break,
                 },
             }
         }
-        // Stop fetching and let the running handlers finish within the grace.
-        // Deliveries waiting in a lane are not started any more.
+        Ok(run.shut_down(stream, grace).await)
+    }
+}
+
+/// One run of a [`Consumer`]: its handlers in flight and its lanes.
+struct Run<H> {
+    handler: Arc<H>,
+    handler_timeout: Option<Duration>,
+    lanes: bool,
+    tasks: JoinSet<(Outcome, Option<String>)>,
+    /// Per-key lanes: a key is here while one of its deliveries runs; its later
+    /// deliveries wait here, in order.
+    waiting: HashMap<String, VecDeque<Delivery>>,
+    stats: Stats,
+}
+
+impl<H> Run<H> {
+    /// Start a delivery's handler now, or queue it behind its key's lane.
+    fn admit<T, Fut>(&mut self, delivery: Delivery)
+    where
+        T: FromDelivery,
+        H: Fn(T) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        let key = delivery.message().key().filter(|_| self.lanes);
+        match key {
+            Some(key) if self.waiting.contains_key(key) => {
+                let key = key.to_owned();
+                self.waiting
+                    .get_mut(&key)
+                    .expect("checked")
+                    .push_back(delivery);
+            }
+            Some(key) => {
+                self.waiting.insert(key.to_owned(), VecDeque::new());
+                self.spawn(delivery);
+            }
+            None => self.spawn(delivery),
+        }
+    }
+
+    fn spawn<T, Fut>(&mut self, delivery: Delivery)
+    where
+        T: FromDelivery,
+        H: Fn(T) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        let lane = if self.lanes {
+            delivery.message().key().map(str::to_owned)
+        } else {
+            None
+        };
+        let fut = handle(delivery, self.handler.clone(), self.handler_timeout);
+        self.tasks.spawn(async move {
+            // A panic unwinds through `handle`, dropping (so nacking) the
+            // delivery; catching it here keeps the lane's key.
+            let outcome = std::panic::AssertUnwindSafe(fut)
+                .catch_unwind()
+                .await
+                .unwrap_or(Outcome::Panicked);
+            (outcome, lane)
+        });
+    }
+
+    /// Count a finished handler, and start the next delivery of its lane.
+    fn finished<T, Fut>(&mut self, done: Done)
+    where
+        T: FromDelivery,
+        H: Fn(T) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        if let Some(lane) = count(&mut self.stats, done) {
+            match self.waiting.get_mut(&lane).and_then(VecDeque::pop_front) {
+                Some(next) => self.spawn(next),
+                None => {
+                    self.waiting.remove(&lane);
+                }
+            }
+        }
+    }
+
+    /// Stop fetching and let the running handlers finish within the grace.
+    /// Deliveries waiting in a lane are not started any more.
+    async fn shut_down(mut self, stream: crate::DeliveryStream, grace: Duration) -> Stats {
         let deadline = crate::retry::deadline_after(grace);
         let drain = async {
-            while let Some(done) = tasks.join_next().await {
-                count(&mut stats, done);
+            while let Some(done) = self.tasks.join_next().await {
+                count(&mut self.stats, done);
             }
         };
         let finished = tokio::time::timeout_at(deadline, drain).await.is_ok();
@@ -342,25 +415,25 @@ impl Consumer {
         if let Err(e) = stream.close(Duration::ZERO).await {
             tracing::warn!(error = %e, "closing the subscription failed; the broker redelivers what it holds");
         }
-        drop(waiting);
+        drop(self.waiting);
         if !finished {
             tracing::info!(
-                in_flight = tasks.len(),
+                in_flight = self.tasks.len(),
                 "shutdown grace passed; abandoning handlers"
             );
             // Not joined: a handler stuck in blocking code must not hold up shutdown.
-            tasks.abort_all();
-            tasks.detach_all();
+            self.tasks.abort_all();
+            self.tasks.detach_all();
         }
-        Ok(stats)
+        self.stats
     }
 }
 
+/// What a handler task ends with.
+type Done = std::result::Result<(Outcome, Option<String>), tokio::task::JoinError>;
+
 /// Count a finished handler; returns its lane, if it had one, to start the next.
-fn count(
-    stats: &mut Stats,
-    done: std::result::Result<(Outcome, Option<String>), tokio::task::JoinError>,
-) -> Option<String> {
+fn count(stats: &mut Stats, done: Done) -> Option<String> {
     let (outcome, lane) = match done {
         Ok(done) => done,
         // Aborted at shutdown: the delivery is left for redelivery.
@@ -418,5 +491,41 @@ where
             tracing::debug!(error = %e, attempt = delivery.attempt(), "handler failed; nacking");
             settle(delivery.nack_because(&e).await, Outcome::Nacked)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Error, PublishError};
+
+    fn question_mark(e: impl std::error::Error + 'static) -> HandlerError {
+        let r: std::result::Result<(), _> = Err(e);
+        let converted = || -> std::result::Result<(), HandlerError> { Ok(r?) };
+        converted().unwrap_err()
+    }
+
+    #[test]
+    fn question_mark_keeps_what_polybus_errors_say_about_retrying() {
+        assert!(question_mark(Error::invalid_input("bad topic")).is_permanent());
+        assert!(question_mark(Error::new(Kind::Decode, "not json")).is_permanent());
+        let too_big = Error::new(Kind::PayloadTooLarge, "too big");
+        assert!(
+            question_mark(PublishError::not_delivered(too_big, Message::new("x"))).is_permanent()
+        );
+        assert!(!question_mark(Error::new(Kind::Connection, "lost")).is_permanent());
+        assert!(!question_mark(Error::closed("shutting down")).is_permanent());
+        let lost = Error::new(Kind::Timeout, "no confirm");
+        assert!(
+            !question_mark(PublishError::maybe_delivered(lost, Message::new("x"))).is_permanent()
+        );
+    }
+
+    #[test]
+    fn question_mark_retries_foreign_errors() {
+        let io = std::io::Error::other("downstream is down");
+        let e = question_mark(io);
+        assert!(!e.is_permanent());
+        assert_eq!(e.to_string(), "downstream is down");
     }
 }

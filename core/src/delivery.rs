@@ -1,60 +1,14 @@
-//! [`Delivery`] and its settlement (clause C7), and the [`DeliveryStream`] a
-//! subscription yields (C6, C10).
+//! [`Delivery`] and its settlement (clause C7).
 
 use std::fmt;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
 
-use async_trait::async_trait;
-use futures::Stream;
 use serde::de::DeserializeOwned;
 
-use crate::bus::BackendFuture;
+use crate::backend::settle::{Acker, Settlement, nack_settlement};
 use crate::error::Result;
 use crate::message::{Codec, Message};
-use crate::retry::RetryPolicy;
 use crate::topic::Topic;
-
-/// How a delivery is settled. Backends receive this from [`Delivery`]; the decision
-/// between redelivery and dead-lettering after a `nack` is made once, here in the
-/// core, from the subscription's [`RetryPolicy`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Settlement {
-    /// Done: never delivered to this group again.
-    Ack,
-    /// Deliver again, with `attempt + 1`, after `delay`.
-    Retry {
-        /// How long the broker holds the message back first.
-        delay: Duration,
-    },
-    /// Move to the group's dead-letter topic.
-    DeadLetter {
-        /// Why; carried in the `polybus-dead-letter-reason` header.
-        reason: String,
-    },
-}
-
-/// What [`Acker::settle`] returns.
-pub type SettleFuture = BackendFuture<'static, Result<()>>;
-
-/// The backend's half of a delivery: it carries out the settlement.
-pub trait Acker: Send + Sync + 'static {
-    /// The retry policy of the subscription the delivery came from.
-    fn retry_policy(&self) -> &RetryPolicy;
-
-    /// Settle, and report whether the broker took the settlement. A delivery whose
-    /// channel or subscription is gone returns a [`Closed`](crate::Kind::Closed) error;
-    /// the broker redelivers it. A backend that settles without waiting answers
-    /// with [`SettleFuture::ready`]; the settlement may then be done before the
-    /// future is polled.
-    fn settle(self: Box<Self>, settlement: Settlement) -> SettleFuture;
-
-    /// Settle from `Drop`: must not block. Backends that need I/O spawn it.
-    fn settle_on_drop(self: Box<Self>, settlement: Settlement);
-}
 
 /// One message handed to a subscriber, to be settled exactly once.
 ///
@@ -69,8 +23,8 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// Assemble a delivery; for backends.
-    pub fn new(
+    /// See [`DeliveryExt::new`](crate::backend::DeliveryExt::new).
+    pub(crate) fn assemble(
         message: Arc<Message>,
         topic: Topic,
         attempt: u32,
@@ -164,19 +118,6 @@ impl Delivery {
     }
 }
 
-/// What a `nack` of the `attempt`-th delivery amounts to under `policy`.
-pub fn nack_settlement(policy: &RetryPolicy, attempt: u32) -> Settlement {
-    if policy.is_exhausted(attempt) {
-        Settlement::DeadLetter {
-            reason: format!("gave up after {attempt} attempts"),
-        }
-    } else {
-        Settlement::Retry {
-            delay: policy.delay_after(attempt),
-        }
-    }
-}
-
 impl Drop for Delivery {
     fn drop(&mut self) {
         if let Some(acker) = self.acker.take() {
@@ -200,89 +141,5 @@ impl fmt::Debug for Delivery {
             .field("redelivered", &self.redelivered)
             .field("message", &self.message)
             .finish()
-    }
-}
-
-/// The backend's half of a [`DeliveryStream`].
-#[async_trait]
-pub trait DeliverySource: Send + 'static {
-    /// The next delivery, as [`Stream::poll_next`]. Never yields more than the
-    /// prefetch unsettled deliveries at once (C6).
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Delivery>>>;
-
-    /// Stop fetching, wait up to `grace` for unsettled deliveries to be settled,
-    /// then give the rest back to the broker for redelivery (C10).
-    async fn close(&mut self, grace: Duration) -> Result<()>;
-}
-
-/// The deliveries of one subscription, as a [`Stream`].
-///
-/// Dropping it without [`close`](DeliveryStream::close) is what a crash looks like:
-/// every unsettled delivery is redelivered (C9).
-pub struct DeliveryStream {
-    source: Box<dyn DeliverySource>,
-    /// An error met while a batch was being filled, reported by the next call.
-    deferred: Option<crate::Error>,
-}
-
-impl DeliveryStream {
-    /// Wrap a backend's source.
-    pub fn new(source: impl DeliverySource) -> Self {
-        DeliveryStream {
-            source: Box::new(source),
-            deferred: None,
-        }
-    }
-
-    /// Up to `max` deliveries, gathered for at most `timeout`: returns as soon as
-    /// `max` have come, or when the time is up with what has come (possibly none).
-    /// The prefetch still bounds what is unsettled, so a batch larger than the
-    /// prefetch fills only as earlier deliveries are settled. An error met after
-    /// some deliveries were gathered is returned by the next call; a stream that
-    /// has ended is a [`Closed`](crate::Kind::Closed) error once nothing is left.
-    pub async fn next_batch(&mut self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
-        use futures::StreamExt;
-
-        if let Some(e) = self.deferred.take() {
-            return Err(e);
-        }
-        let mut batch = Vec::with_capacity(max.min(1024));
-        let deadline = crate::retry::deadline_after(timeout);
-        while batch.len() < max {
-            match tokio::time::timeout_at(deadline, self.next()).await {
-                Err(_) => break,
-                Ok(Some(Ok(d))) => batch.push(d),
-                Ok(Some(Err(e))) if batch.is_empty() => return Err(e),
-                Ok(Some(Err(e))) => {
-                    self.deferred = Some(e);
-                    break;
-                }
-                Ok(None) if batch.is_empty() => {
-                    return Err(crate::Error::closed("the subscription has ended"));
-                }
-                Ok(None) => break,
-            }
-        }
-        Ok(batch)
-    }
-
-    /// Stop fetching, let in-flight deliveries be settled for up to `grace`, then
-    /// leave the rest to be redelivered.
-    pub async fn close(mut self, grace: Duration) -> Result<()> {
-        self.source.close(grace).await
-    }
-}
-
-impl Stream for DeliveryStream {
-    type Item = Result<Delivery>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.get_mut().source.poll_next(cx)
-    }
-}
-
-impl fmt::Debug for DeliveryStream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DeliveryStream").finish_non_exhaustive()
     }
 }

@@ -60,10 +60,22 @@ impl Kind {
 /// Opaque on purpose: ask it with [`kind`](Error::kind) and the predicates. Its
 /// message is lowercase and names the offending value; it never contains
 /// credentials.
+#[derive(thiserror::Error)]
+#[error("{}", describe(.kind, .message))]
 pub struct Error {
     kind: Kind,
     message: String,
+    #[source]
     source: Option<Box<dyn StdError + Send + Sync + 'static>>,
+}
+
+/// An error's text: its message, or its kind's when it has none.
+fn describe<'a>(kind: &Kind, message: &'a str) -> &'a str {
+    if message.is_empty() {
+        kind.describe()
+    } else {
+        message
+    }
 }
 
 impl Error {
@@ -164,28 +176,17 @@ impl fmt::Debug for Error {
     }
 }
 
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.message.is_empty() {
-            f.write_str(self.kind.describe())
-        } else {
-            f.write_str(&self.message)
-        }
-    }
-}
-
-impl StdError for Error {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.source
-            .as_deref()
-            .map(|s| s as &(dyn StdError + 'static))
-    }
-}
-
 /// A publish that failed. It hands the message back, and says whether the broker
 /// may have taken it anyway (for example when the connection dropped after the
 /// message was written but before its confirm arrived).
+#[derive(thiserror::Error)]
+#[error(
+    "publish of message {} failed: {error}{}",
+    .message.id(),
+    if *.maybe_delivered { " (it may still have been delivered)" } else { "" }
+)]
 pub struct PublishError {
+    #[source]
     error: Error,
     message: Box<Message>,
     maybe_delivered: bool,
@@ -252,27 +253,6 @@ impl fmt::Debug for PublishError {
     }
 }
 
-impl fmt::Display for PublishError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "publish of message {} failed: {}",
-            self.message.id(),
-            self.error
-        )?;
-        if self.maybe_delivered {
-            f.write_str(" (it may still have been delivered)")?;
-        }
-        Ok(())
-    }
-}
-
-impl StdError for PublishError {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        Some(&self.error)
-    }
-}
-
 impl From<PublishError> for Error {
     fn from(e: PublishError) -> Self {
         e.error
@@ -281,3 +261,30 @@ impl From<PublishError> for Error {
 
 /// Shorthand for results whose error is [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_and_sources_read_as_before() {
+        assert_eq!(Error::new(Kind::Timeout, "").to_string(), "timed out");
+        let io = std::io::Error::other("refused");
+        let e = Error::new(Kind::Connection, "cannot connect to `h:1`").with_source(io);
+        assert_eq!(e.to_string(), "cannot connect to `h:1`");
+        assert_eq!(e.source().expect("a source").to_string(), "refused");
+        let m = Message::new("x").with_id("m1");
+        let p = PublishError::maybe_delivered(Error::new(Kind::Timeout, "no confirm"), m);
+        assert_eq!(
+            p.to_string(),
+            "publish of message m1 failed: no confirm (it may still have been delivered)"
+        );
+        assert_eq!(p.source().expect("the cause").to_string(), "no confirm");
+        let m = Message::new("x").with_id("m2");
+        let p = PublishError::not_delivered(Error::closed("cannot publish"), m);
+        assert_eq!(
+            p.to_string(),
+            "publish of message m2 failed: cannot publish"
+        );
+    }
+}

@@ -14,29 +14,7 @@ use crate::error::{Error, Kind, Result};
 /// Message headers: string keys, string values, kept exactly as given.
 pub type Headers = BTreeMap<String, String>;
 
-/// Names of the headers the library owns. Everything under the `polybus-` prefix is
-/// the library's: [`publish`](crate::Publisher::publish) drops such headers from the
-/// caller's message, so a message re-published from a dead-letter topic starts again
-/// at attempt 1.
-pub mod header {
-    /// The prefix of every library header.
-    pub const PREFIX: &str = "polybus-";
-    /// The delivery attempt, 1-based, carried across redeliveries.
-    pub const ATTEMPT: &str = "polybus-attempt";
-    /// On a dead letter: why it was dead-lettered.
-    pub const DEAD_LETTER_REASON: &str = "polybus-dead-letter-reason";
-    /// On a dead letter: the topic it was first published to.
-    pub const ORIGINAL_TOPIC: &str = "polybus-original-topic";
-    /// On a dead letter: how many times it was delivered before it was dead-lettered.
-    pub const ATTEMPTS: &str = "polybus-attempts";
-    /// On a dead letter: the group that dead-lettered it.
-    pub const GROUP: &str = "polybus-group";
-
-    /// Whether `name` is in the library's namespace.
-    pub fn is_reserved(name: &str) -> bool {
-        name.starts_with(PREFIX)
-    }
-}
+pub use crate::names::header;
 
 /// A message: an id, an optional key, headers, a payload, a content type and a
 /// timestamp.
@@ -133,15 +111,13 @@ impl Message {
         }
     }
 
-    /// A message rebuilt from a broker's record; for backends. Its id is empty
-    /// and its timestamp the Unix epoch until set from the record: unlike
-    /// [`new`](Self::new), it makes no id and reads no clock.
-    pub fn from_record(payload: impl Into<Bytes>) -> Self {
+    /// See [`MessageExt::from_record`](crate::backend::MessageExt::from_record).
+    pub(crate) fn empty_record(payload: Bytes) -> Self {
         Message {
             id: Id::new(Cow::Borrowed("")),
             key: None,
             headers: Headers::new(),
-            payload: payload.into(),
+            payload,
             content_type: None,
             timestamp: UNIX_EPOCH,
         }
@@ -253,11 +229,14 @@ impl Message {
             .unwrap_or(0)
     }
 
-    /// The dead letter of this message (C7): a copy with why, where from, after
-    /// how many deliveries and from which group. A dead letter dead-lettered
-    /// again keeps the topic it was first published to. Backends call this, so
-    /// the headers are the same everywhere.
-    pub fn dead_lettered(&self, topic: &str, attempts: u32, reason: &str, group: &str) -> Message {
+    /// See [`MessageExt::dead_lettered`](crate::backend::MessageExt::dead_lettered).
+    pub(crate) fn dead_letter_copy(
+        &self,
+        topic: &str,
+        attempts: u32,
+        reason: &str,
+        group: &str,
+    ) -> Message {
         let mut message = self.clone();
         let headers = message.headers_mut();
         headers.insert(header::DEAD_LETTER_REASON.into(), reason.into());
@@ -270,8 +249,8 @@ impl Message {
     }
 
     /// Drop every header in the library's `polybus-` namespace. Publishing does
-    /// this, so callers cannot forge attempts; backends call it on what they accept.
-    pub fn strip_library_headers(&mut self) {
+    /// this, so callers cannot forge attempts.
+    pub(crate) fn strip_library_headers(&mut self) {
         // Checked first so the common case (no such header) does not rebuild the map.
         if self.headers.keys().any(|k| header::is_reserved(k)) {
             self.headers.retain(|k, _| !header::is_reserved(k));
@@ -430,10 +409,10 @@ mod tests {
 
     #[test]
     fn a_dead_letter_keeps_its_first_original_topic() {
-        let once = Message::new("x").dead_lettered("user.created", 3, "bad", "billing");
+        let once = Message::new("x").dead_letter_copy("user.created", 3, "bad", "billing");
         assert_eq!(once.header(header::ORIGINAL_TOPIC), Some("user.created"));
         assert_eq!(once.header(header::ATTEMPTS), Some("3"));
-        let twice = once.dead_lettered("polybus.dead-letter.billing", 1, "worse", "dlq");
+        let twice = once.dead_letter_copy("polybus.dead-letter.billing", 1, "worse", "dlq");
         assert_eq!(twice.header(header::ORIGINAL_TOPIC), Some("user.created"));
         assert_eq!(twice.header(header::DEAD_LETTER_REASON), Some("worse"));
         assert_eq!(twice.header(header::GROUP), Some("dlq"));

@@ -39,13 +39,7 @@ use tokio::task::JoinHandle;
 use crate::consumer::{Consumer, HandlerError, Stats};
 use crate::{Bus, Error, Kind, Message, Result, Subscription};
 
-/// The header naming the topic a reply goes to.
-pub const REPLY_TO: &str = "reply-to";
-/// The header carrying the request's correlation id back on its reply.
-pub const CORRELATION_ID: &str = "correlation-id";
-/// The first word of every reply topic. A responder only publishes replies
-/// under it, so a request cannot make it publish onto a business topic.
-pub const REPLY_PREFIX: &str = "reply";
+pub use crate::names::{CORRELATION_ID, REPLY_PREFIX, REPLY_TO};
 
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Message>>>>;
 

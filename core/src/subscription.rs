@@ -4,18 +4,14 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::names::{DEAD_LETTER_PREFIX, RESERVED_WORD};
 use crate::retry::RetryPolicy;
-use crate::topic::{Pattern, Topic};
+use crate::topic::MAX_TOPIC_LEN;
 
 /// The longest group name accepted.
 pub const MAX_GROUP_LEN: usize = 200;
 /// The largest prefetch accepted (AMQP's `basic.qos` carries a u16).
 pub const MAX_PREFETCH: u32 = 65_535;
-/// The prefix of every group's default dead-letter topic.
-pub const DEAD_LETTER_PREFIX: &str = "polybus.dead-letter";
-/// The name under which private subscriptions (those without a group) keep their
-/// dead letters, together: read them with `Subscription::dead_letters_of(PRIVATE_DEAD_LETTERS)`.
-pub const PRIVATE_DEAD_LETTERS: &str = "polybus-private";
 
 /// Where a new group starts reading.
 #[non_exhaustive]
@@ -75,9 +71,9 @@ impl Subscription {
     /// A subscription to the dead letters of `group`: its dead-letter topic, read by
     /// a durable group of the same name, which keeps dead letters from the moment
     /// `group` first subscribed, while nobody reads. Dead letters of private
-    /// subscriptions are under [`PRIVATE_DEAD_LETTERS`].
+    /// subscriptions are under [`PRIVATE_DEAD_LETTERS`](crate::names::PRIVATE_DEAD_LETTERS).
     pub fn dead_letters_of(group: &str) -> Self {
-        let topic = format!("{DEAD_LETTER_PREFIX}.{group}");
+        let topic = crate::names::dead_letter_topic(group);
         Subscription::new(topic.clone()).group(topic)
     }
 
@@ -142,71 +138,8 @@ impl Subscription {
         self.start
     }
 
-    /// Check every option and resolve the defaults. Backends call this first in
-    /// `subscribe`, so bad input fails the same way everywhere, before any I/O.
-    /// `private_group` names the group of a subscription that has none.
-    pub fn validate(&self, private_group: impl FnOnce() -> String) -> Result<ValidSubscription> {
-        if self.patterns.is_empty() {
-            return Err(Error::invalid_input(
-                "a subscription needs at least one pattern",
-            ));
-        }
-        let patterns = self
-            .patterns
-            .iter()
-            .map(|p| Pattern::new(p))
-            .collect::<Result<Vec<_>>>()?;
-        if self.prefetch == 0 || self.prefetch > MAX_PREFETCH {
-            return Err(Error::invalid_input(format!(
-                "invalid prefetch {}: it must be between 1 and {MAX_PREFETCH}",
-                self.prefetch
-            )));
-        }
-        let (group, durable) = match &self.group {
-            Some(g) => {
-                validate_group(g)?;
-                (g.clone(), true)
-            }
-            None => (private_group(), false),
-        };
-        let dead_letter_topic = match (&self.dead_letter_topic, durable) {
-            (Some(t), _) => Topic::new(t)?,
-            (None, true) => Topic::new(&format!("{DEAD_LETTER_PREFIX}.{group}"))?,
-            (None, false) => Topic::new(&format!("{DEAD_LETTER_PREFIX}.{PRIVATE_DEAD_LETTERS}"))?,
-        };
-        Ok(ValidSubscription {
-            patterns,
-            group,
-            durable,
-            prefetch: self.prefetch,
-            retry: self.retry.clone(),
-            dead_letter_topic,
-            start: self.start,
-        })
-    }
-}
-
-impl Subscription {
-    /// What backends call first in `subscribe`: [`validate`](Self::validate) with
-    /// the standard private group name (`polybus.private.<uuid>`), and a typed
-    /// [`Unsupported`](crate::Kind::Unsupported) error for a start the backend
-    /// cannot honour, named after `backend`.
-    pub fn validate_for(
-        &self,
-        backend: &str,
-        capabilities: &crate::Capabilities,
-    ) -> Result<ValidSubscription> {
-        let sub = self.validate(|| format!("polybus.private.{}", uuid::Uuid::now_v7().simple()))?;
-        if sub.start == StartFrom::Earliest && !capabilities.has(crate::Capability::Replay) {
-            return Err(Error::new(
-                crate::Kind::Unsupported,
-                format!(
-                    "the {backend} backend keeps no history before a group exists, so a group \
-                     cannot start from the earliest message (capability `replay`)"
-                ),
-            ));
-        }
-        Ok(sub)
+    pub(crate) fn dead_letter_topic_name(&self) -> Option<&str> {
+        self.dead_letter_topic.as_deref()
     }
 }
 
@@ -215,9 +148,11 @@ impl Subscription {
 /// Names starting with `polybus` are the library's, except the dead-letter groups
 /// (`polybus.dead-letter.…`, up to the topic length limit) that readers join.
 pub fn validate_group(group: &str) -> Result<()> {
-    let dead_letters = group.starts_with(&format!("{DEAD_LETTER_PREFIX}."));
+    let dead_letters = group
+        .strip_prefix(DEAD_LETTER_PREFIX)
+        .is_some_and(|rest| rest.starts_with('.'));
     let limit = if dead_letters {
-        crate::topic::MAX_TOPIC_LEN
+        MAX_TOPIC_LEN
     } else {
         MAX_GROUP_LEN
     };
@@ -226,7 +161,7 @@ pub fn validate_group(group: &str) -> Result<()> {
             "invalid group `{group}`: it must be 1 to {limit} bytes"
         )));
     }
-    if group.starts_with(crate::topic::RESERVED_WORD) && !dead_letters {
+    if group.starts_with(RESERVED_WORD) && !dead_letters {
         return Err(Error::invalid_input(format!(
             "invalid group `{group}`: names starting with `polybus` are the library's"
         )));
@@ -248,74 +183,5 @@ pub fn validate_group(group: &str) -> Result<()> {
     Ok(())
 }
 
-/// A checked [`Subscription`] with its defaults resolved; what backends work from.
-#[derive(Debug, Clone)]
-pub struct ValidSubscription {
-    /// The patterns, parsed.
-    pub patterns: Vec<Pattern>,
-    /// The group: the caller's, or a private one.
-    pub group: String,
-    /// Whether the group outlives its members (named groups do).
-    pub durable: bool,
-    /// The most unsettled deliveries at once.
-    pub prefetch: u32,
-    /// The retry policy.
-    pub retry: RetryPolicy,
-    /// Where dead letters go.
-    pub dead_letter_topic: Topic,
-    /// Where a new group starts.
-    pub start: StartFrom,
-}
-
-impl ValidSubscription {
-    /// Whether `topic` matches any of the patterns.
-    pub fn matches(&self, topic: &str) -> bool {
-        self.patterns.iter().any(|p| p.matches(topic))
-    }
-}
-
 /// Default grace period for [`DeliveryStream::close`](crate::DeliveryStream::close).
 pub const DEFAULT_CLOSE_GRACE: Duration = Duration::from_secs(30);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bad_options_are_typed_errors() {
-        let v = |s: Subscription| s.validate(|| "p".into()).unwrap_err();
-        assert!(v(Subscription::new("a..b")).is_invalid_input());
-        assert!(
-            v(Subscription::new("a").prefetch(0))
-                .to_string()
-                .contains("prefetch 0")
-        );
-        assert!(v(Subscription::new("a").prefetch(70_000)).is_invalid_input());
-        assert!(
-            v(Subscription::new("a").group("has space"))
-                .to_string()
-                .contains("`has space`")
-        );
-        assert!(v(Subscription::new("a").group("")).is_invalid_input());
-        assert!(v(Subscription::new("a").group("a..b")).is_invalid_input());
-        assert!(v(Subscription::new("a").dead_letter_topic("x.*")).is_invalid_input());
-        assert!(v(Subscription::new("a").group("polybus-private")).is_invalid_input());
-        assert!(v(Subscription::new("a").group("polybus.x")).is_invalid_input());
-    }
-
-    #[test]
-    fn defaults_resolve() {
-        let s = Subscription::new("user.*")
-            .group("billing")
-            .validate(|| "p".into())
-            .unwrap();
-        assert!(s.durable);
-        assert_eq!(s.dead_letter_topic.as_str(), "polybus.dead-letter.billing");
-        let s = Subscription::new("user.*")
-            .validate(|| "private-1".into())
-            .unwrap();
-        assert!(!s.durable);
-        assert_eq!(s.group, "private-1");
-        assert!(s.matches("user.created") && !s.matches("order.created"));
-    }
-}

@@ -14,10 +14,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
-/// The first word of the library's own topics (dead letters, retries). Callers
-/// cannot publish under it, and wildcards never match it: only a pattern whose
-/// first word is literally `polybus` does, so `#` never sees library traffic.
-pub const RESERVED_WORD: &str = "polybus";
+use crate::names::RESERVED_WORD;
 
 /// The longest topic accepted (Kafka's limit on topic names).
 pub const MAX_TOPIC_LEN: usize = 249;
@@ -75,9 +72,8 @@ impl Topic {
         Ok(())
     }
 
-    /// A topic named by the broker (a routing key from another client), taken
-    /// as it is; for backends. Library-made names are validated with [`new`](Self::new).
-    pub fn from_broker(name: &str) -> Self {
+    /// See [`TopicExt::from_broker`](crate::backend::TopicExt::from_broker).
+    pub(crate) fn unchecked(name: &str) -> Self {
         Topic(Arc::from(name))
     }
 
@@ -247,22 +243,6 @@ impl std::str::FromStr for Pattern {
     }
 }
 
-/// The [`Topic`] of each delivery a subscription receives, reusing the last
-/// one's allocation while the name repeats (a subscription mostly sees one topic
-/// at a time); for backends.
-#[derive(Debug, Default)]
-pub struct TopicCache(Option<Topic>);
-
-impl TopicCache {
-    /// The topic called `name`, as [`Topic::from_broker`] makes it.
-    pub fn topic(&mut self, name: &str) -> Topic {
-        match &self.0 {
-            Some(last) if last.as_str() == name => last.clone(),
-            _ => self.0.insert(Topic::from_broker(name)).clone(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,17 +291,6 @@ mod tests {
         assert!(m("polybus.dead-letter.*", "polybus.dead-letter.g"));
         assert!(m("polybus.#", "polybus.dead-letter.g"));
         assert!(m("#", "polybusx.a"));
-    }
-
-    #[test]
-    fn topic_cache_reuses_the_last_topic_and_follows_a_new_name() {
-        let mut cache = TopicCache::default();
-        let a = cache.topic("user.created");
-        let again = cache.topic("user.created");
-        assert!(Arc::ptr_eq(&a.0, &again.0));
-        let b = cache.topic("user.deleted");
-        assert_eq!(b.as_str(), "user.deleted");
-        assert_eq!(cache.topic("user.created"), a);
     }
 
     #[test]

@@ -19,7 +19,9 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{
     Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm,
 };
-use polybus_core::{Error, Kind, Message, Result, ValidSubscription};
+use polybus_core::backend::{Failure, ValidSubscription};
+use polybus_core::names::RETRY_PREFIX;
+use polybus_core::{Error, Kind, Message, Result};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
@@ -72,10 +74,7 @@ impl Live {
             mapping::properties(message, extra),
         ));
         let first = std::future::poll_fn(|cx| {
-            let _queueing = self
-                .publish_lock
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let _queueing = polybus_core::backend::lock(&self.publish_lock);
             Poll::Ready(publish.as_mut().poll(cx))
         })
         .await;
@@ -237,7 +236,7 @@ impl Connector {
         }
     }
 
-    /// Publish with a confirm. `Err((error, maybe_delivered))`. A publish that
+    /// Publish with a confirm. A publish that
     /// cannot be written because the connection is down waits for a reconnect
     /// (up to the publish time-out); one whose confirm is lost or late is not
     /// retried, since the broker may have it: the caller hears `maybe_delivered`.
@@ -256,7 +255,7 @@ impl Connector {
         message: &Message,
         extra: &[(&str, String)],
         mandatory: bool,
-    ) -> std::result::Result<(), (Error, bool)> {
+    ) -> std::result::Result<(), Failure> {
         let deadline = Self::deadline_in(self.options.publish_timeout);
         self.publish_until(deadline, exchange, routing_key, message, extra, mandatory)
             .await
@@ -272,9 +271,9 @@ impl Connector {
         message: &Message,
         extra: &[(&str, String)],
         mandatory: bool,
-    ) -> std::result::Result<(), (Error, bool)> {
+    ) -> std::result::Result<(), Failure> {
         loop {
-            let live = self.live(deadline).await.map_err(|e| (e, false))?;
+            let live = self.live(deadline).await.map_err(Failure::not_delivered)?;
             let sent = live
                 .write(exchange, routing_key, mandatory, message, extra)
                 .await;
@@ -286,7 +285,7 @@ impl Connector {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
-                Err(e) => return Err((map_err(e, "cannot publish"), false)),
+                Err(e) => return Err(Failure::not_delivered(map_err(e, "cannot publish"))),
             };
             let confirmed = tokio::time::timeout_at(deadline, confirm).await;
             return Self::outcome(confirmed, mandatory, message.id(), routing_key);
@@ -302,7 +301,7 @@ impl Connector {
         exchange: &str,
         routing_key: &str,
         messages: &[&Message],
-    ) -> Vec<std::result::Result<(), (Error, bool)>> {
+    ) -> Vec<std::result::Result<(), Failure>> {
         let deadline = Self::deadline_in(self.options.publish_timeout);
         let mut confirms = Vec::with_capacity(messages.len());
         if let Ok(live) = self.live(deadline).await {
@@ -334,14 +333,14 @@ impl Connector {
         mandatory: bool,
         id: &str,
         routing_key: &str,
-    ) -> std::result::Result<(), (Error, bool)> {
+    ) -> std::result::Result<(), Failure> {
         let confirmed = match confirmed {
             Ok(c) => c,
             Err(_) => {
-                return Err((
-                    Error::new(Kind::Timeout, "no confirm from the broker in time"),
-                    true,
-                ));
+                return Err(Failure::maybe_delivered(Error::new(
+                    Kind::Timeout,
+                    "no confirm from the broker in time",
+                )));
             }
         };
         match confirmed {
@@ -354,30 +353,21 @@ impl Connector {
                         .as_ref()
                         .is_some_and(|returned| returned.as_str() == id) =>
             {
-                Err((
-                    Error::new(
-                        Kind::Refused,
-                        format!("the broker returned the message: no queue `{routing_key}`"),
-                    ),
-                    false,
-                ))
+                Err(Failure::not_delivered(Error::new(
+                    Kind::Refused,
+                    format!("the broker returned the message: no queue `{routing_key}`"),
+                )))
             }
             Ok(Confirmation::Ack(_)) => Ok(()),
-            Ok(Confirmation::Nack(_)) => Err((
-                Error::new(
-                    Kind::Refused,
-                    "the broker refused the message (publisher nack)",
-                ),
-                false,
-            )),
-            Ok(Confirmation::NotRequested) => Err((
-                Error::new(
-                    Kind::Other,
-                    "no confirm was requested; this is a polybus bug",
-                ),
-                true,
-            )),
-            Err(e) => Err((map_err(e, "the confirm was lost"), true)),
+            Ok(Confirmation::Nack(_)) => Err(Failure::not_delivered(Error::new(
+                Kind::Refused,
+                "the broker refused the message (publisher nack)",
+            ))),
+            Ok(Confirmation::NotRequested) => Err(Failure::maybe_delivered(Error::new(
+                Kind::Other,
+                "no confirm was requested; this is a polybus bug",
+            ))),
+            Err(e) => Err(Failure::maybe_delivered(map_err(e, "the confirm was lost"))),
         }
     }
 
@@ -395,13 +385,7 @@ impl Connector {
         let live = self
             .live(Self::deadline_in(self.options.publish_timeout))
             .await?;
-        if durable
-            && live
-                .declared
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&name)
-        {
+        if durable && polybus_core::backend::lock(&live.declared).contains(&name) {
             return Ok(name);
         }
         let channel = live
@@ -431,10 +415,7 @@ impl Connector {
             .await
             .map_err(|e| map_err(e, &format!("cannot declare retry queue `{name}`")))?;
         let _ = channel.close(200, "declared".into()).await;
-        live.declared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.clone());
+        polybus_core::backend::lock(&live.declared).insert(name.clone());
         Ok(name)
     }
 }
@@ -443,7 +424,7 @@ impl Connector {
 /// names, the group's first 200 bytes and a stable hash of the whole (FNV-1a:
 /// the name must be the same in every process and Rust version).
 pub(crate) fn retry_queue_name(group: &str, delay_ms: u64) -> String {
-    let name = format!("polybus.retry.{group}.{delay_ms}ms");
+    let name = format!("{RETRY_PREFIX}.{group}.{delay_ms}ms");
     if name.len() <= 255 {
         return name;
     }
@@ -451,7 +432,7 @@ pub(crate) fn retry_queue_name(group: &str, delay_ms: u64) -> String {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     });
     // Group names are ASCII, so any byte index is a char boundary.
-    format!("polybus.retry.{}.{hash:016x}.{delay_ms}ms", &group[..200])
+    format!("{RETRY_PREFIX}.{}.{hash:016x}.{delay_ms}ms", &group[..200])
 }
 
 fn long(s: &str) -> AMQPValue {

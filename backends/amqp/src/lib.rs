@@ -33,12 +33,11 @@ mod subscriber;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
+use polybus_core::backend::{Backend, DeliverySource, ValidSubscription};
 use polybus_core::{
-    Backend, Bus, Capabilities, Capability, DeliveryStream, Error, InFlight, Message, PublishError,
-    PublishFuture, Publisher, Receipt, Result, Subscriber, Subscription, async_trait,
-    prepare_publish,
+    Bus, Capabilities, Capability, Message, PublishError, PublishFuture, Receipt, Result,
+    async_trait,
 };
 
 use crate::connection::Connector;
@@ -48,8 +47,6 @@ use crate::subscriber::{AmqpSource, Shared};
 /// A connection to RabbitMQ.
 pub struct AmqpBus {
     connector: Arc<Connector>,
-    closed: AtomicBool,
-    in_flight: InFlight,
 }
 
 /// Connect to the broker(s) an `amqp://` or `amqps://` URL names; see
@@ -68,18 +65,7 @@ impl AmqpBus {
     pub async fn open(options: AmqpOptions) -> Result<Self> {
         Ok(AmqpBus {
             connector: Connector::connect(options).await?,
-            closed: AtomicBool::new(false),
-            in_flight: InFlight::default(),
         })
-    }
-
-    fn check_open(&self, what: &str) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::closed(format!(
-                "cannot {what}: the amqp bus is closed"
-            )));
-        }
-        Ok(())
     }
 }
 
@@ -87,29 +73,33 @@ impl fmt::Debug for AmqpBus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpBus")
             .field("options", &self.connector.options)
-            .field("closed", &self.closed.load(Ordering::Relaxed))
             .finish()
     }
 }
 
 #[async_trait]
-impl Publisher for AmqpBus {
+impl Backend for AmqpBus {
+    fn name(&self) -> &'static str {
+        "amqp"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new()
+            .with(Capability::SurvivesRestart)
+            .with(Capability::MessageBalancing)
+            .with_max_payload(self.connector.options.max_payload)
+    }
+
     fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
         PublishFuture::boxed(async move {
-            let _in_flight = self.in_flight.enter();
-            if let Err(e) = self.check_open("publish") {
-                return Err(PublishError::not_delivered(e, message));
-            }
-            let options = &self.connector.options;
-            let message = prepare_publish(topic, message, options.max_payload)?;
+            let exchange = &self.connector.options.exchange;
             match self
                 .connector
-                .publish(&options.exchange, topic, &message, &[], false)
+                .publish(exchange, topic, &message, &[], false)
                 .await
             {
                 Ok(()) => Ok(Receipt::default()),
-                Err((e, true)) => Err(PublishError::maybe_delivered(e, message)),
-                Err((e, false)) => Err(PublishError::not_delivered(e, message)),
+                Err(failure) => Err(failure.hand_back(message)),
             }
         })
     }
@@ -119,68 +109,23 @@ impl Publisher for AmqpBus {
         topic: &str,
         messages: Vec<Message>,
     ) -> Vec<Result<Receipt, PublishError>> {
-        let _in_flight = self.in_flight.enter();
-        let options = &self.connector.options;
-        let mut results: Vec<Option<Result<Receipt, PublishError>>> =
-            Vec::with_capacity(messages.len());
-        let mut ready = Vec::with_capacity(messages.len());
-        for message in messages {
-            if let Err(e) = self.check_open("publish") {
-                results.push(Some(Err(PublishError::not_delivered(e, message))));
-                continue;
-            }
-            match prepare_publish(topic, message, options.max_payload) {
-                Ok(m) => {
-                    ready.push((results.len(), m));
-                    results.push(None);
-                }
-                Err(e) => results.push(Some(Err(e))),
-            }
-        }
-        let batch: Vec<&Message> = ready.iter().map(|(_, m)| m).collect();
-        let outcomes = self
-            .connector
-            .publish_many(&options.exchange, topic, &batch)
-            .await;
+        let exchange = &self.connector.options.exchange;
+        let batch: Vec<&Message> = messages.iter().collect();
+        let outcomes = self.connector.publish_many(exchange, topic, &batch).await;
         drop(batch);
-        for ((i, message), outcome) in ready.into_iter().zip(outcomes) {
-            results[i] = Some(match outcome {
-                Ok(()) => Ok(Receipt::default()),
-                Err((e, true)) => Err(PublishError::maybe_delivered(e, message)),
-                Err((e, false)) => Err(PublishError::not_delivered(e, message)),
-            });
-        }
-        results
+        messages
             .into_iter()
-            .map(|r| r.expect("every message has a result"))
+            .zip(outcomes)
+            .map(|(message, outcome)| match outcome {
+                Ok(()) => Ok(Receipt::default()),
+                Err(failure) => Err(failure.hand_back(message)),
+            })
             .collect()
     }
 
-    async fn close(&self) -> Result<()> {
-        self.closed.store(true, Ordering::Release);
-        self.in_flight.idle().await;
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Subscriber for AmqpBus {
-    async fn subscribe(&self, subscription: Subscription) -> Result<DeliveryStream> {
-        let sub = subscription.validate_for("amqp", &self.capabilities())?;
-        self.check_open("subscribe")?;
+    async fn subscribe(&self, sub: ValidSubscription) -> Result<Box<dyn DeliverySource>> {
         let shared = Shared::new(self.connector.clone(), sub);
         let (channel, consumer) = subscriber::open(&shared).await?;
-        Ok(DeliveryStream::new(AmqpSource::new(
-            shared, channel, consumer,
-        )))
-    }
-}
-
-impl Backend for AmqpBus {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::new()
-            .with(Capability::SurvivesRestart)
-            .with(Capability::MessageBalancing)
-            .with_max_payload(self.connector.options.max_payload)
+        Ok(Box::new(AmqpSource::new(shared, channel, consumer)))
     }
 }

@@ -20,11 +20,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
+use polybus_core::backend::MessageExt;
 use polybus_core::{Message, header};
 
 pub(crate) const KEY: &str = "polybus-key";
 pub(crate) const TIMESTAMP_MS: &str = "polybus-timestamp-ms";
-pub(crate) const TOPIC: &str = "polybus-topic";
 
 /// Headers RabbitMQ adds while dead-lettering or counting deliveries: the
 /// broker's bookkeeping, not the publisher's metadata.
@@ -121,7 +121,7 @@ pub(crate) fn receive(props: &BasicProperties, body: Vec<u8>) -> Received {
             match name {
                 KEY => key = Some(text(v).into_owned()),
                 TIMESTAMP_MS => millis = text(v).parse::<u64>().ok(),
-                TOPIC => topic = Some(text(v).into_owned()),
+                header::TOPIC => topic = Some(text(v).into_owned()),
                 header::ATTEMPT => attempt = text(v).parse().unwrap_or(1).max(1),
                 "x-delivery-count" => delivery_count = text(v).parse().unwrap_or(0),
                 _ if is_broker_header(name) => {}
@@ -170,7 +170,10 @@ mod tests {
             .with_header("h", "ü")
             .with_content_type("text/plain")
             .with_timestamp(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123));
-        let props = properties(&m, &[(header::ATTEMPT, "3".into()), (TOPIC, "a.b".into())]);
+        let props = properties(
+            &m,
+            &[(header::ATTEMPT, "3".into()), (header::TOPIC, "a.b".into())],
+        );
         let r = receive(&props, b"p".to_vec());
         assert_eq!(r.message, m);
         assert_eq!(r.attempt, 3);

@@ -27,9 +27,13 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
+use polybus_core::backend::{
+    Acker, DeliveryExt, DeliverySource, MessageExt, SettleFuture, Settlement, TopicCache,
+    ValidSubscription, exhausted_dead_letter, is_exhausted_on_receipt, spawn_settlement,
+    wait_until,
+};
 use polybus_core::{
-    Acker, Delivery, DeliverySource, Error, Kind, Message, Result, RetryPolicy, SettleFuture,
-    Settlement, Topic, TopicCache, ValidSubscription, async_trait, header,
+    Delivery, Error, Kind, Message, Result, RetryPolicy, Topic, async_trait, header,
 };
 use tokio::sync::Notify;
 
@@ -43,6 +47,8 @@ pub(crate) struct Shared {
     unsettled: AtomicUsize,
     settled: Notify,
     closing: AtomicBool,
+    /// The runtime the subscription was opened on, for work spawned from `Drop`.
+    rt: tokio::runtime::Handle,
     /// Set before the channel is closed (drop, or close past its grace): from then
     /// on the broker requeues what is unsettled, and settling must not republish
     /// a copy, or the message would come back twice.
@@ -86,6 +92,7 @@ impl Shared {
             unsettled: AtomicUsize::new(0),
             settled: Notify::new(),
             closing: AtomicBool::new(false),
+            rt: tokio::runtime::Handle::current(),
             gone: AtomicBool::new(false),
         })
     }
@@ -205,16 +212,19 @@ impl AmqpSource {
             topic,
             attempt,
         };
-        let max = self.shared.sub.retry.attempts();
-        if attempt > max {
+        if is_exhausted_on_receipt(&self.shared.sub.retry, attempt) {
             tokio::spawn(async move {
                 let _guard = Unsettled {
                     shared: acker.shared.clone(),
                     acker: None,
                 };
-                let attempts = attempt - 1;
-                let reason = format!("gave up after {attempts} attempts");
-                if let Err(e) = acker.dead_letter(attempts, &reason).await {
+                let dead = exhausted_dead_letter(
+                    &acker.message,
+                    acker.topic.as_str(),
+                    attempt,
+                    &acker.shared.sub.group,
+                );
+                if let Err(e) = acker.dead_letter(&dead).await {
                     tracing::warn!(error = %e, "dead-lettering an exhausted message failed; the broker redelivers it");
                 }
             });
@@ -306,18 +316,9 @@ impl DeliverySource for AmqpSource {
         )
         .await;
         let deadline = polybus_core::retry::deadline_after(grace);
-        loop {
-            let notified = shared.settled.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let left = shared.unsettled.load(Ordering::Acquire);
-            if left == 0 {
-                break;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                tracing::info!(group = %shared.sub.group, unsettled = left, "close deadline passed; the broker redelivers the rest");
-                break;
-            }
+        let unsettled = || shared.unsettled.load(Ordering::Acquire);
+        if !wait_until(&shared.settled, Some(deadline), || unsettled() == 0).await {
+            tracing::info!(group = %shared.sub.group, unsettled = unsettled(), "close deadline passed; the broker redelivers the rest");
         }
         if !shared.sub.durable {
             let _ = tokio::time::timeout(
@@ -345,10 +346,8 @@ impl Drop for AmqpSource {
         // A dropped stream is a crash (C9): close the channel so the broker
         // redelivers what it held. Without a runtime the connection's end does it.
         self.shared.gone.store(true, Ordering::Release);
-        if let State::Consuming { channel, .. } = std::mem::replace(&mut self.state, State::Done)
-            && let Ok(handle) = tokio::runtime::Handle::try_current()
-        {
-            handle.spawn(async move {
+        if let State::Consuming { channel, .. } = std::mem::replace(&mut self.state, State::Done) {
+            self.shared.rt.spawn(async move {
                 let _ = channel.close(200, "subscription dropped".into()).await;
             });
         }
@@ -450,12 +449,12 @@ impl AmqpAcker {
             let queue = connector.retry_queue(&sub.group, sub.durable, step).await?;
             let extra = [
                 (header::ATTEMPT, (self.attempt + 1).to_string()),
-                (mapping::TOPIC, self.topic.to_string()),
+                (header::TOPIC, self.topic.to_string()),
             ];
             connector
                 .publish("", &queue, &self.message, &extra, true)
                 .await
-                .map_err(|(e, _)| e)
+                .map_err(|f| f.into_error())
         }
         .await;
         match result {
@@ -467,23 +466,21 @@ impl AmqpAcker {
         }
     }
 
-    async fn dead_letter(&self, attempts: u32, reason: &str) -> Result<()> {
-        let sub = &self.shared.sub;
-        let message = self
-            .message
-            .dead_lettered(self.topic.as_str(), attempts, reason, &sub.group);
+    /// Move the delivery to the group's dead-letter store as `message`, its
+    /// dead letter.
+    async fn dead_letter(&self, message: &Message) -> Result<()> {
         // Straight to the store queue through the default exchange.
-        let store = sub.dead_letter_topic.as_str();
+        let store = self.shared.sub.dead_letter_topic.as_str();
         let published = self
             .shared
             .connector
-            .publish("", store, &message, &[], true)
+            .publish("", store, message, &[], true)
             .await;
         match published {
             Ok(()) => self.ack().await,
-            Err((e, _)) => {
+            Err(failure) => {
                 self.requeue().await;
-                Err(e)
+                Err(failure.into_error())
             }
         }
     }
@@ -502,7 +499,15 @@ impl AmqpAcker {
         let result = match settlement {
             Settlement::Ack => self.ack().await,
             Settlement::Retry { delay } => self.retry(delay).await,
-            Settlement::DeadLetter { reason } => self.dead_letter(self.attempt, &reason).await,
+            Settlement::DeadLetter { reason } => {
+                let dead = self.message.dead_lettered(
+                    self.topic.as_str(),
+                    self.attempt,
+                    &reason,
+                    &self.shared.sub.group,
+                );
+                self.dead_letter(&dead).await
+            }
             other => Err(Error::new(
                 Kind::Unsupported,
                 format!("settlement {other:?} is not known to the amqp backend"),
@@ -523,17 +528,8 @@ impl Acker for AmqpAcker {
     }
 
     fn settle_on_drop(self: Box<Self>, settlement: Settlement) {
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn(async move {
-                    if let Err(e) = self.run(settlement).await {
-                        tracing::debug!(error = %e, "settling a dropped delivery failed");
-                    }
-                });
-            }
-            // No runtime: leave it unacked; the channel's end hands it back.
-            Err(_) => self.shared.settled_one(),
-        }
+        let rt = self.shared.rt.clone();
+        spawn_settlement(&rt, self.run(settlement));
     }
 }
 

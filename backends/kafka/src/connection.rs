@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use polybus_core::backend::Failure;
 use polybus_core::{Error, Kind, Message, Receipt, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -14,9 +15,6 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use crate::mapping;
 use crate::options::KafkaOptions;
-
-/// A publish that failed, and whether the record may still have been written.
-pub(crate) type PublishFailure = (Error, bool);
 
 pub(crate) struct Connector {
     pub(crate) options: KafkaOptions,
@@ -171,8 +169,10 @@ impl Connector {
         topic: &str,
         message: &Message,
         extra: &[(&str, String)],
-    ) -> std::result::Result<Receipt, PublishFailure> {
-        self.ensure_topic(topic).await.map_err(|e| (e, false))?;
+    ) -> std::result::Result<Receipt, Failure> {
+        self.ensure_topic(topic)
+            .await
+            .map_err(Failure::not_delivered)?;
         match self
             .producer
             .send(record(topic, message, extra), self.options.publish_timeout)
@@ -258,7 +258,7 @@ pub(crate) fn kafka_error(what: String, e: KafkaError) -> Error {
 
 /// A failed delivery report: typed, and whether the record may be on the broker.
 /// Only a refusal before or by the leader is certain not to be written.
-fn publish_error(topic: &str, e: KafkaError) -> PublishFailure {
+fn publish_error(topic: &str, e: KafkaError) -> Failure {
     let certain_not_written = matches!(
         e.rdkafka_error_code(),
         Some(
@@ -273,8 +273,10 @@ fn publish_error(topic: &str, e: KafkaError) -> PublishFailure {
                 | RDKafkaErrorCode::Fatal
         )
     );
-    (
-        kafka_error(format!("publishing to `{topic}`"), e),
-        !certain_not_written,
-    )
+    let error = kafka_error(format!("publishing to `{topic}`"), e);
+    if certain_not_written {
+        Failure::not_delivered(error)
+    } else {
+        Failure::maybe_delivered(error)
+    }
 }

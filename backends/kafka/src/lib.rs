@@ -33,12 +33,9 @@ mod subscriber;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use polybus_core::{
-    Backend, Bus, Capabilities, Capability, DeliveryStream, Error, InFlight, Message, PublishError,
-    PublishFuture, Publisher, Result, Subscriber, Subscription, async_trait, prepare_publish,
-};
+use polybus_core::backend::{Backend, DeliverySource, ValidSubscription};
+use polybus_core::{Bus, Capabilities, Capability, Message, PublishFuture, Result, async_trait};
 
 use crate::connection::Connector;
 pub use crate::options::{Compression, DEFAULT_MAX_PAYLOAD, KafkaOptions};
@@ -46,8 +43,6 @@ pub use crate::options::{Compression, DEFAULT_MAX_PAYLOAD, KafkaOptions};
 /// A connection to a Kafka cluster.
 pub struct KafkaBus {
     connector: Arc<Connector>,
-    closed: AtomicBool,
-    in_flight: InFlight,
 }
 
 /// Connect to the brokers a `kafka://` URL names; see [`KafkaOptions::from_url`].
@@ -66,8 +61,6 @@ impl KafkaBus {
     pub async fn open(options: KafkaOptions) -> Result<Self> {
         Ok(KafkaBus {
             connector: Connector::connect(options).await?,
-            closed: AtomicBool::new(false),
-            in_flight: InFlight::default(),
         })
     }
 }
@@ -76,56 +69,43 @@ impl fmt::Debug for KafkaBus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KafkaBus")
             .field("options", &self.connector.options)
-            .field("closed", &self.closed.load(Ordering::Relaxed))
             .finish()
     }
 }
 
 #[async_trait]
-impl Publisher for KafkaBus {
-    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
-        PublishFuture::boxed(async move {
-            let _in_flight = self.in_flight.enter();
-            if self.closed.load(Ordering::Acquire) {
-                let e = Error::closed("cannot publish: the kafka bus is closed");
-                return Err(PublishError::not_delivered(e, message));
-            }
-            let message = prepare_publish(topic, message, self.connector.options.max_payload)?;
-            match self.connector.produce(topic, &message, &[]).await {
-                Ok(receipt) => Ok(receipt),
-                Err((e, true)) => Err(PublishError::maybe_delivered(e, message)),
-                Err((e, false)) => Err(PublishError::not_delivered(e, message)),
-            }
-        })
-    }
-
-    async fn close(&self) -> Result<()> {
-        self.closed.store(true, Ordering::Release);
-        self.in_flight.idle().await;
-        // Retry and dead-letter copies produced by subscriptions, too.
-        self.connector
-            .flush(self.connector.options.publish_timeout)
-            .await
-    }
-}
-
-#[async_trait]
-impl Subscriber for KafkaBus {
-    async fn subscribe(&self, subscription: Subscription) -> Result<DeliveryStream> {
-        let sub = subscription.validate_for("kafka", &self.capabilities())?;
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::closed("cannot subscribe: the kafka bus is closed"));
-        }
-        let source = subscriber::open(self.connector.clone(), sub).await?;
-        Ok(DeliveryStream::new(source))
-    }
-}
-
 impl Backend for KafkaBus {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities::new()
             .with(Capability::Replay)
             .with(Capability::SurvivesRestart)
             .with_max_payload(self.connector.options.max_payload)
+    }
+
+    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
+        PublishFuture::boxed(async move {
+            match self.connector.produce(topic, &message, &[]).await {
+                Ok(receipt) => Ok(receipt),
+                Err(failure) => Err(failure.hand_back(message)),
+            }
+        })
+    }
+
+    async fn subscribe(&self, sub: ValidSubscription) -> Result<Box<dyn DeliverySource>> {
+        Ok(Box::new(
+            subscriber::open(self.connector.clone(), sub).await?,
+        ))
+    }
+
+    async fn close(&self) -> Result<()> {
+        // Every publish has resolved; retry and dead-letter copies produced by
+        // subscriptions may still be queued.
+        self.connector
+            .flush(self.connector.options.publish_timeout)
+            .await
     }
 }

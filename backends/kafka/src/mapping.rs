@@ -18,13 +18,13 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use polybus_core::backend::MessageExt;
 use polybus_core::{Headers, Message, header};
 use rdkafka::Message as _;
 use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
 
 pub(crate) const ID: &str = "polybus-id";
 pub(crate) const CONTENT_TYPE: &str = "polybus-content-type";
-pub(crate) const TOPIC: &str = "polybus-topic";
 pub(crate) const DUE_MS: &str = "polybus-due-ms";
 
 /// The native headers of `message`, plus `extra` library headers.
@@ -90,7 +90,7 @@ pub(crate) fn receive(record: &BorrowedMessage<'_>) -> Received {
                     has_id = true;
                 }
                 CONTENT_TYPE => message = message.with_content_type(value),
-                TOPIC => topic = Some(value.into_owned()),
+                header::TOPIC => topic = Some(value.into_owned()),
                 DUE_MS => due_ms = value.parse().ok(),
                 header::ATTEMPT => attempt = value.parse().unwrap_or(1).max(1),
                 _ => {

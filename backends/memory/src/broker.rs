@@ -47,7 +47,7 @@ impl Broker {
     /// The broker called `name`, created on first use and kept while any
     /// connection to it is open.
     pub(crate) fn named(name: &str, max_payload: usize) -> Arc<Self> {
-        let mut registry = NAMED.lock().unwrap_or_else(|p| p.into_inner());
+        let mut registry = polybus_core::backend::lock(&NAMED);
         let map = registry.get_or_insert_with(HashMap::new);
         if let Some(broker) = map.get(name).and_then(Weak::upgrade) {
             return broker;

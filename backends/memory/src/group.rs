@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Duration;
 
+use polybus_core::backend::{Settlement, is_exhausted_on_receipt};
 use polybus_core::retry::MAX_DELAY;
-use polybus_core::{Error, Message, Settlement, Topic};
+use polybus_core::{Error, Message, RetryPolicy, Topic};
 use tokio::time::Instant;
 
 /// A message in a group's queue.
@@ -66,7 +67,7 @@ impl Eq for Delayed {}
 
 struct Member {
     prefetch: usize,
-    max_attempts: u32,
+    retry: RetryPolicy,
     unsettled: HashMap<u64, Entry>,
     waker: Option<Waker>,
     closing: bool,
@@ -84,6 +85,24 @@ struct State {
 }
 
 impl State {
+    /// Deliver `entry` again after `delay`: at once, or from the delayed heap.
+    fn retry_after(&mut self, entry: Entry, delay: Duration) {
+        if delay == Duration::ZERO {
+            self.ready.push_back(entry);
+        } else {
+            let seq = self.next_delay_seq;
+            self.next_delay_seq += 1;
+            let now = Instant::now();
+            self.delayed.push(Delayed {
+                // RetryPolicy caps delays at a week; this guards any other caller.
+                due: now.checked_add(delay).unwrap_or(now + MAX_DELAY),
+                seq,
+                entry,
+            });
+        }
+        self.wake_all();
+    }
+
     fn wake_all(&mut self) {
         for member in self.members.values_mut() {
             if let Some(w) = member.waker.take() {
@@ -142,7 +161,7 @@ impl Group {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves the queue consistent (every
         // mutation is a single push or pop), so recover rather than propagate.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        polybus_core::backend::lock(&self.state)
     }
 
     pub(crate) fn push(&self, entry: Entry) {
@@ -154,7 +173,7 @@ impl Group {
         state.wake_all();
     }
 
-    pub(crate) fn join(&self, prefetch: u32, max_attempts: u32) -> u64 {
+    pub(crate) fn join(&self, prefetch: u32, retry: RetryPolicy) -> u64 {
         let mut state = self.lock();
         let id = state.next_member;
         state.next_member += 1;
@@ -162,7 +181,7 @@ impl Group {
             id,
             Member {
                 prefetch: prefetch as usize,
-                max_attempts,
+                retry,
                 unsettled: HashMap::new(),
                 waker: None,
                 closing: false,
@@ -194,7 +213,7 @@ impl Group {
         if member.unsettled.len() < member.prefetch
             && let Some(entry) = state.ready.pop_front()
         {
-            if entry.attempt > member.max_attempts {
+            if is_exhausted_on_receipt(&member.retry, entry.attempt) {
                 return Fetch::Exhausted(entry);
             }
             let tag = state.next_tag;
@@ -246,20 +265,7 @@ impl Group {
                     redelivered: true,
                     ..entry
                 };
-                if delay == Duration::ZERO {
-                    state.ready.push_back(entry);
-                } else {
-                    let seq = state.next_delay_seq;
-                    state.next_delay_seq += 1;
-                    let now = Instant::now();
-                    state.delayed.push(Delayed {
-                        // RetryPolicy caps delays at a week; this guards any other caller.
-                        due: now.checked_add(delay).unwrap_or(now + MAX_DELAY),
-                        seq,
-                        entry,
-                    });
-                }
-                state.wake_all();
+                state.retry_after(entry, delay);
             }
             Settlement::DeadLetter { reason } => dead_letter = Some((entry, reason)),
             // A settlement this backend does not know is a bug in the core; keep
@@ -307,7 +313,7 @@ impl Group {
         let mut exhausted = Vec::new();
         for (_, entry) in returned.into_iter().rev() {
             let entry = entry.returned();
-            if entry.attempt > member.max_attempts {
+            if is_exhausted_on_receipt(&member.retry, entry.attempt) {
                 exhausted.push(entry);
             } else {
                 state.ready.push_front(entry);

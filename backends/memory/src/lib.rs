@@ -38,12 +38,10 @@ mod subscriber;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
+use polybus_core::backend::{Backend, DeliverySource, ValidSubscription};
 use polybus_core::{
-    Backend, Bus, Capabilities, Capability, DeliveryStream, Error, Message, PublishError,
-    PublishFuture, Publisher, Receipt, Result, Subscriber, Subscription, async_trait,
-    prepare_publish,
+    Bus, Capabilities, Capability, Error, Message, PublishFuture, Receipt, Result, async_trait,
 };
 use tokio::sync::Notify;
 
@@ -122,7 +120,6 @@ impl MemoryOptions {
 pub struct MemoryBus {
     broker: Arc<Broker>,
     name: Option<String>,
-    closed: AtomicBool,
 }
 
 impl MemoryBus {
@@ -135,7 +132,6 @@ impl MemoryBus {
         MemoryBus {
             broker,
             name: options.name,
-            closed: AtomicBool::new(false),
         }
     }
 
@@ -179,51 +175,32 @@ impl fmt::Debug for MemoryBus {
         f.debug_struct("MemoryBus")
             .field("name", &self.name)
             .field("max_payload", &self.broker.max_payload)
-            .field("closed", &self.closed.load(Ordering::Relaxed))
             .finish()
     }
 }
 
-impl MemoryBus {
-    fn publish_now(&self, topic: &str, message: Message) -> Result<Receipt, PublishError> {
-        if let Err(e) = self.check_open("publish") {
-            return Err(PublishError::not_delivered(e, message));
-        }
-        let message = prepare_publish(topic, message, self.broker.max_payload)?;
+#[async_trait]
+impl Backend for MemoryBus {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new()
+            .with(Capability::VirtualTime)
+            .with(Capability::MessageBalancing)
+            .with_max_payload(self.broker.max_payload)
+    }
+
+    // Enqueueing is the memory broker's confirm and never waits, so the answer
+    // is ready at once: no future to box.
+    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
         let seq = self.broker.next_seq();
         self.broker.enqueue(topic, message);
-        Ok(Receipt::at(None, Some(seq)))
+        PublishFuture::ready(Ok(Receipt::at(None, Some(seq))))
     }
 
-    fn check_open(&self, what: &str) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::closed(format!(
-                "cannot {what}: the memory bus is closed"
-            )));
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Publisher for MemoryBus {
-    // Enqueueing never waits, so the answer is ready at once: no future to box.
-    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
-        PublishFuture::ready(self.publish_now(topic, message))
-    }
-
-    async fn close(&self) -> Result<()> {
-        // Enqueueing is the memory broker's confirm, so nothing is outstanding.
-        self.closed.store(true, Ordering::Release);
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Subscriber for MemoryBus {
-    async fn subscribe(&self, subscription: Subscription) -> Result<DeliveryStream> {
-        let sub = subscription.validate_for("memory", &self.capabilities())?;
-        self.check_open("subscribe")?;
+    async fn subscribe(&self, sub: ValidSubscription) -> Result<Box<dyn DeliverySource>> {
         let group = self
             .broker
             .declare_group(&sub.group, sub.durable, &sub.patterns);
@@ -231,7 +208,7 @@ impl Subscriber for MemoryBus {
         // so dead letters are kept from now on until someone reads them.
         self.broker
             .declare_group(sub.dead_letter_topic.as_str(), true, &[]);
-        let id = group.join(sub.prefetch, sub.retry.attempts());
+        let id = group.join(sub.prefetch, sub.retry.clone());
         let member = Arc::new(Member {
             broker: self.broker.clone(),
             group,
@@ -240,16 +217,7 @@ impl Subscriber for MemoryBus {
             dead_letter_topic: sub.dead_letter_topic,
             settled: Notify::new(),
         });
-        Ok(DeliveryStream::new(MemorySource::new(member)))
-    }
-}
-
-impl Backend for MemoryBus {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::new()
-            .with(Capability::VirtualTime)
-            .with(Capability::MessageBalancing)
-            .with_max_payload(self.broker.max_payload)
+        Ok(Box::new(MemorySource::new(member)))
     }
 }
 

@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use polybus_core::{
-    Acker, Delivery, DeliverySource, Error, Result, RetryPolicy, SettleFuture, Settlement, Topic,
-    async_trait,
+use polybus_core::backend::{
+    Acker, DeliveryExt, DeliverySource, MessageExt, SettleFuture, Settlement,
+    exhausted_dead_letter, wait_until,
 };
+use polybus_core::{Delivery, Error, Result, RetryPolicy, Topic, async_trait};
 use tokio::sync::Notify;
 use tokio::time::Sleep;
 
@@ -27,36 +28,43 @@ pub(crate) struct Member {
 }
 
 impl Member {
-    fn dead_letter(&self, entry: &Entry, attempts: u32, reason: &str) {
+    fn dead_letter(&self, entry: &Entry, reason: &str) {
+        let message = entry.message.dead_lettered(
+            entry.topic.as_str(),
+            entry.attempt,
+            reason,
+            self.group.name(),
+        );
+        self.store_dead_letter(entry, message);
+    }
+
+    /// Dead-letter an entry whose consumers died holding it until its attempts ran out.
+    fn dead_letter_exhausted(&self, entry: &Entry) {
+        let message = exhausted_dead_letter(
+            &entry.message,
+            entry.topic.as_str(),
+            entry.attempt,
+            self.group.name(),
+        );
+        self.store_dead_letter(entry, message);
+    }
+
+    fn store_dead_letter(&self, entry: &Entry, message: polybus_core::Message) {
         tracing::debug!(
             group = self.group.name(),
             message_id = entry.message.id(),
-            reason,
+            reason = message.header(polybus_core::header::DEAD_LETTER_REASON),
             "dead-lettering"
         );
-        let message =
-            entry
-                .message
-                .dead_lettered(entry.topic.as_str(), attempts, reason, self.group.name());
         let store = self.dead_letter_topic.as_str();
         self.broker
             .dead_letter(store, message, self.dead_letter_topic.clone());
     }
 
-    /// Dead-letter an entry whose consumers died holding it until its attempts ran out.
-    fn dead_letter_exhausted(&self, entry: &Entry) {
-        let attempts = entry.attempt - 1;
-        self.dead_letter(
-            entry,
-            attempts,
-            &format!("gave up after {attempts} attempts"),
-        );
-    }
-
     fn settle(&self, tag: u64, settlement: Settlement) -> Result<()> {
         let settled = self.group.settle(self.id, tag, settlement)?;
         if let Some((entry, reason)) = settled.dead_letter {
-            self.dead_letter(&entry, entry.attempt, &reason);
+            self.dead_letter(&entry, &reason);
         }
         if settled.member_closing {
             self.settled.notify_waiters();
@@ -141,22 +149,12 @@ impl DeliverySource for MemorySource {
         m.group.set_closing(m.id);
         // A grace of Duration::MAX means "as long as it takes".
         let deadline = polybus_core::retry::deadline_after(grace);
-        loop {
-            let notified = m.settled.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let left = m.group.unsettled(m.id);
-            if left == 0 {
-                break;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                tracing::info!(
-                    group = m.group.name(),
-                    unsettled = left,
-                    "close deadline passed; unsettled deliveries go back for redelivery"
-                );
-                break;
-            }
+        if !wait_until(&m.settled, Some(deadline), || m.group.unsettled(m.id) == 0).await {
+            tracing::info!(
+                group = m.group.name(),
+                unsettled = m.group.unsettled(m.id),
+                "close deadline passed; unsettled deliveries go back for redelivery"
+            );
         }
         self.leave();
         Ok(())

@@ -6,7 +6,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use futures::StreamExt;
 
 use super::{CaseError, CaseResult, Ctx};
-use crate::subscription::PRIVATE_DEAD_LETTERS;
+use crate::names::PRIVATE_DEAD_LETTERS;
 use crate::{Capability, Kind, Message, RetryPolicy, StartFrom, Subscription, Topic, header};
 
 fn ids(messages: &[Message]) -> Vec<String> {
@@ -1283,7 +1283,7 @@ pub async fn c7_dead_letter_of_a_dead_letter_keeps_the_original_topic(ctx: Ctx) 
         .bus()
         .subscribe(Subscription::dead_letters_of(&group))
         .await?;
-    let dl_group = format!("{}.{group}", crate::subscription::DEAD_LETTER_PREFIX);
+    let dl_group = format!("{}.{group}", crate::names::DEAD_LETTER_PREFIX);
     let mut dlq2 = ctx
         .bus()
         .subscribe(Subscription::dead_letters_of(&dl_group))

@@ -1,0 +1,161 @@
+//! Writing a backend: the service-provider interface.
+//!
+//! Everything here is for backend authors; a service never needs it. A backend
+//! implements one trait, [`Backend`], plus a [`DeliverySource`] per subscription
+//! and an [`Acker`] per delivery, and wraps itself in a [`Bus`](crate::Bus) with
+//! [`Bus::new`](crate::Bus::new). The core does the rest.
+//!
+//! # What the core already does
+//!
+//! [`Bus`](crate::Bus) runs the contract's checks once, before the backend is
+//! called, so no backend can skip them and every capability added there
+//! (tracing, metrics, bounds) reaches every backend:
+//!
+//! | what | clause | where |
+//! |---|---|---|
+//! | topic valid and outside the `polybus.` namespace | C1 | [`checks`] |
+//! | id, content type and header names within [`MAX_SHORT_STRING`]; payload within the declared [`max_payload`](crate::Capabilities::max_payload) | C12 | [`checks`] |
+//! | `polybus-` headers set by callers dropped | C13 | [`checks`] |
+//! | subscription checked and resolved ([`ValidSubscription`]): patterns, group, prefetch, dead-letter topic, private group name, start the backend can honour | C1, C2, C3, C6, C12 | [`valid`] |
+//! | a closed bus refuses work; `close` waits for publishes in flight, then calls [`Backend::close`] | C10 | [`gate`] |
+//! | `nack` after the last attempt becomes a dead letter, with its reason | C7, C8 | [`settle`] |
+//! | a dropped delivery is nacked | C7 | [`Delivery`](crate::Delivery) |
+//!
+//! # What a backend does
+//!
+//! 1. [`Backend::publish`]: send a message that passed the checks, and resolve
+//!    only once the broker has taken responsibility (C4). On failure, hand the
+//!    message back with [`Failure::hand_back`], saying whether it may have been
+//!    delivered.
+//! 2. [`Backend::subscribe`]: declare what the [`ValidSubscription`] needs and
+//!    return only when the subscription is live (C3), as a [`DeliverySource`]
+//!    that never holds more than `prefetch` unsettled deliveries (C6).
+//! 3. An [`Acker`] per delivery, carrying out each [`Settlement`] (C7). A
+//!    message received past its attempts ([`is_exhausted_on_receipt`]) is
+//!    dead-lettered on receipt with [`exhausted_dead_letter`] (C8).
+//! 4. Names: everything the library reserves is in [`crate::names`]; a backend
+//!    keeps only its wire-specific names.
+//!
+//! # Proving it
+//!
+//! Run the conformance suite ([`crate::testkit`], feature `testkit`) against
+//! the backend: a `Target` that connects, and one line,
+//! `polybus_core::conformance_suite!(mybackend, MyTarget)`, make one test per
+//! case. A case that needs a [`Capability`](crate::Capability) the backend does
+//! not claim is reported skipped, by name.
+//!
+//! ```
+//! use polybus_core::backend::{Backend, DeliverySource, ValidSubscription};
+//! use polybus_core::{Capabilities, Message, PublishFuture, Receipt, Result, async_trait};
+//!
+//! /// A backend that takes every message and delivers none (a sink).
+//! #[derive(Debug)]
+//! struct Sink;
+//!
+//! #[async_trait]
+//! impl Backend for Sink {
+//!     fn name(&self) -> &'static str {
+//!         "sink"
+//!     }
+//!
+//!     fn capabilities(&self) -> Capabilities {
+//!         Capabilities::new().with_max_payload(1024)
+//!     }
+//!
+//!     fn publish<'a>(&'a self, _topic: &'a str, _message: Message) -> PublishFuture<'a> {
+//!         PublishFuture::ready(Ok(Receipt::default()))
+//!     }
+//!
+//!     async fn subscribe(&self, _sub: ValidSubscription) -> Result<Box<dyn DeliverySource>> {
+//!         Err(polybus_core::Error::new(polybus_core::Kind::Unsupported, "a sink delivers nothing"))
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let bus = polybus_core::Bus::new(Sink);
+//! // The core's checks ran before the sink saw anything:
+//! let e = bus.publish("user.created", Message::new(vec![0; 2048])).await.unwrap_err();
+//! assert!(e.error().is_payload_too_large());
+//! let e = bus.publish("polybus.x", Message::new("x")).await.unwrap_err();
+//! assert!(e.error().is_invalid_input());
+//! assert!(bus.publish("user.created", Message::new("x")).await.is_ok());
+//! # }
+//! ```
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::capabilities::Capabilities;
+use crate::error::{PublishError, Result};
+use crate::message::Message;
+use crate::publisher::{PublishFuture, Receipt};
+
+pub mod checks;
+pub mod future;
+pub mod gate;
+pub mod parts;
+pub mod settle;
+pub mod source;
+pub mod valid;
+
+pub use checks::{Failure, MAX_SHORT_STRING};
+pub use future::BackendFuture;
+pub use gate::wait_until;
+pub use parts::{DeliveryExt, MessageExt, TopicCache, TopicExt};
+pub use settle::{
+    Acker, SettleFuture, Settlement, exhausted_dead_letter, is_exhausted_on_receipt,
+    spawn_settlement,
+};
+pub use source::DeliverySource;
+pub use valid::ValidSubscription;
+
+/// Lock `mutex`, recovering it if a thread panicked while holding it: the one
+/// policy for every backend's state. A panic mid-update is a bug already
+/// reported by that thread; refusing every later operation of the bus would turn
+/// it into an outage, and each backend's state stays valid between statements.
+pub fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A broker behind a [`Bus`](crate::Bus). Object-safe.
+///
+/// [`Bus`](crate::Bus) calls it only with checked values, never after `close`,
+/// and counts every publish until it resolves; see the [module docs](self).
+#[async_trait]
+pub trait Backend: Send + Sync + fmt::Debug + 'static {
+    /// A short lowercase name for messages: `memory`, `amqp`, `kafka`.
+    fn name(&self) -> &'static str;
+
+    /// What this backend offers beyond the contract, and its payload limit.
+    /// Read once, when the [`Bus`](crate::Bus) is made.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Send `message`, which passed the checks, to `topic`. Resolve to `Ok` only
+    /// once the broker has taken responsibility for it (C4). The work may start
+    /// before the future is first polled; see [`BackendFuture`].
+    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a>;
+
+    /// Send several checked messages, pipelined, with one result each, in order.
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<Message>,
+    ) -> Vec<Result<Receipt, PublishError>> {
+        futures::future::join_all(messages.into_iter().map(|m| self.publish(topic, m))).await
+    }
+
+    /// Open a live subscription (C3).
+    async fn subscribe(&self, subscription: ValidSubscription) -> Result<Box<dyn DeliverySource>>;
+
+    /// Flush: called once every publish admitted before `close` has resolved.
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+// Object safety, checked at compile time.
+const _: fn(&dyn Backend) = |_| {};

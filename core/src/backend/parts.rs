@@ -1,0 +1,104 @@
+//! The constructors only backends need: deliveries, received messages, dead
+//! letters and broker-named topics. Extension traits, so a service's view of
+//! [`Message`], [`Topic`] and [`Delivery`] stays the user API.
+
+use bytes::Bytes;
+
+use crate::backend::settle::Acker;
+use crate::delivery::Delivery;
+use crate::message::Message;
+use crate::topic::Topic;
+
+/// Assembling a [`Delivery`].
+pub trait DeliveryExt {
+    /// A delivery of `message` from `topic`, for its `attempt`-th time (1-based;
+    /// 0 is taken as 1), settled through `acker`.
+    fn new(
+        message: std::sync::Arc<Message>,
+        topic: Topic,
+        attempt: u32,
+        redelivered: bool,
+        acker: Box<dyn Acker>,
+    ) -> Delivery;
+}
+
+impl DeliveryExt for Delivery {
+    fn new(
+        message: std::sync::Arc<Message>,
+        topic: Topic,
+        attempt: u32,
+        redelivered: bool,
+        acker: Box<dyn Acker>,
+    ) -> Delivery {
+        Delivery::assemble(message, topic, attempt, redelivered, acker)
+    }
+}
+
+/// Messages as backends make them.
+pub trait MessageExt {
+    /// A message rebuilt from a broker's record. Its id is empty and its
+    /// timestamp the Unix epoch until set from the record: unlike
+    /// [`Message::new`], it makes no id and reads no clock.
+    fn from_record(payload: impl Into<Bytes>) -> Message;
+
+    /// The dead letter of this message (C7): a copy with why, where from, after
+    /// how many deliveries and from which group. A dead letter dead-lettered
+    /// again keeps the topic it was first published to. Every backend calls
+    /// this, so the headers are the same everywhere.
+    fn dead_lettered(&self, topic: &str, attempts: u32, reason: &str, group: &str) -> Message;
+}
+
+impl MessageExt for Message {
+    fn from_record(payload: impl Into<Bytes>) -> Message {
+        Message::empty_record(payload.into())
+    }
+
+    fn dead_lettered(&self, topic: &str, attempts: u32, reason: &str, group: &str) -> Message {
+        self.dead_letter_copy(topic, attempts, reason, group)
+    }
+}
+
+/// Topics as brokers name them.
+pub trait TopicExt {
+    /// A topic named by the broker (a routing key from another client), taken
+    /// as it is. Library-made names are validated with [`Topic::new`].
+    fn from_broker(name: &str) -> Topic;
+}
+
+impl TopicExt for Topic {
+    fn from_broker(name: &str) -> Topic {
+        Topic::unchecked(name)
+    }
+}
+
+/// The [`Topic`] of each delivery a subscription receives, reusing the last
+/// one's allocation while the name repeats (a subscription mostly sees one topic
+/// at a time); for backends.
+#[derive(Debug, Default)]
+pub struct TopicCache(Option<Topic>);
+
+impl TopicCache {
+    /// The topic called `name`, as [`TopicExt::from_broker`] makes it.
+    pub fn topic(&mut self, name: &str) -> Topic {
+        match &self.0 {
+            Some(last) if last.as_str() == name => last.clone(),
+            _ => self.0.insert(Topic::unchecked(name)).clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_cache_reuses_the_last_topic_and_follows_a_new_name() {
+        let mut cache = TopicCache::default();
+        let a = cache.topic("user.created");
+        let again = cache.topic("user.created");
+        assert!(std::ptr::eq(a.as_str(), again.as_str()));
+        let b = cache.topic("user.deleted");
+        assert_eq!(b.as_str(), "user.deleted");
+        assert_eq!(cache.topic("user.created"), a);
+    }
+}

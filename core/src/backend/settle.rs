@@ -1,0 +1,101 @@
+//! Settlement as backends see it: [`Settlement`], [`Acker`], and the one place
+//! that decides when attempts are used up (C7, C8).
+
+use std::time::Duration;
+
+use crate::backend::future::BackendFuture;
+use crate::error::Result;
+use crate::message::Message;
+use crate::retry::RetryPolicy;
+
+/// How a delivery is settled. Backends receive this from
+/// [`Delivery`](crate::Delivery); the decision between redelivery and
+/// dead-lettering after a `nack` is made once, here in the core, from the
+/// subscription's [`RetryPolicy`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Settlement {
+    /// Done: never delivered to this group again.
+    Ack,
+    /// Deliver again, with `attempt + 1`, after `delay`.
+    Retry {
+        /// How long the broker holds the message back first.
+        delay: Duration,
+    },
+    /// Move to the group's dead-letter topic.
+    DeadLetter {
+        /// Why; carried in the `polybus-dead-letter-reason` header.
+        reason: String,
+    },
+}
+
+/// What [`Acker::settle`] returns.
+pub type SettleFuture = BackendFuture<'static, Result<()>>;
+
+/// The backend's half of a delivery: it carries out the settlement.
+pub trait Acker: Send + Sync + 'static {
+    /// The retry policy of the subscription the delivery came from.
+    fn retry_policy(&self) -> &RetryPolicy;
+
+    /// Settle, and report whether the broker took the settlement. A delivery whose
+    /// channel or subscription is gone returns a [`Closed`](crate::Kind::Closed) error;
+    /// the broker redelivers it. A backend that settles without waiting answers
+    /// with [`SettleFuture::ready`]; the settlement may then be done before the
+    /// future is polled.
+    fn settle(self: Box<Self>, settlement: Settlement) -> SettleFuture;
+
+    /// Settle from `Drop`: must not block. A backend that needs I/O spawns it
+    /// with [`spawn_settlement`](crate::backend::spawn_settlement).
+    fn settle_on_drop(self: Box<Self>, settlement: Settlement);
+}
+
+/// What a `nack` of the `attempt`-th delivery amounts to under `policy`.
+pub(crate) fn nack_settlement(policy: &RetryPolicy, attempt: u32) -> Settlement {
+    if policy.is_exhausted(attempt) {
+        Settlement::DeadLetter {
+            reason: gave_up(attempt),
+        }
+    } else {
+        Settlement::Retry {
+            delay: policy.delay_after(attempt),
+        }
+    }
+}
+
+/// The dead-letter reason of a message whose `attempts` deliveries all failed.
+fn gave_up(attempts: u32) -> String {
+    format!("gave up after {attempts} attempts")
+}
+
+/// Whether a message about to be handed out for its `attempt`-th time has used
+/// up `policy` already: its earlier deliveries died unsettled (crashes, closes
+/// past their grace). Such a message is dead-lettered on receipt with
+/// [`exhausted_dead_letter`], never handed out (C8).
+pub fn is_exhausted_on_receipt(policy: &RetryPolicy, attempt: u32) -> bool {
+    attempt > policy.attempts()
+}
+
+/// The dead letter of a message received for its `attempt`-th time after its
+/// attempts ran out (see [`is_exhausted_on_receipt`]): `attempt - 1`
+/// deliveries were made, and the reason says so.
+pub fn exhausted_dead_letter(message: &Message, topic: &str, attempt: u32, group: &str) -> Message {
+    let attempts = attempt.saturating_sub(1);
+    message.dead_letter_copy(topic, attempts, &gave_up(attempts), group)
+}
+
+/// Carry out a settlement from `Drop` (see [`Acker::settle_on_drop`]): spawned
+/// on `runtime`, the runtime the subscription was opened on, captured in
+/// `subscribe` with `Handle::current()`. One policy for every backend: a delivery
+/// dropped outside any runtime (a plain thread, a runtime being shut down) is
+/// still settled, and a failure is logged, since nobody is left to be told; the
+/// broker then redelivers the message.
+pub fn spawn_settlement(
+    runtime: &tokio::runtime::Handle,
+    settle: impl std::future::Future<Output = Result<()>> + Send + 'static,
+) {
+    runtime.spawn(async move {
+        if let Err(e) = settle.await {
+            tracing::debug!(error = %e, "settling a dropped delivery failed; the broker redelivers it");
+        }
+    });
+}
