@@ -197,3 +197,179 @@ impl Subscriber for Bus {
         Bus::subscribe(self, subscription).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::backend::{DeliverySource, ValidSubscription, lock};
+    use crate::{Kind, header};
+
+    /// Records what reaches it; a publish to `slow` waits for `release`.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        seen: Mutex<Vec<(String, Message)>>,
+        batches: Mutex<Vec<usize>>,
+        release: tokio::sync::Notify,
+    }
+
+    #[async_trait]
+    impl Backend for Arc<Recorder> {
+        fn name(&self) -> &'static str {
+            "test"
+        }
+
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::new().with_max_payload(8)
+        }
+
+        fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
+            lock(&self.seen).push((topic.to_owned(), message));
+            if topic == "slow" {
+                return PublishFuture::boxed(async move {
+                    self.release.notified().await;
+                    Ok(Receipt::default())
+                });
+            }
+            PublishFuture::ready(Ok(Receipt::default()))
+        }
+
+        async fn publish_batch(
+            &self,
+            topic: &str,
+            messages: Vec<Message>,
+        ) -> Vec<Result<Receipt, PublishError>> {
+            lock(&self.batches).push(messages.len());
+            let mut out = Vec::new();
+            for m in messages {
+                out.push(self.publish(topic, m).await);
+            }
+            out
+        }
+
+        async fn subscribe(&self, _: ValidSubscription) -> Result<Box<dyn DeliverySource>> {
+            Err(Error::new(Kind::Unsupported, "not in this test"))
+        }
+    }
+
+    fn bus() -> (Bus, Arc<Recorder>) {
+        let recorder = Arc::new(Recorder::default());
+        (Bus::new(recorder.clone()), recorder)
+    }
+
+    #[tokio::test]
+    async fn c1_c12_checks_run_before_the_backend_sees_a_publish() {
+        let (bus, recorder) = bus();
+        for (topic, message, kind) in [
+            ("user..created", Message::new("x"), Kind::InvalidInput),
+            ("polybus.retry.g", Message::new("x"), Kind::InvalidInput),
+            (
+                "user.created",
+                Message::new("123456789"),
+                Kind::PayloadTooLarge,
+            ),
+            (
+                "user.created",
+                Message::new("x").with_id(""),
+                Kind::InvalidInput,
+            ),
+            (
+                "user.created",
+                Message::new("x").with_header("", "v"),
+                Kind::InvalidInput,
+            ),
+        ] {
+            let id = message.id().to_owned();
+            let e = bus.publish(topic, message).await.unwrap_err();
+            assert_eq!(e.kind(), kind, "{topic}: {e}");
+            assert!(!e.may_have_been_delivered());
+            assert_eq!(e.message().id(), id, "the message comes back");
+        }
+        assert!(lock(&recorder.seen).is_empty(), "the backend saw nothing");
+        let forged = Message::new("x").with_header(header::ATTEMPT, "9");
+        bus.publish("user.created", forged).await.unwrap();
+        let seen = lock(&recorder.seen);
+        assert_eq!(seen.len(), 1);
+        assert_eq!(
+            seen[0].1.header(header::ATTEMPT),
+            None,
+            "library headers stripped"
+        );
+    }
+
+    #[tokio::test]
+    async fn c12_a_batch_sends_what_passes_and_answers_every_message_in_order() {
+        let (bus, recorder) = bus();
+        let batch = vec![
+            Message::new("ok").with_id("a"),
+            Message::new("123456789").with_id("b"),
+            Message::new("ok").with_id("c"),
+        ];
+        let results = bus.publish_batch("user.created", batch).await;
+        assert!(results[0].is_ok() && results[2].is_ok());
+        let e = results[1].as_ref().unwrap_err();
+        assert!(e.error().is_payload_too_large() && e.message().id() == "b");
+        assert_eq!(
+            *lock(&recorder.batches),
+            [2],
+            "one batch of the two that passed"
+        );
+    }
+
+    #[tokio::test]
+    async fn c10_a_closed_bus_refuses_work_and_hands_messages_back() {
+        let (bus, recorder) = bus();
+        bus.close().await.unwrap();
+        let e = bus
+            .publish("user.created", Message::new("x").with_id("m"))
+            .await
+            .unwrap_err();
+        assert!(e.error().is_closed() && e.message().id() == "m");
+        assert_eq!(
+            e.error().to_string(),
+            "cannot publish: the test bus is closed"
+        );
+        let results = bus
+            .publish_batch("user.created", vec![Message::new("1"), Message::new("2")])
+            .await;
+        assert!(
+            results
+                .iter()
+                .all(|r| r.as_ref().unwrap_err().error().is_closed())
+        );
+        let e = bus
+            .subscribe(Subscription::new("user.*"))
+            .await
+            .unwrap_err();
+        assert!(e.is_closed(), "{e}");
+        assert!(lock(&recorder.seen).is_empty() && lock(&recorder.batches).is_empty());
+    }
+
+    #[tokio::test]
+    async fn c10_close_waits_for_publishes_in_flight() {
+        let (bus, recorder) = bus();
+        let publishing = tokio::spawn({
+            let bus = bus.clone();
+            async move { bus.publish("slow", Message::new("x")).await.map(|_| ()) }
+        });
+        while lock(&recorder.seen).is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let mut closing = tokio::spawn({
+            let bus = bus.clone();
+            async move { bus.close().await }
+        });
+        // Nothing can finish the close but the publish in flight.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !closing.is_finished(),
+            "close returned before the publish resolved"
+        );
+        recorder.release.notify_one();
+        publishing.await.unwrap().unwrap();
+        (&mut closing).await.unwrap().unwrap();
+    }
+}
