@@ -3,8 +3,8 @@
 //!
 //! A backend's test file names a [`Target`] (how to connect to the broker under
 //! test) and expands [`conformance_suite!`](crate::conformance_suite), which makes
-//! one `#[tokio::test]` per case, named `<backend>::<case>`, so each case is
-//! reported and filterable on its own:
+//! one `#[tokio::test]` per case of [`cases::CASES`], named `<backend>::<case>`,
+//! so each case is reported and filterable on its own:
 //!
 //! ```ignore
 //! struct Memory(String);
@@ -280,78 +280,27 @@ fn report(dir: Option<&str>, line: &str) {
     }
 }
 
-/// Expand the whole suite as `mod $backend { #[tokio::test] fn <case>() … }`.
-/// `$target` is evaluated once per case, so each case may get a fresh broker.
+/// Expand the whole suite as `mod $backend { #[tokio::test] fn <case>() … }`:
+/// one test per case of the list in [`cases`]. `$target` is evaluated once per
+/// case, so each case may get a fresh broker.
 #[macro_export]
 macro_rules! conformance_suite {
     ($backend:ident, $target:expr) => {
-        $crate::__conformance_cases!($backend, $target;
-            c1_invalid_topic_is_rejected_before_io,
-            c1_invalid_pattern_is_rejected_before_io,
-            c1_library_namespace_is_reserved,
-            c1_star_matches_exactly_one_word,
-            c1_hash_matches_zero_or_more_words,
-            c1_literal_pattern_matches_only_itself,
-            c1_message_matching_two_patterns_is_delivered_once,
-            c2_every_matching_group_gets_a_copy,
-            c2_members_of_a_group_share_its_messages,
-            c2_a_member_at_its_prefetch_leaves_messages_to_others,
-            c2_private_subscriptions_each_get_a_copy,
-            c2_durable_group_keeps_messages_while_no_member_is_connected,
-            c2_groups_settle_independently,
-            c3_message_published_right_after_subscribe_is_delivered,
-            c3_new_group_starts_at_now,
-            c3_replay_from_earliest,
-            c3_replay_without_capability_is_unsupported,
-            c4_publish_ok_survives_the_publishers_disconnect,
-            c4_publish_on_closed_bus_fails_and_returns_the_message,
-            c4_batch_publish_gives_one_result_per_message_in_order,
-            c4_request_reply_round_trips_and_times_out,
-            c5_same_key_arrives_in_order,
-            c5_order_holds_for_each_of_several_keys,
-            c5_runtime_lanes_keep_each_key_in_order,
-            c6_never_more_than_prefetch_unsettled,
-            c6_any_settlement_frees_a_slot,
-            c6_next_batch_gathers_up_to_max_within_the_prefetch,
-            c7_ack_is_final,
-            c7_nack_redelivers_with_attempt_plus_one,
-            c7_nack_waits_for_the_retry_delay,
-            c7_dead_letter_moves_to_the_dead_letter_topic_with_headers,
-            c7_dropping_a_delivery_counts_as_nack,
-            c7_private_subscription_dead_letters_are_kept,
-            c7_dead_letter_of_a_dead_letter_keeps_the_original_topic,
-            c8_dead_lettered_after_max_attempts,
-            c8_backoff_grows_between_attempts,
-            c8_crash_loop_reaches_the_dead_letter_topic,
-            c8_runtime_story_panic_retry_success,
-            c9_unsettled_delivery_of_a_dead_consumer_is_redelivered,
-            c9_out_of_order_ack_skips_nothing,
-            c10_close_waits_for_in_flight_settlement,
-            c10_close_returns_unsettled_after_grace,
-            c10_close_returns_prefetched_but_unseen_messages,
-            c10_runtime_shutdown_finishes_in_flight_work_within_the_grace,
-            c12_oversize_payload_is_rejected_before_sending,
-            c12_invalid_metadata_is_rejected_before_sending,
-            c12_invalid_subscription_options_are_rejected,
-            c12_undecodable_payload_is_a_decode_error_and_dead_letters,
-            c12_rejected_publish_loses_nothing,
-            c12_unreachable_broker_fails_fast,
-            c12_runtime_dead_letters_undecodable_and_permanent_and_retries_timeouts,
-            c13_metadata_round_trips,
-            c13_library_headers_are_stripped_on_publish,
-            c13_metadata_survives_redelivery,
-        );
+        $crate::__conformance_case_list!([tests $backend, $target]);
     };
 }
 
+/// What the case list expands to: `[tests $backend, $target]` makes the tests
+/// of [`conformance_suite!`](crate::conformance_suite); `[registry]` makes
+/// [`cases::CASES`], and checks inside this crate that every case listed exists.
 #[doc(hidden)]
 #[macro_export]
-macro_rules! __conformance_cases {
-    ($backend:ident, $target:expr; $($case:ident),+ $(,)?) => {
+macro_rules! __conformance_expand {
+    ([tests $backend:ident, $target:expr] $($module:ident { $($case:ident),* $(,)? })*) => {
         mod $backend {
             #[allow(unused_imports)]
             use super::*;
-            $(
+            $($(
                 #[::tokio::test(flavor = "current_thread")]
                 async fn $case() {
                     $crate::testkit::run_case(
@@ -359,11 +308,24 @@ macro_rules! __conformance_cases {
                         stringify!($case),
                         option_env!("CARGO_TARGET_TMPDIR"),
                         $target,
-                        $crate::testkit::cases::$case,
+                        $crate::testkit::cases::$module::$case,
                     )
                     .await;
                 }
-            )+
+            )*)*
         }
+    };
+    ([registry] $($module:ident { $($case:ident),* $(,)? })*) => {
+        /// Every case of the suite, in the order of the list: `CASES.len()` is
+        /// how many tests [`conformance_suite!`](crate::conformance_suite) makes.
+        pub const CASES: &[$crate::testkit::cases::Case] = &[$($(
+            $crate::testkit::cases::Case { module: stringify!($module), name: stringify!($case) },
+        )*)*];
+
+        // A name in the list without its function fails here, not only where
+        // a backend expands the suite.
+        const _: () = {$($(
+            let _ = $crate::testkit::cases::$module::$case;
+        )*)*};
     };
 }
