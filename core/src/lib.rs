@@ -13,6 +13,7 @@
 //! | [`subscription`] | [`Subscription`] options: patterns, group, prefetch, retry, dead letters |
 //! | [`delivery`] | [`Delivery`] and its settlement; [`DeliveryStream`] (C6, C7, C10) |
 //! | [`retry`] | [`RetryPolicy`]: backoff and maximum attempts (C8) |
+//! | [`backend`] | for backend authors: broker URL parsing and the one redaction of secrets |
 //! | [`bus`] | [`Publisher`], [`Subscriber`], [`Backend`], [`Bus`], [`Capabilities`] |
 //! | [`error`] | [`Error`], [`Kind`], [`PublishError`] |
 //! | [`consumer`] | the handler runtime: typed handlers, concurrency, outcomes, graceful shutdown |
@@ -21,6 +22,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod bus;
 pub mod consumer;
 pub mod delivery;
