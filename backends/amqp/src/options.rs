@@ -225,9 +225,15 @@ mod tests {
         assert_eq!(o.connect_timeout, Duration::from_millis(5));
         assert_eq!(o.uris, ["amqp://u:p%40ss%2Fw@h:5672/%2f?auth_token=zz9"]);
         let debug = format!("{o:?}");
-        assert!(!debug.contains("p%40ss") && !debug.contains("zz9"), "{debug}");
+        assert!(
+            !debug.contains("p%40ss") && !debug.contains("zz9"),
+            "{debug}"
+        );
         let e = AmqpOptions::from_url("amqp://u:p%40ss@h:port/").unwrap_err();
-        assert!(e.is_invalid_input() && !e.to_string().contains("p%40ss"), "{e}");
+        assert!(
+            e.is_invalid_input() && !e.to_string().contains("p%40ss"),
+            "{e}"
+        );
     }
 
     #[test]

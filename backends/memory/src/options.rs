@@ -60,9 +60,9 @@ impl MemoryOptions {
                     options.max_payload = parsed.value(k, v, "is not a number of bytes")?
                 }
                 _ => {
-                    return Err(parsed.invalid(format!(
-                        "unknown option `{k}` (known: max_payload)"
-                    )));
+                    return Err(
+                        parsed.invalid(format!("unknown option `{k}` (known: max_payload)"))
+                    );
                 }
             }
         }

@@ -85,9 +85,16 @@ pub fn is_secret_key(key: &str) -> bool {
 /// assert_eq!(redact("amqp://u:p?w@h/vh"), "amqp://u:***@h/vh");
 /// ```
 pub fn redact(url: &str) -> String {
+    // Only a real scheme is kept apart: in `user:pw@host://…` all is credentials.
     let (head, rest) = match url.find("://") {
-        Some(i) => url.split_at(i + 3),
-        None => ("", url),
+        Some(i)
+            if url[..i]
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
+        {
+            url.split_at(i + 3)
+        }
+        _ => ("", url),
     };
     let mut out = String::with_capacity(url.len());
     out.push_str(head);
@@ -203,7 +210,10 @@ impl BrokerUrl {
             Some((s, rest)) if schemes.contains(&s) => (s, rest),
             _ => {
                 let starts: Vec<_> = schemes.iter().map(|s| format!("{s}://")).collect();
-                return Err(invalid(format!("it must start with {}", starts.join(" or "))));
+                return Err(invalid(format!(
+                    "it must start with {}",
+                    starts.join(" or ")
+                )));
             }
         };
         check_raw_delimiters(rest).map_err(invalid)?;
@@ -435,13 +445,22 @@ mod tests {
     #[test]
     fn bad_urls_name_the_part_and_hide_the_password() {
         for (url, says) in [
-            ("http://h", "it must start with amqp:// or kafka:// or memory://"),
+            (
+                "http://h",
+                "it must start with amqp:// or kafka:// or memory://",
+            ),
             ("amqp://u:pw@h1,,h2/", "an empty broker address"),
-            ("kafka://h:99999?sasl.password=pw", "broker address `h:99999`"),
+            (
+                "kafka://h:99999?sasl.password=pw",
+                "broker address `h:99999`",
+            ),
             ("amqp://u:p/w@h/vh", "an `@` after the host"),
             ("amqp://u:p?w@h/vh", "an `@` after the host"),
             ("amqp://u:p#w@h/vh", "no fragment"),
-            ("amqp://u:%ff@h/vh", "the password is not percent-encoded utf-8"),
+            (
+                "amqp://u:%ff@h/vh",
+                "the password is not percent-encoded utf-8",
+            ),
         ] {
             let e = parse(url).unwrap_err();
             assert!(e.is_invalid_input(), "{url}");
@@ -454,21 +473,37 @@ mod tests {
     #[test]
     fn redaction_masks_passwords_and_secret_values_only() {
         for (url, shown) in [
-            ("amqp://guest:pw@localhost:5672/%2f", "amqp://guest:***@localhost:5672/%2f"),
+            (
+                "amqp://guest:pw@localhost:5672/%2f",
+                "amqp://guest:***@localhost:5672/%2f",
+            ),
             ("amqp://localhost", "amqp://localhost"),
             ("amqps://a:b@h/v?x=1@2", "amqps://a:***@h/v?x=1@2"),
             ("amqp://token@h", "amqp://***@h"),
             ("guest:pw@rabbit:5672", "guest:***@rabbit:5672"),
             ("amqp://u:p/w@h/vh", "amqp://u:***@h/vh"),
             ("amqp://u:p#w@h/vh", "amqp://u:***@h/vh"),
-            ("kafka://h?sasl.username=me@corp&SASL_PASSWORD=pw", "kafka://h?sasl.username=me@corp&SASL_PASSWORD=***"),
-            ("kafka://h?ssl.key.pem=pw&ssl.key.password=pw&sasl.oauthbearer.client.secret=pw", "kafka://h?ssl.key.pem=***&ssl.key.password=***&sasl.oauthbearer.client.secret=***"),
-            ("kafka:/h?sasl%2Epassword=pw#frag", "kafka:/h?sasl%2Epassword=***#***"),
+            (
+                "kafka://h?sasl.username=me@corp&SASL_PASSWORD=pw",
+                "kafka://h?sasl.username=me@corp&SASL_PASSWORD=***",
+            ),
+            (
+                "kafka://h?ssl.key.pem=pw&ssl.key.password=pw&sasl.oauthbearer.client.secret=pw",
+                "kafka://h?ssl.key.pem=***&ssl.key.password=***&sasl.oauthbearer.client.secret=***",
+            ),
+            (
+                "kafka:/h?sasl%2Epassword=pw#frag",
+                "kafka:/h?sasl%2Epassword=***#***",
+            ),
             ("a:1,b:2", "a:1,b:2"),
+            ("u:pw@h://x", "u:***@h://x"),
         ] {
             assert_eq!(redact(url), shown, "{url}");
         }
-        assert_eq!(scrub("bad value pw for x", &["pw", ""]), "bad value *** for x");
+        assert_eq!(
+            scrub("bad value pw for x", &["pw", ""]),
+            "bad value *** for x"
+        );
         let u = parse("kafka://h?sasl.password=p%2Bw&linger.ms=5").unwrap();
         assert_eq!(u.secrets(), ["p+w"]);
     }
