@@ -67,10 +67,12 @@ impl Connector {
                 ),
             ],
         );
-        let producer: FutureProducer =
-            (producer_config.create()).map_err(|e| config_error(e, &options))?;
-        let admin: AdminClient<DefaultClientContext> =
-            (Self::config(&options, &[]).create()).map_err(|e| config_error(e, &options))?;
+        let producer: FutureProducer = producer_config
+            .create()
+            .map_err(|e| config_error(e, &options))?;
+        let admin: AdminClient<DefaultClientContext> = Self::config(&options, &[])
+            .create()
+            .map_err(|e| config_error(e, &options))?;
         let probe = producer.clone();
         let timeout = options.connect_timeout;
         let brokers = redact(&options.brokers);

@@ -115,7 +115,9 @@ impl KafkaOptions {
                 "a kafka url has no credentials: give them as sasl.username and sasl.password",
             ));
         }
-        let brokers: Vec<String> = (parsed.hosts.iter())
+        let brokers: Vec<String> = parsed
+            .hosts
+            .iter()
             .map(|(host, port)| match port {
                 Some(port) => format!("{host}:{port}"),
                 None => host.clone(),
@@ -222,7 +224,8 @@ impl KafkaOptions {
     /// The values of the native settings that hold secrets, for scrubbing
     /// librdkafka's messages.
     pub(crate) fn secrets(&self) -> Vec<&str> {
-        (self.native.iter())
+        self.native
+            .iter()
             .filter(|(k, _)| is_secret_key(k))
             .map(|(_, v)| v.as_str())
             .collect()
@@ -242,7 +245,9 @@ fn positive<T: FromStr + PartialOrd + Default>(url: &BrokerUrl, k: &str, v: &str
 /// masked, by [`is_secret_key`]; the brokers are shown through [`redact`].
 impl fmt::Debug for KafkaOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let native: Vec<_> = (self.native.iter())
+        let native: Vec<_> = self
+            .native
+            .iter()
             .map(|(k, v)| (k.as_str(), if is_secret_key(k) { MASK } else { v }))
             .collect();
         f.debug_struct("KafkaOptions")
