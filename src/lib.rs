@@ -48,6 +48,8 @@ pub use polybus_core::{
 };
 pub use polybus_core::{consumer, middleware, names, rpc};
 
+use polybus_core::backend::url::redact;
+
 #[cfg(feature = "msgpack")]
 pub use polybus_core::MsgPack;
 
@@ -68,8 +70,12 @@ pub use polybus_kafka as kafka;
 /// | `amqp://`, `amqps://` | `amqp` |
 /// | `kafka://` | `kafka` |
 ///
-/// An unknown scheme, or one whose feature is off, is an
-/// [`InvalidInput`](Kind::InvalidInput) error that says which feature to enable.
+/// An unknown scheme is an [`InvalidInput`](Kind::InvalidInput) error; a known
+/// one whose feature is off is [`Unsupported`](Kind::Unsupported) and says which
+/// feature to enable. Every backend reads its URL with
+/// [`polybus_core::backend::url`]: user names, passwords, paths and query values
+/// are percent-decoded, several brokers are a comma list (`h1:5672,h2:5672`), and
+/// no error or `Debug` output shows a password or a secret setting's value.
 pub async fn connect(url: &str) -> Result<Bus> {
     let Some((scheme, _)) = url.split_once("://") else {
         return Err(Error::invalid_input(format!(
@@ -90,8 +96,19 @@ pub async fn connect(url: &str) -> Result<Bus> {
         "kafka" => polybus_kafka::connect(url).await,
         #[cfg(not(feature = "kafka"))]
         "kafka" => Err(needs_feature(scheme, "kafka")),
-        other => Err(Error::invalid_input(format!(
-            "unknown scheme `{other}` in url `{}`: known schemes are memory, amqp, amqps and kafka",
+        // A "scheme" that is not one (`user:pw@host://…`) is not shown.
+        other
+            if other
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
+        {
+            Err(Error::invalid_input(format!(
+                "unknown scheme `{other}` in url `{}`: known schemes are memory, amqp, amqps and kafka",
+                redact(url)
+            )))
+        }
+        _ => Err(Error::invalid_input(format!(
+            "invalid url `{}`: expected scheme://…, such as memory:// or amqp://host",
             redact(url)
         ))),
     }
@@ -103,24 +120,6 @@ fn needs_feature(scheme: &str, feature: &str) -> Error {
         Kind::Unsupported,
         format!("scheme {scheme} needs the `{feature}` feature of polybus"),
     )
-}
-
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    if !url.contains("://") {
-        // No scheme: anything before an `@` may be credentials.
-        return match url.rsplit_once('@') {
-            Some((_, host)) => format!("***@{host}"),
-            None => url.to_owned(),
-        };
-    }
-    if let Some((scheme, rest)) = url.split_once("://")
-        && let Some((auth, host)) = rest.rsplit_once('@')
-    {
-        let user = auth.split(':').next().unwrap_or("");
-        return format!("{scheme}://{user}:***@{host}");
-    }
-    url.to_owned()
 }
 
 #[cfg(test)]
@@ -153,5 +152,10 @@ mod tests {
         assert!(connect("nonsense").await.unwrap_err().is_invalid_input());
         let e = connect("guest:secret@rabbit:5672").await.unwrap_err();
         assert!(!e.to_string().contains("secret"), "{e}");
+        let e = connect("u:secret@h://x").await.unwrap_err();
+        assert!(
+            e.is_invalid_input() && !e.to_string().contains("secret"),
+            "{e}"
+        );
     }
 }

@@ -5,6 +5,9 @@
 use std::fmt;
 use std::time::Duration;
 
+use polybus_core::backend::url::BrokerUrl;
+/// The one redaction, core's: re-exported for the connection's messages.
+pub(crate) use polybus_core::backend::url::redact;
 use polybus_core::{Error, Result};
 
 /// RabbitMQ 3.10's default `max_message_size`: 128 MiB.
@@ -21,21 +24,17 @@ pub struct AmqpOptions {
     pub(crate) tls_ca_pem: Option<String>,
 }
 
-/// Query parameters polybus reads itself; all others go to lapin (heartbeat,
-/// frame_max, channel_max, auth_mechanism, ...).
-const OWN_PARAMS: &[&str] = &[
-    "exchange",
-    "max_payload",
-    "connect_timeout_ms",
-    "publish_timeout_ms",
-    "tls_ca_file",
-];
-
 impl AmqpOptions {
     /// Parse `amqp://user:pass@host:5672/vhost` or `amqps://…`. Several brokers may
     /// be named in one URL, sharing credentials, vhost and options:
     /// `amqp://user:pass@h1:5672,h2:5672/vhost`; on a connection failure the
-    /// client moves to the next. polybus's own parameters:
+    /// client moves to the next.
+    ///
+    /// The URL is read by [`polybus_core::backend::url`]: the user name, password,
+    /// vhost and every query value are percent-decoded (`%2f` is the vhost `/`;
+    /// `/`, `?`, `#` and `@` in a password must be written `%2F`, `%3F`, `%23`,
+    /// `%40`). Each broker gets a single-host URL of its own, which lapin reads.
+    /// polybus's own parameters:
     ///
     /// | parameter | default | meaning |
     /// |---|---|---|
@@ -44,36 +43,14 @@ impl AmqpOptions {
     /// | `connect_timeout_ms` | 10000 | per broker address |
     /// | `publish_timeout_ms` | 30000 | how long a publish waits for a connection during an outage |
     /// | `tls_ca_file` | none | a PEM file of CA certificates trusted for `amqps://`, beside the system roots |
+    ///
+    /// All other parameters go to lapin (`heartbeat`, `frame_max`, `channel_max`,
+    /// `connection_timeout`, `auth_mechanism`).
     pub fn from_url(url: &str) -> Result<Self> {
-        let (scheme, rest) = match url.split_once("://") {
-            Some((s @ ("amqp" | "amqps"), rest)) => (s, rest),
-            _ => {
-                return Err(Error::invalid_input(format!(
-                    "invalid amqp url `{}`: it must start with amqp:// or amqps://",
-                    redact(url)
-                )));
-            }
-        };
-        // A password with a raw `/` or `?` would be cut in two by the parse below
-        // (and then shown unmasked): such characters must be percent-encoded.
-        if let Some(at) = rest.rfind('@')
-            && rest[..at].contains(['/', '?'])
-        {
-            return Err(Error::invalid_input(format!(
-                "invalid amqp url `{scheme}://***@{}`: percent-encode `/` and `?` in the \
-                 user name and password",
-                &rest[at + 1..]
-            )));
+        let parsed = BrokerUrl::parse(url, "amqp", &["amqp", "amqps"])?;
+        if parsed.hosts.is_empty() {
+            return Err(parsed.invalid("an empty broker address"));
         }
-        let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (authority, path) = match before_query.find('/') {
-            Some(i) => before_query.split_at(i),
-            None => (before_query, ""),
-        };
-        let (userinfo, hosts) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
-        };
         let mut options = AmqpOptions {
             uris: Vec::new(),
             exchange: "polybus".into(),
@@ -83,68 +60,43 @@ impl AmqpOptions {
             tls_ca_pem: None,
         };
         let mut passthrough = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            if !OWN_PARAMS.contains(&k) {
-                passthrough.push(pair);
-                continue;
-            }
-            let bad = |what: &str| {
-                Error::invalid_input(format!(
-                    "invalid amqp url `{}`: {k} `{v}` {what}",
-                    redact(url)
-                ))
-            };
-            match k {
-                "exchange" => {
-                    if v.is_empty() || v.len() > 255 {
-                        return Err(bad("must be 1 to 255 bytes"));
-                    }
-                    options.exchange = v.into();
-                }
-                "max_payload" => {
-                    options.max_payload = v.parse().map_err(|_| bad("is not a number of bytes"))?
-                }
-                "connect_timeout_ms" => {
-                    options.connect_timeout = Duration::from_millis(
-                        v.parse()
-                            .map_err(|_| bad("is not a number of milliseconds"))?,
-                    )
-                }
-                "publish_timeout_ms" => {
-                    options.publish_timeout = Duration::from_millis(
-                        v.parse()
-                            .map_err(|_| bad("is not a number of milliseconds"))?,
-                    )
-                }
-                "tls_ca_file" => {
-                    let pem = std::fs::read_to_string(v).map_err(|e| {
-                        Error::invalid_input(format!("cannot read tls_ca_file `{v}`: {e}"))
-                            .with_source(e)
-                    })?;
-                    options.tls_ca_pem = Some(pem);
-                }
-                _ => unreachable!("listed in OWN_PARAMS"),
+        for (k, v) in &parsed.query {
+            if !options.apply(&parsed, k, v)? {
+                passthrough.push((k.clone(), v.clone()));
             }
         }
-        let query = if passthrough.is_empty() {
-            String::new()
-        } else {
-            format!("?{}", passthrough.join("&"))
-        };
-        for host in hosts.split(',') {
-            if host.is_empty() {
-                return Err(Error::invalid_input(format!(
-                    "invalid amqp url `{}`: an empty broker address",
-                    redact(url)
-                )));
-            }
-            let auth = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
-            options
-                .uris
-                .push(format!("{scheme}://{auth}{host}{path}{query}"));
-        }
+        options.uris = (0..parsed.hosts.len())
+            .map(|i| parsed.single_host_url(i, &passthrough))
+            .collect();
         Ok(options)
+    }
+
+    /// Apply URL parameter `k`: false if it is not one of polybus's own.
+    fn apply(&mut self, url: &BrokerUrl, k: &str, v: &str) -> Result<bool> {
+        let millis = |v: &str| {
+            url.value(k, v, "is not a number of milliseconds")
+                .map(Duration::from_millis)
+        };
+        match k {
+            "exchange" => {
+                if v.is_empty() || v.len() > 255 {
+                    return Err(url.bad_value(k, v, "must be 1 to 255 bytes"));
+                }
+                self.exchange = v.into();
+            }
+            "max_payload" => self.max_payload = url.value(k, v, "is not a number of bytes")?,
+            "connect_timeout_ms" => self.connect_timeout = millis(v)?,
+            "publish_timeout_ms" => self.publish_timeout = millis(v)?,
+            "tls_ca_file" => {
+                let pem = std::fs::read_to_string(v).map_err(|e| {
+                    Error::invalid_input(format!("cannot read tls_ca_file `{v}`: {e}"))
+                        .with_source(e)
+                })?;
+                self.tls_ca_pem = Some(pem);
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
     }
 
     /// Use `exchange` as this bus's topic exchange.
@@ -211,22 +163,6 @@ impl fmt::Debug for AmqpOptions {
     }
 }
 
-/// `url` with its password replaced by `***`.
-pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, hosts)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{hosts}{tail}")
-        }
-        None => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,6 +213,27 @@ mod tests {
         assert!(long.validate().unwrap_err().is_invalid_input());
         let e = AmqpOptions::from_url("amqp://h/?tls_ca_file=/nonexistent.pem").unwrap_err();
         assert!(e.to_string().contains("/nonexistent.pem"), "{e}");
+    }
+
+    #[test]
+    fn percent_encoded_parts_reach_lapin_and_stay_hidden() {
+        let o = AmqpOptions::from_url(
+            "amqp://u:p%40ss%2Fw@h:5672/%2f?exchange=ev%20x&auth_token=zz9&connect_timeout_ms=%35",
+        )
+        .unwrap();
+        assert_eq!(o.exchange, "ev x");
+        assert_eq!(o.connect_timeout, Duration::from_millis(5));
+        assert_eq!(o.uris, ["amqp://u:p%40ss%2Fw@h:5672/%2f?auth_token=zz9"]);
+        let debug = format!("{o:?}");
+        assert!(
+            !debug.contains("p%40ss") && !debug.contains("zz9"),
+            "{debug}"
+        );
+        let e = AmqpOptions::from_url("amqp://u:p%40ss@h:port/").unwrap_err();
+        assert!(
+            e.is_invalid_input() && !e.to_string().contains("p%40ss"),
+            "{e}"
+        );
     }
 
     #[test]

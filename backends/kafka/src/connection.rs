@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use polybus_core::backend::Failure;
+use polybus_core::backend::url::{redact, scrub};
 use polybus_core::{Error, Kind, Message, Receipt, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -64,12 +65,15 @@ impl Connector {
                 ),
             ],
         );
-        let producer: FutureProducer = producer_config.create().map_err(config_error)?;
-        let admin: AdminClient<DefaultClientContext> =
-            Self::config(&options, &[]).create().map_err(config_error)?;
+        let producer: FutureProducer = producer_config
+            .create()
+            .map_err(|e| config_error(e, &options))?;
+        let admin: AdminClient<DefaultClientContext> = Self::config(&options, &[])
+            .create()
+            .map_err(|e| config_error(e, &options))?;
         let probe = producer.clone();
         let timeout = options.connect_timeout;
-        let brokers = options.brokers.clone();
+        let brokers = redact(&options.brokers);
         tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, timeout))
             .await
             .map_err(|e| Error::new(Kind::Other, format!("metadata probe panicked: {e}")))?
@@ -222,8 +226,19 @@ fn record<'a>(
     }
 }
 
-fn config_error(e: KafkaError) -> Error {
-    Error::invalid_input(format!("invalid kafka client configuration: {e}")).with_source(e)
+/// A configuration librdkafka refused. Its message may echo a setting's value,
+/// so secret values are scrubbed from it, and the cause is kept only if it shows
+/// none of them.
+fn config_error(e: KafkaError, options: &KafkaOptions) -> Error {
+    let secrets = options.secrets();
+    let (text, debug) = (e.to_string(), format!("{e:?}"));
+    let shown = scrub(&text, &secrets);
+    let error = Error::invalid_input(format!("invalid kafka client configuration: {shown}"));
+    if shown == text && scrub(&debug, &secrets) == debug {
+        error.with_source(e)
+    } else {
+        error
+    }
 }
 
 /// A librdkafka error as a typed error, `what` saying what was being done.

@@ -3,9 +3,11 @@
 //! native librdkafka settings.
 
 use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 
-use polybus_core::{Error, Result};
+use polybus_core::Result;
+use polybus_core::backend::url::{BrokerUrl, MASK, is_secret_key, redact};
 
 /// Kafka's default `message.max.bytes` is about 1 MiB for a whole record batch;
 /// the payload limit leaves room for the key and headers under it.
@@ -79,7 +81,13 @@ impl KafkaOptions {
         }
     }
 
-    /// Parse `kafka://host:9092,host2:9092?…`. polybus's own parameters:
+    /// Parse `kafka://host:9092,host2:9092?…`.
+    ///
+    /// The URL is read by [`polybus_core::backend::url`]: the brokers are a comma
+    /// list of `host:port` (IPv6 as `[::1]:9092`), with no credentials (they go in
+    /// `sasl.username` and `sasl.password`) and no path (a lone trailing `/` is
+    /// allowed); every query key and value is percent-decoded (`%26` is `&`; a `+`
+    /// stays a plus). polybus's own parameters:
     ///
     /// | parameter | default | meaning |
     /// |---|---|---|
@@ -92,68 +100,61 @@ impl KafkaOptions {
     /// | `publish_timeout_ms` | 30000 | how long a publish waits for its delivery report |
     /// | `subscribe_timeout_ms` | 30000 | how long `subscribe` waits for its partition assignment |
     ///
-    /// Any other parameter is a native librdkafka setting passed through unchanged
+    /// Any other parameter is a native librdkafka setting passed through (decoded)
     /// to the producer and consumers, e.g. `?linger.ms=10&socket.keepalive.enable=true`.
+    /// The values of secret settings ([`is_secret_key`]: `sasl.password`,
+    /// `ssl.key.pem`, `sasl.oauthbearer.client.secret`, …) are never shown.
     pub fn from_url(url: &str) -> Result<Self> {
-        let Some(rest) = url.strip_prefix("kafka://") else {
-            return Err(Error::invalid_input(format!(
-                "invalid kafka url `{url}`: it must start with kafka://"
-            )));
-        };
-        let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let hosts = hosts.trim_end_matches('/');
-        if hosts.is_empty() || hosts.split(',').any(|h| h.is_empty() || h.contains('/')) {
-            return Err(Error::invalid_input(format!(
-                "invalid kafka url `{url}`: name the brokers as host:port, separated by commas"
-            )));
+        let parsed = BrokerUrl::parse(url, "kafka", &["kafka"])?;
+        const HOSTS: &str = "name the brokers as host:port, separated by commas";
+        if parsed.hosts.is_empty() || parsed.path.as_ref().is_some_and(|p| !p.is_empty()) {
+            return Err(parsed.invalid(format!("{HOSTS}, with no path")));
         }
-        let mut options = KafkaOptions::new(hosts);
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let bad = |what: &str| {
-                Error::invalid_input(format!("invalid kafka url `{url}`: {k} `{v}` {what}"))
-            };
-            let millis = || {
-                v.parse()
-                    .map(Duration::from_millis)
-                    .map_err(|_| bad("is not a number of milliseconds"))
-            };
-            match k {
-                "partitions" => {
-                    options.partitions = v
-                        .parse()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| bad("is not a positive number"))?
-                }
-                "replication" => {
-                    options.replication = v
-                        .parse()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| bad("is not a positive number"))?
-                }
-                "create_topics" => {
-                    options.create_topics = v.parse().map_err(|_| bad("is not true or false"))?
-                }
-                "compression" => {
-                    options.compression = match v {
-                        "none" => Compression::None,
-                        "lz4" => Compression::Lz4,
-                        "zstd" => Compression::Zstd,
-                        _ => return Err(bad("is not one of none, lz4, zstd")),
-                    }
-                }
-                "max_payload" => {
-                    options.max_payload = v.parse().map_err(|_| bad("is not a number of bytes"))?
-                }
-                "connect_timeout_ms" => options.connect_timeout = millis()?,
-                "publish_timeout_ms" => options.publish_timeout = millis()?,
-                "subscribe_timeout_ms" => options.subscribe_timeout = millis()?,
-                _ => options.native.push((k.into(), v.into())),
-            }
+        if parsed.user.is_some() || parsed.password.is_some() {
+            return Err(parsed.invalid(
+                "a kafka url has no credentials: give them as sasl.username and sasl.password",
+            ));
+        }
+        let brokers: Vec<String> = parsed
+            .hosts
+            .iter()
+            .map(|(host, port)| match port {
+                Some(port) => format!("{host}:{port}"),
+                None => host.clone(),
+            })
+            .collect();
+        let mut options = KafkaOptions::new(brokers.join(","));
+        for (k, v) in &parsed.query {
+            options.apply(&parsed, k, v)?;
         }
         Ok(options)
+    }
+
+    /// Apply URL parameter `k`: polybus's own, or else a native setting.
+    fn apply(&mut self, url: &BrokerUrl, k: &str, v: &str) -> Result<()> {
+        let millis = |v: &str| {
+            url.value(k, v, "is not a number of milliseconds")
+                .map(Duration::from_millis)
+        };
+        match k {
+            "partitions" => self.partitions = positive(url, k, v)?,
+            "replication" => self.replication = positive(url, k, v)?,
+            "create_topics" => self.create_topics = url.value(k, v, "is not true or false")?,
+            "compression" => {
+                self.compression = match v {
+                    "none" => Compression::None,
+                    "lz4" => Compression::Lz4,
+                    "zstd" => Compression::Zstd,
+                    _ => return Err(url.bad_value(k, v, "is not one of none, lz4, zstd")),
+                }
+            }
+            "max_payload" => self.max_payload = url.value(k, v, "is not a number of bytes")?,
+            "connect_timeout_ms" => self.connect_timeout = millis(v)?,
+            "publish_timeout_ms" => self.publish_timeout = millis(v)?,
+            "subscribe_timeout_ms" => self.subscribe_timeout = millis(v)?,
+            _ => self.native.push((k.into(), v.into())),
+        }
+        Ok(())
     }
 
     /// Partitions of each topic polybus creates (default 3; more than one, so a
@@ -219,21 +220,38 @@ impl KafkaOptions {
     pub fn brokers(&self) -> &str {
         &self.brokers
     }
+
+    /// The values of the native settings that hold secrets, for scrubbing
+    /// librdkafka's messages.
+    pub(crate) fn secrets(&self) -> Vec<&str> {
+        self.native
+            .iter()
+            .filter(|(k, _)| is_secret_key(k))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
 }
 
-/// Native values may hold secrets (`sasl.password`, `ssl.key.password`): shown masked.
+/// `v` parsed as a number above zero, or the error saying it is not one.
+fn positive<T: FromStr + PartialOrd + Default>(url: &BrokerUrl, k: &str, v: &str) -> Result<T> {
+    const WHAT: &str = "is not a positive number";
+    match url.value(k, v, WHAT)? {
+        n if n > T::default() => Ok(n),
+        _ => Err(url.bad_value(k, v, WHAT)),
+    }
+}
+
+/// Native values may hold secrets (`sasl.password`, `ssl.key.password`): shown
+/// masked, by [`is_secret_key`]; the brokers are shown through [`redact`].
 impl fmt::Debug for KafkaOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let native: Vec<_> = self
             .native
             .iter()
-            .map(|(k, v)| {
-                let secret = k.contains("password") || k.contains("secret") || k.contains("key");
-                (k.as_str(), if secret { "***" } else { v.as_str() })
-            })
+            .map(|(k, v)| (k.as_str(), if is_secret_key(k) { MASK } else { v }))
             .collect();
         f.debug_struct("KafkaOptions")
-            .field("brokers", &self.brokers)
+            .field("brokers", &redact(&self.brokers))
             .field("partitions", &self.partitions)
             .field("replication", &self.replication)
             .field("create_topics", &self.create_topics)
@@ -284,5 +302,29 @@ mod tests {
     fn secrets_in_native_settings_are_masked() {
         let o = KafkaOptions::new("a:1").native("sasl.password", "hunter2");
         assert!(!format!("{o:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn values_are_percent_decoded_and_secrets_never_shown() {
+        let o = KafkaOptions::from_url(
+            "kafka://[::1]:9092,b/?sasl.password=a%26b+c&sasl.username=me%40corp&partitions=%32",
+        )
+        .unwrap();
+        assert_eq!(o.brokers, "[::1]:9092,b");
+        assert_eq!(o.partitions, 2);
+        assert_eq!(o.native[0], ("sasl.password".into(), "a&b+c".into()));
+        assert_eq!(o.native[1], ("sasl.username".into(), "me@corp".into()));
+        assert!(!format!("{o:?}").contains("a&b"), "{o:?}");
+        for url in [
+            "kafka://127.0.0.1:1?sasl.password=s3cr3t&partitions=abc",
+            "kafka://127.0.0.1:1/x?sasl.password=s3cr3t",
+            "kafka://u:s3cr3t@127.0.0.1:1",
+            "kafka://127.0.0.1:99999?ssl.key.password=s3cr3t",
+            "kafka://h?sasl.oauthbearer.client.secret=s3cr3t&replication=0",
+        ] {
+            let e = KafkaOptions::from_url(url).unwrap_err();
+            assert!(e.is_invalid_input(), "{url}");
+            assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{url}: {e}");
+        }
     }
 }

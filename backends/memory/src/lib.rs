@@ -34,6 +34,7 @@
 
 mod broker;
 mod group;
+mod options;
 mod subscriber;
 
 use std::fmt;
@@ -41,80 +42,14 @@ use std::sync::Arc;
 
 use polybus_core::backend::{Backend, DeliverySource, ValidSubscription};
 use polybus_core::{
-    Bus, Capabilities, Capability, Error, Message, PublishFuture, Receipt, Result, async_trait,
+    Bus, Capabilities, Capability, Message, PublishFuture, Receipt, Result, async_trait,
 };
 use tokio::sync::Notify;
 
 use crate::broker::Broker;
 use crate::subscriber::{Member, MemorySource};
 
-/// The default payload limit: 1 MiB.
-pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
-
-/// Options of an in-memory broker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemoryOptions {
-    name: Option<String>,
-    max_payload: usize,
-}
-
-impl Default for MemoryOptions {
-    fn default() -> Self {
-        MemoryOptions {
-            name: None,
-            max_payload: DEFAULT_MAX_PAYLOAD,
-        }
-    }
-}
-
-impl MemoryOptions {
-    /// Join (or create) the broker called `name` in this process.
-    pub fn named(name: impl Into<String>) -> Self {
-        MemoryOptions {
-            name: Some(name.into()),
-            ..Self::default()
-        }
-    }
-
-    /// Refuse payloads larger than `bytes`. A named broker keeps the limit it was
-    /// created with.
-    pub fn max_payload(mut self, bytes: usize) -> Self {
-        self.max_payload = bytes;
-        self
-    }
-
-    /// Parse a `memory://[NAME][?max_payload=BYTES]` URL.
-    pub fn from_url(url: &str) -> Result<Self> {
-        let rest = url.strip_prefix("memory://").ok_or_else(|| {
-            Error::invalid_input(format!(
-                "invalid memory url `{url}`: it must start with memory://"
-            ))
-        })?;
-        let (name, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let mut options = if name.is_empty() {
-            MemoryOptions::default()
-        } else {
-            MemoryOptions::named(name)
-        };
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("max_payload", v)) => {
-                    options.max_payload = v.parse().map_err(|_| {
-                        Error::invalid_input(format!(
-                            "invalid memory url `{url}`: max_payload `{v}` is not a number of bytes"
-                        ))
-                    })?;
-                }
-                _ => {
-                    return Err(Error::invalid_input(format!(
-                        "invalid memory url `{url}`: unknown option `{pair}` (known: max_payload)"
-                    )));
-                }
-            }
-        }
-        Ok(options)
-    }
-}
+pub use options::{DEFAULT_MAX_PAYLOAD, MemoryOptions};
 
 /// A connection to an in-memory broker.
 pub struct MemoryBus {
@@ -218,35 +153,5 @@ impl Backend for MemoryBus {
             settled: Notify::new(),
         });
         Ok(Box::new(MemorySource::new(member)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn url_options_parse_and_reject_unknowns() {
-        assert_eq!(
-            MemoryOptions::from_url("memory://").unwrap(),
-            MemoryOptions::default()
-        );
-        let o = MemoryOptions::from_url("memory://app?max_payload=10").unwrap();
-        assert_eq!(o, MemoryOptions::named("app").max_payload(10));
-        let e = MemoryOptions::from_url("memory://?max_payload=ten").unwrap_err();
-        assert!(
-            e.is_invalid_input() && e.to_string().contains("`ten`"),
-            "{e}"
-        );
-        assert!(
-            MemoryOptions::from_url("memory://?size=1")
-                .unwrap_err()
-                .is_invalid_input()
-        );
-        assert!(
-            MemoryOptions::from_url("amqp://x")
-                .unwrap_err()
-                .is_invalid_input()
-        );
     }
 }

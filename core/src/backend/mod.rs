@@ -20,6 +20,7 @@
 //! | a closed bus refuses work; `close` waits for publishes in flight, then calls [`Backend::close`] | C10 | [`gate`] |
 //! | `nack` after the last attempt becomes a dead letter, with its reason | C7, C8 | [`settle`] |
 //! | a dropped delivery is nacked | C7 | [`Delivery`](crate::Delivery) |
+//! | broker URLs parsed and percent-decoded; secrets redacted in every message | C12 | [`url`] |
 //!
 //! # What a backend does
 //!
@@ -35,6 +36,8 @@
 //!    dead-lettered on receipt with [`exhausted_dead_letter`] (C8).
 //! 4. Names: everything the library reserves is in [`crate::names`]; a backend
 //!    keeps only its wire-specific names.
+//! 5. URLs: parse with [`url::BrokerUrl`], and show any URL, option or client
+//!    message through [`url::redact`] / [`url::scrub`], so no secret is echoed.
 //!
 //! # Proving it
 //!
@@ -98,6 +101,7 @@ pub mod gate;
 pub mod parts;
 pub mod settle;
 pub mod source;
+pub mod url;
 pub mod valid;
 
 pub use checks::{Failure, MAX_SHORT_STRING};
