@@ -158,3 +158,29 @@ c.close()
     assert_eq!(d.topic().as_str(), topic);
     d.ack().await.unwrap();
 }
+
+/// Found while moving URL parsing to the `url` crate: lapin's URI parser takes
+/// the host from `Url::domain()`, which is `None` for an IPv6 address (an IPv4
+/// one is an opaque host in a non-special scheme, and works), and then falls
+/// back to `localhost`. A listener on the named address must see the attempt.
+#[tokio::test]
+async fn c12_an_ip_address_host_is_the_host_connected_to() {
+    for (bind, host) in [("127.0.0.2:0", "127.0.0.2"), ("[::1]:0", "[::1]")] {
+        let Ok(listener) = tokio::net::TcpListener::bind(bind).await else {
+            panic!("cannot listen on {bind}: the test needs loopback addresses");
+        };
+        let port = listener.local_addr().unwrap().port();
+        let accepted = tokio::spawn(async move { listener.accept().await.map(|_| ()) });
+        // The listener speaks no AMQP, so the connect fails either way; where it
+        // went is the point.
+        let _ = polybus::connect(&format!(
+            "amqp://guest:guest@{host}:{port}/%2f?connect_timeout_ms=1000"
+        ))
+        .await;
+        let seen = tokio::time::timeout(Duration::from_secs(2), accepted).await;
+        assert!(
+            matches!(seen, Ok(Ok(Ok(())))),
+            "nothing connected to {host}:{port}: the client went elsewhere"
+        );
+    }
+}

@@ -16,6 +16,7 @@ use lapin::options::{
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::uri::AMQPUri;
 use lapin::{
     Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm,
 };
@@ -159,7 +160,7 @@ impl Connector {
         let runtime = lapin::runtime::default_runtime()
             .map_err(|e| map_err(e, "cannot use the tokio runtime for amqp"))?;
         let props = ConnectionProperties::default().with_connection_name("polybus".into());
-        let connect = Connection::connect_with_config(uri, props, tls, runtime);
+        let connect = Connection::connect_uri_with_config(lapin_uri(uri)?, props, tls, runtime);
         let conn = match tokio::time::timeout(self.options.connect_timeout, connect).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => return Err(map_err(e, &format!("cannot connect to {shown}"))),
@@ -511,6 +512,24 @@ pub(crate) async fn declare_subscription(
     // Dead letters are published straight to this queue, so it needs no binding.
     declare_group(channel, exchange, sub.dead_letter_topic.as_str(), true, &[]).await?;
     Ok(())
+}
+
+/// `uri` as lapin's `AMQPUri`. lapin's parser takes the host from
+/// `Url::domain()`, which is `None` for an IPv6 address, and then falls back to
+/// `localhost`, so `amqp://[fd00::5]` would quietly connect to this machine: the
+/// host is set from our own parse. (An IPv4 address is an opaque host under the
+/// non-special `amqp` scheme, and parses fine.)
+fn lapin_uri(uri: &str) -> Result<AMQPUri> {
+    // Its parse error may quote the URI, password and all: not passed on.
+    let mut parsed: AMQPUri = uri
+        .parse()
+        .map_err(|_: String| Error::invalid_input(format!("invalid amqp url {}", redact(uri))))?;
+    if let Ok(url) = url::Url::parse(uri)
+        && let Some(url::Host::Ipv6(ip)) = url.host()
+    {
+        parsed.authority.host = ip.to_string();
+    }
+    Ok(parsed)
 }
 
 #[cfg(test)]
