@@ -24,10 +24,10 @@
 //!
 //! | feature | default | backend | URL |
 //! |---|---|---|---|
-//! | `memory` | yes | in-process broker simulation ([`polybus_memory`]) | `memory://[NAME][?max_payload=BYTES]` |
-//! | `amqp` | no | RabbitMQ through lapin ([`polybus_amqp`]) | `amqp[s]://user:pass@host:5672[,host2:5672]/vhost` |
-//! | `kafka` | no | Kafka through rdkafka, bundled librdkafka ([`polybus_kafka`]) | `kafka://host:9092[,host2:9092][?partitions=3&compression=lz4&…]` |
-//! | `msgpack` | no | the MessagePack codec ([`MsgPack`](polybus_core::Codec)) | |
+//! | `memory` | yes | in-process broker simulation (crate `polybus-memory`, re-exported as `polybus::memory`) | `memory://[NAME][?max_payload=BYTES]` |
+//! | `amqp` | no | RabbitMQ through lapin (crate `polybus-amqp`, as `polybus::amqp`) | `amqp[s]://user:pass@host:5672[,host2:5672]/vhost` |
+//! | `kafka` | no | Kafka through rdkafka, bundled librdkafka (crate `polybus-kafka`, as `polybus::kafka`) | `kafka://host:9092[,host2:9092][?partitions=3&compression=lz4&…]` |
+//! | `msgpack` | no | the MessagePack codec (`polybus::MsgPack`) | |
 //! | `full` | no | every backend (memory, amqp, kafka) and msgpack | |
 //!
 //! No broker client is compiled by default.
@@ -37,7 +37,9 @@
 //! Every backend keeps clauses C1–C13 (topics and patterns, groups, readiness,
 //! publish confirms, per-key order, prefetch, settlement, poison messages,
 //! crashes, shutdown, reconnect, bad input, metadata); see the README. The suite
-//! that proves them is [`polybus_core::testkit`].
+//! that proves them is `polybus_core::testkit` (feature `testkit` of
+//! `polybus-core`), and a backend of your own implements
+//! [`polybus_core::backend::Backend`], whose module docs are the guide.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
