@@ -1,6 +1,6 @@
 //! Record intake: a polled record becomes a pending delivery.
 
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::Message as _;
@@ -8,34 +8,46 @@ use rdkafka::message::BorrowedMessage;
 
 use super::partitions::{Pending, Record, Slot};
 use super::{Shared, State, Tp};
-use crate::mapping;
+use crate::mapping::{self, Received};
 
 impl Shared {
     /// A record from the broker.
     pub(super) fn on_record(self: &Arc<Self>, record: &BorrowedMessage<'_>) {
-        let offset = record.offset();
         let from_retry = self.retry_topic.as_deref() == Some(record.topic());
         // The regex cannot leave out the reserved namespace; the matcher can.
         let skip = !from_retry && !self.sub.matches(record.topic());
         let received = (!skip).then(|| mapping::receive(record));
         let mut state = self.lock();
+        if let Some(pending) = Self::admit(&mut state, record, received, from_retry) {
+            self.route(state, pending);
+        }
+    }
+
+    /// File a record in its partition as unsettled, and make its delivery:
+    /// `None` if its partition is gone or the record is skipped (a skipped
+    /// offset is settled at once).
+    fn admit(
+        state: &mut State,
+        record: &BorrowedMessage<'_>,
+        received: Option<Received>,
+        from_retry: bool,
+    ) -> Option<Pending> {
+        let offset = record.offset();
         let State {
             parts,
-            ready,
-            held,
             dirty,
             topics,
             origins,
             ..
-        } = &mut *state;
+        } = state;
         let tp: Tp = (topics.topic(record.topic()), record.partition());
         let Some(part) = parts.get_mut(&tp) else {
-            return; // revoked while it was in flight
+            return None; // revoked while it was in flight
         };
         part.next = offset + 1;
         let Some(r) = received else {
             *dirty = true;
-            return;
+            return None;
         };
         let topic = match (&r.topic, from_retry) {
             (Some(t), true) => origins.topic(t),
@@ -53,7 +65,7 @@ impl Shared {
             }
         }
         part.unsettled.insert(offset, Slot::default());
-        let pending = Pending {
+        Some(Pending {
             record: Record {
                 tp,
                 offset,
@@ -65,17 +77,22 @@ impl Shared {
             redelivered,
             due: r.due_ms.and_then(instant_of),
             holds_partition: from_retry,
-        };
-        if attempt > self.sub.retry.attempts() {
+        })
+    }
+
+    /// Send a new delivery on: dead-lettered if crashes exhausted it, held
+    /// until it is due, or ready for the stream.
+    fn route(self: &Arc<Self>, mut state: MutexGuard<'_, State>, pending: Pending) {
+        if pending.record.attempt > self.sub.retry.attempts() {
             // Exhausted by crashes: dead-letter on receipt, never hand it out.
             drop(state);
             self.dead_letter_on_receipt(pending.record);
             return;
         }
         if pending.due.is_some_and(|d| d > Instant::now()) {
-            held.push(pending);
+            state.held.push(pending);
         } else {
-            ready.push_back(pending);
+            state.ready.push_back(pending);
             self.wake(&mut state);
         }
     }

@@ -20,6 +20,7 @@
 //! |---|---|
 //! | `mod.rs` | what the pieces share: [`Shared`], its `State`, the phases of a subscription |
 //! | `open.rs` | the subscribe path: topics made, the group's topics listed, the consumer made and subscribed, the first assignment awaited |
+//! | `config.rs` | the consumer's configuration, and why each setting |
 //! | `pattern.rs` | a pattern as the regex librdkafka subscribes with |
 //! | `driver.rs` | the driver thread: poll, then chores, until stopped |
 //! | `intake.rs` | a polled record into the `ready` buffer (or held until due, or dead-lettered if exhausted) |
@@ -49,6 +50,7 @@ use tokio::sync::Notify;
 use crate::connection::Connector;
 
 mod acker;
+mod config;
 mod driver;
 mod flow;
 mod intake;

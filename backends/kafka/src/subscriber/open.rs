@@ -3,11 +3,14 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use polybus_core::{Error, Kind, Result, Topic, ValidSubscription};
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::sync::oneshot;
 
+use super::config::consumer_config;
 use super::driver::drive;
 use super::pattern::regex;
 use super::rebalance::SubContext;
@@ -18,6 +21,32 @@ use crate::connection::{Connector, kafka_error};
 /// Open a subscription: make its topics, join its group, and return once the
 /// group has assigned this member its partitions (C3).
 pub(crate) async fn open(connector: Arc<Connector>, sub: ValidSubscription) -> Result<KafkaSource> {
+    let retry_topic = make_topics(&connector, &sub).await?;
+    let (known, retry_partitions) = survey(&connector, &sub, retry_topic.as_deref()).await?;
+    // With no topic to join for yet, librdkafka does not join the group until a
+    // matching topic appears; such a topic is read from its start, so the
+    // subscription is live already.
+    let nothing_to_join = known.is_empty() && retry_topic.is_none();
+    let topics = subscribed_topics(&sub, retry_topic);
+    let config = consumer_config(&connector.options, &sub.group);
+    let subscribe_timeout = connector.options.subscribe_timeout;
+    let shared = Shared::new(connector, sub, known, retry_partitions);
+    let consumer = join(&config, &shared, &topics)?;
+    let done = start_driver(consumer, &shared)?;
+    // Made before the wait: dropped on a time-out, it stops the driver.
+    let source = KafkaSource {
+        shared: shared.clone(),
+        done: Some(done),
+    };
+    if !nothing_to_join {
+        await_assignment(&shared, subscribe_timeout).await?;
+    }
+    Ok(source)
+}
+
+/// Make the topics the subscription needs; returns the group's retry topic
+/// (durable groups).
+async fn make_topics(connector: &Connector, sub: &ValidSubscription) -> Result<Option<String>> {
     // Literal topics, the dead-letter store and the retry topic exist before the
     // group joins, so the first assignment already covers them.
     for p in sub.patterns.iter().filter(|p| p.is_literal()) {
@@ -36,6 +65,16 @@ pub(crate) async fn open(connector: Arc<Connector>, sub: ValidSubscription) -> R
         })?;
         connector.ensure_topic(t).await?;
     }
+    Ok(retry_topic)
+}
+
+/// The cluster's topics as the subscription finds them: those it matches now
+/// (see `Shared::known`), and how many partitions the retry topic has.
+async fn survey(
+    connector: &Connector,
+    sub: &ValidSubscription,
+    retry_topic: Option<&str>,
+) -> Result<(HashSet<String>, i32)> {
     let probe = connector.producer.clone();
     let timeout = connector.options.connect_timeout;
     let metadata = tokio::task::spawn_blocking(move || {
@@ -50,7 +89,7 @@ pub(crate) async fn open(connector: Arc<Connector>, sub: ValidSubscription) -> R
         .map(|t| t.name().to_owned())
         .filter(|t| sub.matches(t))
         .collect();
-    let retry_partitions = retry_topic.as_ref().map_or(0, |r| {
+    let retry_partitions = retry_topic.map_or(0, |r| {
         metadata
             .topics()
             .iter()
@@ -59,10 +98,12 @@ pub(crate) async fn open(connector: Arc<Connector>, sub: ValidSubscription) -> R
                 t.partitions().len() as i32
             })
     });
-    // With no topic to join for yet, librdkafka does not join the group until a
-    // matching topic appears; such a topic is read from its start, so the
-    // subscription is live already.
-    let nothing_to_join = known.is_empty() && retry_topic.is_none();
+    Ok((known, retry_partitions))
+}
+
+/// What the consumer subscribes to: literal patterns by name, the others as
+/// regexes, and the retry topic.
+fn subscribed_topics(sub: &ValidSubscription, retry_topic: Option<String>) -> Vec<String> {
     let mut topics: Vec<String> = sub
         .patterns
         .iter()
@@ -74,37 +115,16 @@ pub(crate) async fn open(connector: Arc<Connector>, sub: ValidSubscription) -> R
             }
         })
         .collect();
-    topics.extend(retry_topic.iter().cloned());
-    let options = &connector.options;
-    let config = Connector::config(
-        options,
-        &[
-            ("group.id", sub.group.clone()),
-            ("enable.auto.commit", "false".into()),
-            ("enable.auto.offset.store", "false".into()),
-            ("auto.offset.reset", "earliest".into()),
-            ("allow.auto.create.topics", "false".into()),
-            // New topics matching a pattern are found within a second.
-            ("topic.metadata.refresh.interval.ms", "1000".into()),
-            // Rebalances finish quickly when members heartbeat often.
-            ("heartbeat.interval.ms", "500".into()),
-            // The assignment strategy stays librdkafka's eager default (range,
-            // roundrobin), which splits each topic among the members. The
-            // incremental cooperative-sticky strategy balances partition counts
-            // across all topics together: tried here, it gave one member every
-            // partition of the group's topic and the other only the retry topic.
-            //
-            // Known librdkafka bug (confluentinc/librdkafka#5573, fixed in 2.16;
-            // rdkafka 0.39 bundles 2.12.1): a partition removed, re-added and
-            // removed again before its first fetcher stop is acknowledged aborts
-            // the process (`rd_kafka_assignment_partition_stopped: Assertion
-            // rktp->rktp_started failed`). Seen here only in rebalance storms,
-            // when many members of killed test processes expired at once.
-            ("session.timeout.ms", "10000".into()),
-            ("fetch.wait.max.ms", "100".into()),
-        ],
-    );
-    let shared = Shared::new(connector.clone(), sub, known, retry_partitions);
+    topics.extend(retry_topic);
+    topics
+}
+
+/// Make the consumer, its rebalances routed to `shared`, and subscribe it.
+fn join(
+    config: &ClientConfig,
+    shared: &Arc<Shared>,
+    topics: &[String],
+) -> Result<BaseConsumer<SubContext>> {
     let consumer: BaseConsumer<SubContext> = config
         .create_with_context(SubContext {
             shared: shared.clone(),
@@ -114,6 +134,14 @@ pub(crate) async fn open(connector: Arc<Connector>, sub: ValidSubscription) -> R
     consumer
         .subscribe(&refs)
         .map_err(|e| kafka_error("cannot subscribe".into(), e))?;
+    Ok(consumer)
+}
+
+/// Start the driver thread; the receiver hears when it has left the group.
+fn start_driver(
+    consumer: BaseConsumer<SubContext>,
+    shared: &Arc<Shared>,
+) -> Result<oneshot::Receiver<()>> {
     let (done_tx, done_rx) = oneshot::channel();
     let driver_shared = shared.clone();
     std::thread::Builder::new()
@@ -125,17 +153,19 @@ pub(crate) async fn open(connector: Arc<Connector>, sub: ValidSubscription) -> R
                 format!("cannot start the consumer thread: {e}"),
             )
         })?;
-    let source = KafkaSource {
-        shared: shared.clone(),
-        done: Some(done_rx),
-    };
-    let deadline = tokio::time::Instant::now() + options.subscribe_timeout;
+    Ok(done_rx)
+}
+
+/// Wait until the group has assigned this member its partitions, at most
+/// `timeout`.
+async fn await_assignment(shared: &Shared, timeout: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let changed = shared.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        if nothing_to_join || shared.lock().assigned {
-            return Ok(source);
+        if shared.lock().assigned {
+            return Ok(());
         }
         if tokio::time::timeout_at(deadline, changed).await.is_err() {
             return Err(Error::new(
@@ -143,7 +173,7 @@ pub(crate) async fn open(connector: Arc<Connector>, sub: ValidSubscription) -> R
                 format!(
                     "group `{}` assigned no partitions within {} ms",
                     shared.sub.group,
-                    options.subscribe_timeout.as_millis()
+                    timeout.as_millis()
                 ),
             ));
         }

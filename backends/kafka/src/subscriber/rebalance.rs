@@ -50,6 +50,20 @@ impl Shared {
     /// commit the starts the group did not have yet (so a new group's "now" is
     /// kept while no member runs), then assign.
     fn assign(&self, consumer: &BaseConsumer<SubContext>, offered: &TopicPartitionList) {
+        let committed = self.committed_offsets(consumer, offered);
+        let group_is_new = self.group_is_new(&committed);
+        let starts = self.starts(consumer, offered, &committed, group_is_new);
+        take_over(consumer, &starts);
+        self.record_assignment(starts.parts);
+    }
+
+    /// The group's committed offsets of the `offered` partitions and of the
+    /// retry topic's.
+    fn committed_offsets(
+        &self,
+        consumer: &BaseConsumer<SubContext>,
+        offered: &TopicPartitionList,
+    ) -> TopicPartitionList {
         // Ask for the retry topic's offsets too: a durable group commits them at
         // its very first assignment, so their absence means the group is new.
         let mut asked = offered.clone();
@@ -60,23 +74,40 @@ impl Shared {
                 }
             }
         }
-        let committed = match consumer.committed_offsets(asked, REBALANCE_CALL_TIMEOUT) {
+        match consumer.committed_offsets(asked, REBALANCE_CALL_TIMEOUT) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "reading committed offsets failed; resuming from the broker's reset policy");
                 offered.clone()
             }
-        };
-        let group_is_new = match &self.retry_topic {
+        }
+    }
+
+    /// Whether the group has never run: a durable group has no committed offset
+    /// on its retry topic yet; a private one has not been assigned before.
+    fn group_is_new(&self, committed: &TopicPartitionList) -> bool {
+        match &self.retry_topic {
             Some(t) => !committed
                 .elements_for_topic(t)
                 .iter()
                 .any(|e| matches!(e.offset(), Offset::Offset(o) if o >= 0)),
             None => !self.lock().assigned,
+        }
+    }
+
+    /// Where each offered partition starts, from `committed`.
+    fn starts(
+        &self,
+        consumer: &BaseConsumer<SubContext>,
+        offered: &TopicPartitionList,
+        committed: &TopicPartitionList,
+        group_is_new: bool,
+    ) -> Starts {
+        let mut starts = Starts {
+            assignment: TopicPartitionList::new(),
+            fresh: TopicPartitionList::new(),
+            parts: Vec::new(),
         };
-        let mut assignment = TopicPartitionList::new();
-        let mut fresh = TopicPartitionList::new();
-        let mut parts = Vec::new();
         for elem in committed.elements() {
             if offered
                 .find_partition(elem.topic(), elem.partition())
@@ -99,36 +130,24 @@ impl Shared {
                         || !group_is_new
                         || !self.known.contains(&topic);
                     let start = if from_start { low } else { high };
-                    let _ = fresh.add_partition_offset(&topic, partition, Offset::Offset(start));
+                    let _ =
+                        starts
+                            .fresh
+                            .add_partition_offset(&topic, partition, Offset::Offset(start));
                     (start, None)
                 }
             };
-            let _ = assignment.add_partition_offset(&topic, partition, Offset::Offset(start));
-            parts.push(((topic, partition), start, prior));
+            let _ =
+                starts
+                    .assignment
+                    .add_partition_offset(&topic, partition, Offset::Offset(start));
+            starts.parts.push(((topic, partition), start, prior));
         }
-        if fresh.count() > 0
-            && let Err(e) = consumer.commit(&fresh, CommitMode::Sync)
-        {
-            tracing::warn!(error = %e, "committing a new group's starting offsets failed");
-        }
-        let assigned = if cooperative(consumer) {
-            consumer.incremental_assign(&assignment)
-        } else {
-            consumer.assign(&assignment)
-        };
-        if let Err(e) = assigned {
-            tracing::warn!(error = %e, "assigning partitions failed");
-        }
-        // librdkafka keeps a partition's pause across a revocation and a new
-        // assignment (librdkafka#1849), but the flow control below starts each
-        // assigned partition unpaused: resume them, or a partition paused for
-        // want of room before a rebalance (a broker restart) stays paused for
-        // good. `chores` pauses again if there is still no room.
-        if assignment.count() > 0
-            && let Err(e) = consumer.resume(&assignment)
-        {
-            tracing::warn!(error = %e, "resuming newly assigned partitions failed");
-        }
+        starts
+    }
+
+    /// Start the bookkeeping of newly assigned partitions, each in a new epoch.
+    fn record_assignment(&self, parts: Vec<((String, i32), i64, Option<Prior>)>) {
         let mut state = self.lock();
         for ((topic, partition), start, prior) in parts {
             let tp: Tp = (state.topics.topic(&topic), partition);
@@ -247,4 +266,44 @@ fn cooperative(consumer: &BaseConsumer<SubContext>) -> bool {
         consumer.rebalance_protocol(),
         rdkafka::consumer::RebalanceProtocol::Cooperative
     )
+}
+
+/// Where an assignment's partitions start.
+struct Starts {
+    /// Every partition, at its start.
+    assignment: TopicPartitionList,
+    /// The partitions without a committed offset, at the start chosen for them.
+    fresh: TopicPartitionList,
+    /// Each partition, its start, and what its last owner recorded.
+    parts: Vec<((String, i32), i64, Option<Prior>)>,
+}
+
+/// Commit the fresh starts, assign, and resume the assigned partitions.
+fn take_over(consumer: &BaseConsumer<SubContext>, starts: &Starts) {
+    let Starts {
+        assignment, fresh, ..
+    } = starts;
+    if fresh.count() > 0
+        && let Err(e) = consumer.commit(fresh, CommitMode::Sync)
+    {
+        tracing::warn!(error = %e, "committing a new group's starting offsets failed");
+    }
+    let assigned = if cooperative(consumer) {
+        consumer.incremental_assign(assignment)
+    } else {
+        consumer.assign(assignment)
+    };
+    if let Err(e) = assigned {
+        tracing::warn!(error = %e, "assigning partitions failed");
+    }
+    // librdkafka keeps a partition's pause across a revocation and a new
+    // assignment (librdkafka#1849), but the flow control (`flow.rs`) starts each
+    // assigned partition unpaused: resume them, or a partition paused for
+    // want of room before a rebalance (a broker restart) stays paused for
+    // good. `chores` pauses again if there is still no room.
+    if assignment.count() > 0
+        && let Err(e) = consumer.resume(assignment)
+    {
+        tracing::warn!(error = %e, "resuming newly assigned partitions failed");
+    }
 }
