@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rdkafka::Message as _;
 use rdkafka::message::BorrowedMessage;
 
+use super::offsets;
 use super::partitions::{Pending, Record, Slot};
 use super::{Shared, State, Tp};
 use crate::mapping::{self, Received};
@@ -53,17 +54,7 @@ impl Shared {
             (Some(t), true) => origins.topic(t),
             _ => tp.0.clone(),
         };
-        let mut attempt = r.attempt;
-        let mut redelivered = attempt > 1;
-        if let Some(prior) = part.prior {
-            if offset == prior.head {
-                attempt = attempt.max(prior.attempt + 1);
-                redelivered = true;
-            } else if offset <= prior.through {
-                attempt += 1;
-                redelivered = true;
-            }
-        }
+        let (attempt, redelivered) = offsets::counted_attempt(part.prior, offset, r.attempt);
         part.unsettled.insert(offset, Slot::default());
         Some(Pending {
             record: Record {

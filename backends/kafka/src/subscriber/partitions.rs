@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use polybus_core::{Error, Message, Topic};
 
-use super::offsets::Prior;
+use super::offsets::{self, Prior};
 use super::{Phase, Shared, State, Tp};
 
 /// One assigned partition.
@@ -40,26 +40,10 @@ impl Slot {
 
 impl Part {
     /// Where the group resumes: the lowest unsettled offset, or past everything.
+    /// With the metadata to commit there (see `offsets::commit_position`).
     pub(super) fn position(&self) -> (i64, String) {
-        match self.unsettled.first_key_value() {
-            Some((&head, slot)) if slot.attempt() > 0 => {
-                let attempt = slot.attempt();
-                let through = self
-                    .unsettled
-                    .iter()
-                    .rev()
-                    .find(|(_, s)| s.attempt() > 0)
-                    .map_or(head, |(o, _)| *o);
-                let prior = Prior {
-                    head,
-                    attempt,
-                    through,
-                };
-                (head, prior.encode())
-            }
-            Some((&head, _)) => (head, String::new()),
-            None => (self.next, String::new()),
-        }
+        let unsettled = self.unsettled.iter().map(|(o, s)| (*o, s.attempt()));
+        offsets::commit_position(self.next, unsettled)
     }
 }
 

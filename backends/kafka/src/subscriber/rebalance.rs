@@ -5,13 +5,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use polybus_core::{Message, StartFrom, Topic, header};
+use polybus_core::{Message, Topic, header};
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 
-use super::offsets::Prior;
+use super::offsets::{self, Prior};
 use super::partitions::Part;
 use super::{REBALANCE_CALL_TIMEOUT, Shared, Tp, millis_from_now};
 use crate::mapping;
@@ -87,10 +87,9 @@ impl Shared {
     /// on its retry topic yet; a private one has not been assigned before.
     fn group_is_new(&self, committed: &TopicPartitionList) -> bool {
         match &self.retry_topic {
-            Some(t) => !committed
-                .elements_for_topic(t)
-                .iter()
-                .any(|e| matches!(e.offset(), Offset::Offset(o) if o >= 0)),
+            Some(t) => {
+                offsets::none_committed(committed.elements_for_topic(t).iter().map(|e| e.offset()))
+            }
             None => !self.lock().assigned,
         }
     }
@@ -116,20 +115,19 @@ impl Shared {
                 continue;
             }
             let (topic, partition) = (elem.topic().to_owned(), elem.partition());
-            let (start, prior) = match elem.offset() {
-                Offset::Offset(o) if o >= 0 => (o, Prior::decode(elem.metadata(), o)),
-                _ => {
-                    let (low, high) = consumer
+            let (start, prior) = match offsets::resume_at(elem.offset(), elem.metadata()) {
+                Some(resumed) => resumed,
+                None => {
+                    let watermarks = consumer
                         .fetch_watermarks(&topic, partition, REBALANCE_CALL_TIMEOUT)
-                        .unwrap_or((0, 0));
-                    // A new group starts at the end of what it found ("now", C3);
-                    // a partition an older group has never read appeared after
-                    // the group began, so all of it is news to the group.
-                    let from_start = self.sub.start == StartFrom::Earliest
-                        || Topic::is_reserved(&topic)
-                        || !group_is_new
-                        || !self.known.contains(&topic);
-                    let start = if from_start { low } else { high };
+                        .ok();
+                    let from_start = offsets::reads_from_start(
+                        self.sub.start,
+                        group_is_new,
+                        &topic,
+                        &self.known,
+                    );
+                    let start = offsets::fresh_start(watermarks, from_start);
                     let _ =
                         starts
                             .fresh
