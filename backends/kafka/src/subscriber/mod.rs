@@ -31,12 +31,18 @@
 //! | `rebalance.rs` | the rebalance callback: where assigned partitions start, handing back and committing revoked ones |
 //! | `offsets.rs` | the offset arithmetic, pure and unit-tested: commit metadata, starts, what is committed |
 //!
-//! How a record flows: the driver polls it and `intake` files it as unsettled in
-//! its partition and queues it in `ready` (or `held` until a retry is due); the
-//! stream (`source`) hands it out with a `KafkaAcker`, counting it against the
-//! prefetch; the acker settles it, which removes its offset from the partition's
-//! unsettled set; the driver's `flow` chores then commit each partition's lowest
-//! unsettled offset, or the revocation does when the partition goes.
+//! How a record flows, intake → ready buffer → stream → acker → commit:
+//!
+//! 1. the driver polls it; `intake` files its offset as unsettled in its
+//!    partition and queues it in `ready` (or in `held` until a retry is due,
+//!    when `flow` moves it to `ready`);
+//! 2. the stream (`source`) hands it out with a `KafkaAcker`, within the
+//!    prefetch;
+//! 3. the acker settles it, and its offset leaves the unsettled set (a dead
+//!    letter, or a durable group's retry, first produces a copy; a private
+//!    group's retry stays unsettled, back in `held`);
+//! 4. `flow` commits each partition's lowest unsettled offset on the driver's
+//!    clock, and `rebalance` does when the partition goes.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};

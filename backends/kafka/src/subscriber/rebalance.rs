@@ -115,33 +115,32 @@ impl Shared {
                 continue;
             }
             let (topic, partition) = (elem.topic().to_owned(), elem.partition());
-            let (start, prior) = match offsets::resume_at(elem.offset(), elem.metadata()) {
-                Some(resumed) => resumed,
+            match offsets::resume_at(elem.offset(), elem.metadata()) {
+                Some((start, prior)) => starts.add(topic, partition, start, prior),
                 None => {
-                    let watermarks = consumer
-                        .fetch_watermarks(&topic, partition, REBALANCE_CALL_TIMEOUT)
-                        .ok();
-                    let from_start = offsets::reads_from_start(
-                        self.sub.start,
-                        group_is_new,
-                        &topic,
-                        &self.known,
-                    );
-                    let start = offsets::fresh_start(watermarks, from_start);
-                    let _ =
-                        starts
-                            .fresh
-                            .add_partition_offset(&topic, partition, Offset::Offset(start));
-                    (start, None)
+                    let start = self.fresh_start(consumer, &topic, partition, group_is_new);
+                    starts.add_fresh(topic, partition, start);
                 }
-            };
-            let _ =
-                starts
-                    .assignment
-                    .add_partition_offset(&topic, partition, Offset::Offset(start));
-            starts.parts.push(((topic, partition), start, prior));
+            }
         }
         starts
+    }
+
+    /// Where a partition the group has no offset for starts: at one of its
+    /// watermarks (see `offsets::reads_from_start`).
+    fn fresh_start(
+        &self,
+        consumer: &BaseConsumer<SubContext>,
+        topic: &str,
+        partition: i32,
+        group_is_new: bool,
+    ) -> i64 {
+        let watermarks = consumer
+            .fetch_watermarks(topic, partition, REBALANCE_CALL_TIMEOUT)
+            .ok();
+        let from_start =
+            offsets::reads_from_start(self.sub.start, group_is_new, topic, &self.known);
+        offsets::fresh_start(watermarks, from_start)
     }
 
     /// Start the bookkeeping of newly assigned partitions, each in a new epoch.
@@ -274,6 +273,24 @@ struct Starts {
     fresh: TopicPartitionList,
     /// Each partition, its start, and what its last owner recorded.
     parts: Vec<((String, i32), i64, Option<Prior>)>,
+}
+
+impl Starts {
+    /// Assign `topic`'s `partition` from `start`.
+    fn add(&mut self, topic: String, partition: i32, start: i64, prior: Option<Prior>) {
+        let _ = self
+            .assignment
+            .add_partition_offset(&topic, partition, Offset::Offset(start));
+        self.parts.push(((topic, partition), start, prior));
+    }
+
+    /// Assign `topic`'s `partition` from `start`, a start to commit, too.
+    fn add_fresh(&mut self, topic: String, partition: i32, start: i64) {
+        let _ = self
+            .fresh
+            .add_partition_offset(&topic, partition, Offset::Offset(start));
+        self.add(topic, partition, start, None);
+    }
 }
 
 /// Commit the fresh starts, assign, and resume the assigned partitions.

@@ -98,7 +98,7 @@ impl Shared {
                 },
             );
             state.outstanding += 1;
-            // The commit metadata now records this hand-out (see `Prior`).
+            // The commit metadata now records this hand-out (see `offsets::Prior`).
             state.dirty = true;
             let (message, topic, attempt) = (p.message.clone(), p.topic.clone(), p.attempt);
             let acker = KafkaAcker {
