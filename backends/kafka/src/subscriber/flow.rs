@@ -174,3 +174,24 @@ fn next_wait(starved: bool, dirty: bool, next_due: Option<Instant>, now: Instant
     }
     wait
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_poll_waits_for_room_briefly_and_for_a_due_retry_at_most() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(next_wait(false, false, None, now), ms(100));
+        assert_eq!(next_wait(true, false, None, now), ms(5), "paused for room");
+        assert_eq!(
+            next_wait(false, true, None, now),
+            COMMIT_INTERVAL.min(ms(100))
+        );
+        assert_eq!(next_wait(false, false, Some(now + ms(30)), now), ms(30));
+        assert_eq!(next_wait(true, false, Some(now + ms(30)), now), ms(5));
+        // A retry already due: poll without blocking.
+        assert_eq!(next_wait(false, false, Some(now), now), Duration::ZERO);
+    }
+}
