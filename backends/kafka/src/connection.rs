@@ -103,67 +103,79 @@ impl Connector {
             return Ok(());
         }
         if self.options.create_topics {
-            let new = NewTopic::new(
-                topic,
-                self.options.partitions,
-                TopicReplication::Fixed(self.options.replication.into()),
-            );
-            let admin_options =
-                AdminOptions::new().operation_timeout(Some(self.options.connect_timeout));
-            let results = tokio::time::timeout(
-                self.options.connect_timeout,
-                self.admin.create_topics([&new], &admin_options),
-            )
-            .await
-            .map_err(|_| {
-                Error::new(
-                    Kind::Timeout,
-                    format!(
-                        "creating topic `{topic}` took longer than {} ms",
-                        self.options.connect_timeout.as_millis()
-                    ),
-                )
-            })?
-            .map_err(|e| kafka_error(format!("cannot create topic `{topic}`"), e))?;
-            for result in results {
-                match result {
-                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((_, code)) => {
-                        return Err(Error::new(
-                            Kind::Refused,
-                            format!("the broker refused to create topic `{topic}`: {code}"),
-                        ));
-                    }
-                }
-            }
+            self.create_topic(topic).await?;
         } else {
-            let client = self.producer.clone();
-            let name = topic.to_owned();
-            let timeout = self.options.connect_timeout;
-            let metadata = tokio::task::spawn_blocking(move || {
-                client.client().fetch_metadata(Some(&name), timeout)
-            })
-            .await
-            .map_err(|e| Error::new(Kind::Other, format!("metadata lookup panicked: {e}")))?
-            .map_err(|e| kafka_error(format!("cannot look up topic `{topic}`"), e))?;
-            let exists = metadata
-                .topics()
-                .iter()
-                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
-            if !exists {
-                return Err(Error::new(
-                    Kind::Refused,
-                    format!(
-                        "topic `{topic}` does not exist, and this bus does not create topics \
-                         (create_topics=false): create it first"
-                    ),
-                ));
-            }
+            self.require_topic(topic).await?;
         }
         self.known
             .lock()
             .expect("topics lock")
             .insert(topic.to_owned());
+        Ok(())
+    }
+
+    /// Create `topic`; one that already exists is fine.
+    async fn create_topic(&self, topic: &str) -> Result<()> {
+        let new = NewTopic::new(
+            topic,
+            self.options.partitions,
+            TopicReplication::Fixed(self.options.replication.into()),
+        );
+        let admin_options =
+            AdminOptions::new().operation_timeout(Some(self.options.connect_timeout));
+        let results = tokio::time::timeout(
+            self.options.connect_timeout,
+            self.admin.create_topics([&new], &admin_options),
+        )
+        .await
+        .map_err(|_| {
+            Error::new(
+                Kind::Timeout,
+                format!(
+                    "creating topic `{topic}` took longer than {} ms",
+                    self.options.connect_timeout.as_millis()
+                ),
+            )
+        })?
+        .map_err(|e| kafka_error(format!("cannot create topic `{topic}`"), e))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => {
+                    return Err(Error::new(
+                        Kind::Refused,
+                        format!("the broker refused to create topic `{topic}`: {code}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Look `topic` up, and refuse it if it is missing (`create_topics` off).
+    async fn require_topic(&self, topic: &str) -> Result<()> {
+        let client = self.producer.clone();
+        let name = topic.to_owned();
+        let timeout = self.options.connect_timeout;
+        let metadata = tokio::task::spawn_blocking(move || {
+            client.client().fetch_metadata(Some(&name), timeout)
+        })
+        .await
+        .map_err(|e| Error::new(Kind::Other, format!("metadata lookup panicked: {e}")))?
+        .map_err(|e| kafka_error(format!("cannot look up topic `{topic}`"), e))?;
+        let exists = metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+        if !exists {
+            return Err(Error::new(
+                Kind::Refused,
+                format!(
+                    "topic `{topic}` does not exist, and this bus does not create topics \
+                     (create_topics=false): create it first"
+                ),
+            ));
+        }
         Ok(())
     }
 

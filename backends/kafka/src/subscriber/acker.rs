@@ -1,0 +1,135 @@
+//! The settling half of a delivery.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use polybus_core::{
+    Acker, Error, Kind, Message, Result, RetryPolicy, SettleFuture, Settlement, header,
+};
+
+use super::partitions::Record;
+use super::{Shared, millis_from_now};
+use crate::mapping;
+
+/// The settling half of one delivery.
+pub(super) struct KafkaAcker {
+    pub(super) shared: Arc<Shared>,
+    pub(super) record: Record,
+}
+
+impl KafkaAcker {
+    fn still_valid(&self) -> bool {
+        Shared::valid(&self.shared.lock(), &self.record.tp, self.record.epoch)
+    }
+
+    fn finish(&self) -> Result<()> {
+        if self
+            .shared
+            .finish(&self.record.tp, self.record.offset, self.record.epoch, true)
+        {
+            Ok(())
+        } else {
+            Err(Shared::closed_error())
+        }
+    }
+
+    /// Produce `message` to `topic` on the group's behalf; on failure, keep the
+    /// delivery in memory for another attempt, so nothing is lost.
+    async fn move_to(
+        &self,
+        topic: &str,
+        message: &Message,
+        extra: &[(&str, String)],
+    ) -> Result<()> {
+        if !self.still_valid() {
+            self.shared
+                .finish(&self.record.tp, self.record.offset, self.record.epoch, true);
+            return Err(Shared::closed_error());
+        }
+        match self.shared.connector.produce(topic, message, extra).await {
+            Ok(_) => self.finish(),
+            Err((e, _)) => {
+                let delay = self.shared.sub.retry.first_delay();
+                self.shared
+                    .hold_again(&self.record, self.record.attempt, delay);
+                Err(e)
+            }
+        }
+    }
+
+    /// Any settlement, waiting where one must: a retry or dead letter produces a
+    /// copy and waits for its delivery report.
+    async fn settle_later(self: Box<Self>, settlement: Settlement) -> Result<()> {
+        match settlement {
+            Settlement::Ack => self.finish(),
+            Settlement::Retry { delay } => match &self.shared.retry_topic {
+                // Durable groups: a copy on the retry topic, due after the delay;
+                // the partition moves on (C7), and the copy survives restarts.
+                Some(retry_topic) => {
+                    let extra = [
+                        (header::ATTEMPT, (self.record.attempt + 1).to_string()),
+                        (mapping::TOPIC, self.record.topic.as_str().to_owned()),
+                        (mapping::DUE_MS, millis_from_now(delay).to_string()),
+                    ];
+                    self.move_to(retry_topic, &self.record.message, &extra)
+                        .await
+                }
+                // Private groups end with their subscription: retry in memory.
+                None => {
+                    if self
+                        .shared
+                        .hold_again(&self.record, self.record.attempt + 1, delay)
+                    {
+                        Ok(())
+                    } else {
+                        Err(Shared::closed_error())
+                    }
+                }
+            },
+            Settlement::DeadLetter { reason } => {
+                let dead = self.record.message.dead_lettered(
+                    self.record.topic.as_str(),
+                    self.record.attempt,
+                    &reason,
+                    &self.shared.sub.group,
+                );
+                let store = self.shared.sub.dead_letter_topic.as_str().to_owned();
+                self.move_to(&store, &dead, &[]).await
+            }
+            other => {
+                self.shared
+                    .hold_again(&self.record, self.record.attempt, Duration::ZERO);
+                Err(Error::new(
+                    Kind::Unsupported,
+                    format!(
+                        "the kafka backend cannot settle with {other:?}; the message is delivered again"
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+impl Acker for KafkaAcker {
+    fn retry_policy(&self) -> &RetryPolicy {
+        &self.shared.sub.retry
+    }
+
+    fn settle(self: Box<Self>, settlement: Settlement) -> SettleFuture {
+        // An ack only marks the offset settled (the driver commits it on its
+        // clock), so it is answered at once, without boxing a future.
+        match settlement {
+            Settlement::Ack => SettleFuture::ready(self.finish()),
+            other => SettleFuture::boxed(self.settle_later(other)),
+        }
+    }
+
+    fn settle_on_drop(self: Box<Self>, settlement: Settlement) {
+        let rt = self.shared.rt.clone();
+        rt.spawn(async move {
+            if let Err(e) = self.settle_later(settlement).await {
+                tracing::debug!(error = %e, "settling a dropped delivery failed");
+            }
+        });
+    }
+}

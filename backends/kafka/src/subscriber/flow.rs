@@ -1,0 +1,197 @@
+//! The driver's chores between polls: flow control (C6) and commits (C9).
+
+use std::collections::HashSet;
+use std::sync::MutexGuard;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use super::rebalance::SubContext;
+use super::{COMMIT_INTERVAL, Phase, Shared, State, Tp};
+
+impl Shared {
+    /// The driver's chores between polls: release due retries, pause or resume
+    /// fetching, commit. Returns how long the next poll may block, or `None` when
+    /// the driver should stop.
+    pub(super) fn chores(
+        &self,
+        consumer: &BaseConsumer<SubContext>,
+        last_commit: &mut Instant,
+    ) -> Option<Duration> {
+        let mut state = self.lock();
+        if matches!(state.phase, Phase::Stopping | Phase::Stopped) {
+            return None;
+        }
+        let now = Instant::now();
+        let next_due = self.release_due(&mut state, now);
+        // Flow control (C6): fetch only while there is room.
+        let full = state.phase != Phase::Running
+            || state.ready.len() + state.outstanding >= self.sub.prefetch as usize;
+        Self::pause_or_resume(&mut state, consumer, full);
+        let state = self.commit_if_due(state, consumer, last_commit);
+        let starved = full && state.phase == Phase::Running;
+        Some(next_wait(starved, state.dirty, next_due, now))
+    }
+
+    /// Move held records that are due to `ready`; returns when the next of the
+    /// others is due.
+    fn release_due(&self, state: &mut State, now: Instant) -> Option<Instant> {
+        let mut next_due: Option<Instant> = None;
+        let mut i = 0;
+        let mut woke = false;
+        while i < state.held.len() {
+            let due = state.held[i].due.unwrap_or(now);
+            if due <= now {
+                let p = state.held.swap_remove(i);
+                state.ready.push_back(p);
+                woke = true;
+            } else {
+                next_due = Some(next_due.map_or(due, |d: Instant| d.min(due)));
+                i += 1;
+            }
+        }
+        if woke {
+            self.wake(state);
+        }
+        next_due
+    }
+
+    /// Pause every partition when `full`, and each partition whose retry copy
+    /// waits to be due; resume the rest.
+    fn pause_or_resume(state: &mut State, consumer: &BaseConsumer<SubContext>, full: bool) {
+        // The steady state, with room and nothing paused, costs no set work
+        // per record.
+        let holding = state.held.iter().any(|p| p.holds_partition);
+        if !(full || holding || !state.paused.is_empty()) {
+            return;
+        }
+        let (pause, resume) = Self::pause_plan(state, full);
+        if !pause.is_empty() && consumer.pause(&tpl(&pause)).is_ok() {
+            state.paused.extend(pause);
+        }
+        if !resume.is_empty() && consumer.resume(&tpl(&resume)).is_ok() {
+            for tp in &resume {
+                state.paused.remove(tp);
+            }
+        }
+    }
+
+    /// Which partitions to pause and which to resume.
+    fn pause_plan(state: &State, full: bool) -> (Vec<Tp>, Vec<Tp>) {
+        let waiting: HashSet<Tp> = state
+            .held
+            .iter()
+            .filter(|p| p.holds_partition)
+            .map(|p| p.record.tp.clone())
+            .collect();
+        let want: HashSet<Tp> = state
+            .parts
+            .keys()
+            .filter(|tp| full || waiting.contains(*tp))
+            .cloned()
+            .collect();
+        let pause: Vec<Tp> = want.difference(&state.paused).cloned().collect();
+        let resume: Vec<Tp> = state
+            .paused
+            .difference(&want)
+            .filter(|tp| state.parts.contains_key(*tp))
+            .cloned()
+            .collect();
+        (pause, resume)
+    }
+
+    /// Commit what is settled, at most every `COMMIT_INTERVAL`, without holding
+    /// the lock meanwhile.
+    fn commit_if_due<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, State>,
+        consumer: &BaseConsumer<SubContext>,
+        last_commit: &mut Instant,
+    ) -> MutexGuard<'a, State> {
+        if !(state.dirty && last_commit.elapsed() >= COMMIT_INTERVAL) {
+            return state;
+        }
+        let positions = Self::positions(&mut state, None);
+        state.dirty = false;
+        *last_commit = Instant::now();
+        drop(state);
+        if positions.count() > 0
+            && let Err(e) = consumer.commit(&positions, CommitMode::Async)
+        {
+            tracing::debug!(error = %e, "committing offsets failed; retried at the next commit");
+        }
+        self.lock()
+    }
+
+    /// The positions to commit, for `only` these partitions or all, with the
+    /// metadata that records a handed-out head; advances each part's record of
+    /// what it committed.
+    pub(super) fn positions(state: &mut State, only: Option<&HashSet<Tp>>) -> TopicPartitionList {
+        let mut list = TopicPartitionList::new();
+        for (tp, part) in state.parts.iter_mut() {
+            if only.is_some_and(|o| !o.contains(tp)) {
+                continue;
+            }
+            let position = part.position();
+            if position == part.committed {
+                continue;
+            }
+            let mut e = list.add_partition(tp.0.as_str(), tp.1);
+            if e.set_offset(Offset::Offset(position.0)).is_ok() {
+                e.set_metadata(position.1.clone());
+            }
+            part.committed = position;
+        }
+        list
+    }
+}
+
+fn tpl(tps: &[Tp]) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    for (t, p) in tps {
+        list.add_partition(t.as_str(), *p);
+    }
+    list
+}
+
+/// How long the next poll may block: briefly while `starved` (paused for want
+/// of room), at most until the next commit while settlements wait to be
+/// committed (`dirty`), and at most until the next held record is due.
+fn next_wait(starved: bool, dirty: bool, next_due: Option<Instant>, now: Instant) -> Duration {
+    // Paused for want of room: resumption waits on a settlement, which
+    // does not wake `poll`, so poll briefly.
+    let mut wait = if starved {
+        Duration::from_millis(5)
+    } else {
+        Duration::from_millis(100)
+    };
+    if dirty {
+        wait = wait.min(COMMIT_INTERVAL);
+    }
+    if let Some(due) = next_due {
+        wait = wait.min(due.saturating_duration_since(now));
+    }
+    wait
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_poll_waits_for_room_briefly_and_for_a_due_retry_at_most() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(next_wait(false, false, None, now), ms(100));
+        assert_eq!(next_wait(true, false, None, now), ms(5), "paused for room");
+        assert_eq!(
+            next_wait(false, true, None, now),
+            COMMIT_INTERVAL.min(ms(100))
+        );
+        assert_eq!(next_wait(false, false, Some(now + ms(30)), now), ms(30));
+        assert_eq!(next_wait(true, false, Some(now + ms(30)), now), ms(5));
+        // A retry already due: poll without blocking.
+        assert_eq!(next_wait(false, false, Some(now), now), Duration::ZERO);
+    }
+}

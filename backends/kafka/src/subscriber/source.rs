@@ -1,0 +1,119 @@
+//! The stream side of a subscription: hands ready records out within the
+//! prefetch, and closes.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use polybus_core::{Delivery, DeliverySource, Result, async_trait};
+use tokio::sync::oneshot;
+
+use super::acker::KafkaAcker;
+use super::partitions::{Pending, Slot};
+use super::{Phase, Shared};
+
+/// The stream side of a subscription.
+pub(crate) struct KafkaSource {
+    pub(super) shared: Arc<Shared>,
+    pub(super) done: Option<oneshot::Receiver<()>>,
+}
+
+#[async_trait]
+impl DeliverySource for KafkaSource {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Delivery>>> {
+        self.shared.poll_delivery(cx)
+    }
+
+    async fn close(&mut self, grace: Duration) -> Result<()> {
+        let shared = &self.shared;
+        {
+            let mut state = shared.lock();
+            if state.phase == Phase::Running {
+                state.phase = Phase::Draining;
+            }
+        }
+        let deadline = polybus_core::retry::deadline_after(grace);
+        loop {
+            let changed = shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if shared.lock().outstanding == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                break;
+            }
+        }
+        {
+            let mut state = shared.lock();
+            if state.phase != Phase::Stopped {
+                state.phase = Phase::Stopping;
+            }
+        }
+        if let Some(done) = self.done.take() {
+            let _ = done.await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        // A crash, as far as the group can tell: the driver leaves it, and what
+        // is unsettled is delivered again (C9).
+        let mut state = self.shared.lock();
+        if state.phase != Phase::Stopped {
+            state.phase = Phase::Stopping;
+        }
+    }
+}
+
+impl Shared {
+    /// The next delivery for the stream, if one is ready and the prefetch allows.
+    fn poll_delivery(self: &Arc<Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Delivery>>> {
+        let mut state = self.lock();
+        if matches!(state.phase, Phase::Stopping | Phase::Stopped) {
+            return Poll::Ready(None);
+        }
+        while state.outstanding < self.sub.prefetch as usize {
+            let Some(Pending {
+                record: p,
+                redelivered,
+                ..
+            }) = state.ready.pop_front()
+            else {
+                break;
+            };
+            let Some(part) = state
+                .parts
+                .get_mut(&p.tp)
+                .filter(|part| part.epoch == p.epoch)
+            else {
+                continue; // its partition was revoked
+            };
+            part.unsettled.insert(
+                p.offset,
+                Slot {
+                    handed: Some((p.message.clone(), p.topic.clone(), p.attempt)),
+                },
+            );
+            state.outstanding += 1;
+            // The commit metadata now records this hand-out (see `offsets::Prior`).
+            state.dirty = true;
+            let (message, topic, attempt) = (p.message.clone(), p.topic.clone(), p.attempt);
+            let acker = KafkaAcker {
+                shared: self.clone(),
+                record: p,
+            };
+            return Poll::Ready(Some(Ok(Delivery::new(
+                message,
+                topic,
+                attempt,
+                redelivered,
+                Box::new(acker),
+            ))));
+        }
+        state.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
