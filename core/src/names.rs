@@ -42,6 +42,12 @@ pub fn dead_letter_topic(group: &str) -> String {
     format!("{DEAD_LETTER_PREFIX}.{group}")
 }
 
+/// The retry store of `group`: `polybus.retry.<group>` (a Kafka topic; the
+/// prefix of RabbitMQ's per-delay retry queues).
+pub fn retry_store(group: &str) -> String {
+    format!("{RETRY_PREFIX}.{group}")
+}
+
 /// A new private group name, unique in time and space.
 pub fn private_group() -> String {
     format!("{PRIVATE_GROUP_PREFIX}.{}", uuid::Uuid::now_v7().simple())

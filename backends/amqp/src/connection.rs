@@ -21,7 +21,7 @@ use lapin::{
     Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm,
 };
 use polybus_core::backend::{Failure, ValidSubscription};
-use polybus_core::names::RETRY_PREFIX;
+use polybus_core::names::retry_store;
 use polybus_core::{Error, Kind, Message, Result};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -425,7 +425,7 @@ impl Connector {
 /// names, the group's first 200 bytes and a stable hash of the whole (FNV-1a:
 /// the name must be the same in every process and Rust version).
 pub(crate) fn retry_queue_name(group: &str, delay_ms: u64) -> String {
-    let name = format!("{RETRY_PREFIX}.{group}.{delay_ms}ms");
+    let name = format!("{}.{delay_ms}ms", retry_store(group));
     if name.len() <= 255 {
         return name;
     }
@@ -433,7 +433,7 @@ pub(crate) fn retry_queue_name(group: &str, delay_ms: u64) -> String {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     });
     // Group names are ASCII, so any byte index is a char boundary.
-    format!("{RETRY_PREFIX}.{}.{hash:016x}.{delay_ms}ms", &group[..200])
+    format!("{}.{hash:016x}.{delay_ms}ms", retry_store(&group[..200]))
 }
 
 fn long(s: &str) -> AMQPValue {

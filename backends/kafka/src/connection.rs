@@ -99,7 +99,7 @@ impl Connector {
     /// else is fine), or, with `create_topics` off, look it up and refuse a
     /// missing one.
     pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<()> {
-        if self.known.lock().expect("topics lock").contains(topic) {
+        if polybus_core::backend::lock(&self.known).contains(topic) {
             return Ok(());
         }
         if self.options.create_topics {
@@ -107,10 +107,7 @@ impl Connector {
         } else {
             self.require_topic(topic).await?;
         }
-        self.known
-            .lock()
-            .expect("topics lock")
-            .insert(topic.to_owned());
+        polybus_core::backend::lock(&self.known).insert(topic.to_owned());
         Ok(())
     }
 

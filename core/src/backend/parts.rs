@@ -10,7 +10,7 @@ use crate::message::Message;
 use crate::topic::Topic;
 
 /// Assembling a [`Delivery`].
-pub trait DeliveryExt {
+pub trait DeliveryExt: Sized {
     /// A delivery of `message` from `topic`, for its `attempt`-th time (1-based;
     /// 0 is taken as 1), settled through `acker`.
     fn new(
@@ -19,7 +19,7 @@ pub trait DeliveryExt {
         attempt: u32,
         redelivered: bool,
         acker: Box<dyn Acker>,
-    ) -> Delivery;
+    ) -> Self;
 }
 
 impl DeliveryExt for Delivery {
@@ -35,11 +35,11 @@ impl DeliveryExt for Delivery {
 }
 
 /// Messages as backends make them.
-pub trait MessageExt {
+pub trait MessageExt: Sized {
     /// A message rebuilt from a broker's record. Its id is empty and its
     /// timestamp the Unix epoch until set from the record: unlike
     /// [`Message::new`], it makes no id and reads no clock.
-    fn from_record(payload: impl Into<Bytes>) -> Message;
+    fn from_record(payload: impl Into<Bytes>) -> Self;
 
     /// The dead letter of this message (C7): a copy with why, where from, after
     /// how many deliveries and from which group. A dead letter dead-lettered
@@ -59,10 +59,10 @@ impl MessageExt for Message {
 }
 
 /// Topics as brokers name them.
-pub trait TopicExt {
+pub trait TopicExt: Sized {
     /// A topic named by the broker (a routing key from another client), taken
     /// as it is. Library-made names are validated with [`Topic::new`].
-    fn from_broker(name: &str) -> Topic;
+    fn from_broker(name: &str) -> Self;
 }
 
 impl TopicExt for Topic {

@@ -3,9 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use polybus_core::{
-    Acker, Error, Kind, Message, Result, RetryPolicy, SettleFuture, Settlement, header,
-};
+use polybus_core::backend::{Acker, MessageExt, SettleFuture, Settlement, spawn_settlement};
+use polybus_core::{Error, Kind, Message, Result, RetryPolicy, header};
 
 use super::partitions::Record;
 use super::{Shared, millis_from_now};
@@ -48,11 +47,11 @@ impl KafkaAcker {
         }
         match self.shared.connector.produce(topic, message, extra).await {
             Ok(_) => self.finish(),
-            Err((e, _)) => {
+            Err(failure) => {
                 let delay = self.shared.sub.retry.first_delay();
                 self.shared
                     .hold_again(&self.record, self.record.attempt, delay);
-                Err(e)
+                Err(failure.into_error())
             }
         }
     }
@@ -68,7 +67,7 @@ impl KafkaAcker {
                 Some(retry_topic) => {
                     let extra = [
                         (header::ATTEMPT, (self.record.attempt + 1).to_string()),
-                        (mapping::TOPIC, self.record.topic.as_str().to_owned()),
+                        (header::TOPIC, self.record.topic.as_str().to_owned()),
                         (mapping::DUE_MS, millis_from_now(delay).to_string()),
                     ];
                     self.move_to(retry_topic, &self.record.message, &extra)
@@ -126,10 +125,6 @@ impl Acker for KafkaAcker {
 
     fn settle_on_drop(self: Box<Self>, settlement: Settlement) {
         let rt = self.shared.rt.clone();
-        rt.spawn(async move {
-            if let Err(e) = self.settle_later(settlement).await {
-                tracing::debug!(error = %e, "settling a dropped delivery failed");
-            }
-        });
+        spawn_settlement(&rt, self.settle_later(settlement));
     }
 }

@@ -3,6 +3,7 @@
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use polybus_core::backend::{exhausted_dead_letter, is_exhausted_on_receipt};
 use rdkafka::Message as _;
 use rdkafka::message::BorrowedMessage;
 
@@ -74,7 +75,7 @@ impl Shared {
     /// Send a new delivery on: dead-lettered if crashes exhausted it, held
     /// until it is due, or ready for the stream.
     fn route(self: &Arc<Self>, mut state: MutexGuard<'_, State>, pending: Pending) {
-        if pending.record.attempt > self.sub.retry.attempts() {
+        if is_exhausted_on_receipt(&self.sub.retry, pending.record.attempt) {
             // Exhausted by crashes: dead-letter on receipt, never hand it out.
             drop(state);
             self.dead_letter_on_receipt(pending.record);
@@ -89,13 +90,7 @@ impl Shared {
     }
 
     fn dead_letter_on_receipt(self: &Arc<Shared>, p: Record) {
-        let attempts = p.attempt - 1;
-        let dead = p.message.dead_lettered(
-            p.topic.as_str(),
-            attempts,
-            &format!("gave up after {attempts} attempts"),
-            &self.sub.group,
-        );
+        let dead = exhausted_dead_letter(&p.message, p.topic.as_str(), p.attempt, &self.sub.group);
         let connector = self.connector.clone();
         let store = self.sub.dead_letter_topic.as_str().to_owned();
         let shared = self.clone();
@@ -104,8 +99,8 @@ impl Shared {
                 Ok(_) => {
                     shared.finish(&p.tp, p.offset, p.epoch, false);
                 }
-                Err((e, _)) => tracing::warn!(
-                    error = %e,
+                Err(failure) => tracing::warn!(
+                    error = %failure.error(),
                     "dead-lettering an exhausted message failed; it is read again after the next rebalance"
                 ),
             }

@@ -49,7 +49,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use polybus_core::{Topic, TopicCache, ValidSubscription};
+use polybus_core::Topic;
+use polybus_core::backend::{TopicCache, ValidSubscription};
+use polybus_core::names::retry_store;
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
@@ -71,8 +73,6 @@ pub(crate) use open::open;
 
 use partitions::{Part, Pending};
 
-/// The prefix of each durable group's retry topic.
-pub(crate) const RETRY_PREFIX: &str = "polybus.retry";
 /// Broker calls made inside the rebalance callback wait at most this long.
 const REBALANCE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often settled offsets are committed while records flow.
@@ -138,7 +138,7 @@ impl Shared {
         known: HashSet<String>,
         retry_partitions: i32,
     ) -> Arc<Self> {
-        let retry_topic = sub.durable.then(|| format!("{RETRY_PREFIX}.{}", sub.group));
+        let retry_topic = sub.durable.then(|| retry_store(&sub.group));
         Arc::new(Shared {
             connector,
             sub,
@@ -166,7 +166,7 @@ impl Shared {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain bookkeeping behind; carry on.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        polybus_core::backend::lock(&self.state)
     }
 
     fn wake(&self, state: &mut State) {

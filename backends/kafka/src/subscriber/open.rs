@@ -5,17 +5,19 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use polybus_core::{Error, Kind, Result, Topic, ValidSubscription};
+use polybus_core::backend::{ValidSubscription, wait_until};
+use polybus_core::names::retry_store;
+use polybus_core::{Error, Kind, Result, Topic};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::sync::oneshot;
 
+use super::Shared;
 use super::config::consumer_config;
 use super::driver::drive;
 use super::pattern::regex;
 use super::rebalance::SubContext;
 use super::source::KafkaSource;
-use super::{RETRY_PREFIX, Shared};
 use crate::connection::{Connector, kafka_error};
 
 /// Open a subscription: make its topics, join its group, and return once the
@@ -55,7 +57,7 @@ async fn make_topics(connector: &Connector, sub: &ValidSubscription) -> Result<O
     connector
         .ensure_topic(sub.dead_letter_topic.as_str())
         .await?;
-    let retry_topic = sub.durable.then(|| format!("{RETRY_PREFIX}.{}", sub.group));
+    let retry_topic = sub.durable.then(|| retry_store(&sub.group));
     if let Some(t) = &retry_topic {
         Topic::new(t).map_err(|e| {
             Error::invalid_input(format!(
@@ -159,23 +161,16 @@ fn start_driver(
 /// Wait until the group has assigned this member its partitions, at most
 /// `timeout`.
 async fn await_assignment(shared: &Shared, timeout: Duration) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let changed = shared.changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        if shared.lock().assigned {
-            return Ok(());
-        }
-        if tokio::time::timeout_at(deadline, changed).await.is_err() {
-            return Err(Error::new(
-                Kind::Timeout,
-                format!(
-                    "group `{}` assigned no partitions within {} ms",
-                    shared.sub.group,
-                    timeout.as_millis()
-                ),
-            ));
-        }
+    let deadline = polybus_core::retry::deadline_after(timeout);
+    if wait_until(&shared.changed, Some(deadline), || shared.lock().assigned).await {
+        return Ok(());
     }
+    Err(Error::new(
+        Kind::Timeout,
+        format!(
+            "group `{}` assigned no partitions within {} ms",
+            shared.sub.group,
+            timeout.as_millis()
+        ),
+    ))
 }

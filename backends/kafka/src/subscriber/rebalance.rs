@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use polybus_core::backend::TopicExt;
 use polybus_core::{Message, Topic, header};
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
@@ -200,7 +201,7 @@ impl Shared {
             .map(|(_, _, message, topic, attempt)| {
                 let extra = [
                     (header::ATTEMPT, (attempt + 1).to_string()),
-                    (mapping::TOPIC, topic.as_str().to_owned()),
+                    (header::TOPIC, topic.as_str().to_owned()),
                     (mapping::DUE_MS, now.clone()),
                 ];
                 self.connector.send_now(retry_topic, message, &extra)

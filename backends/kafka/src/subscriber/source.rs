@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use polybus_core::{Delivery, DeliverySource, Result, async_trait};
+use polybus_core::backend::{DeliveryExt, DeliverySource, wait_until};
+use polybus_core::{Delivery, Result, async_trait};
 use tokio::sync::oneshot;
 
 use super::acker::KafkaAcker;
@@ -33,17 +34,10 @@ impl DeliverySource for KafkaSource {
             }
         }
         let deadline = polybus_core::retry::deadline_after(grace);
-        loop {
-            let changed = shared.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if shared.lock().outstanding == 0 {
-                break;
-            }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                break;
-            }
-        }
+        wait_until(&shared.changed, Some(deadline), || {
+            shared.lock().outstanding == 0
+        })
+        .await;
         {
             let mut state = shared.lock();
             if state.phase != Phase::Stopped {
