@@ -59,7 +59,7 @@ pub trait Publisher: Send + Sync {
     /// taken responsibility for it (C4); on failure the message comes back inside
     /// the error. Headers under `polybus-` are dropped: they are the library's.
     /// The publish may start before the future is first polled; see
-    /// [`BackendFuture`](crate::backend::BackendFuture).
+    /// [`BackendFuture`].
     fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a>;
 
     /// Publish several messages to `topic`, pipelined: all are in flight at once,
@@ -73,7 +73,7 @@ pub trait Publisher: Send + Sync {
     }
 
     /// Stop publishing: wait for outstanding confirms, then refuse new publishes
-    /// with a [`Closed`](Kind::Closed) error (C10).
+    /// with a [`Closed`](crate::Kind::Closed) error (C10).
     async fn close(&self) -> Result<()>;
 }
 

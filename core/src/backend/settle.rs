@@ -45,7 +45,7 @@ pub trait Acker: Send + Sync + 'static {
     fn settle(self: Box<Self>, settlement: Settlement) -> SettleFuture;
 
     /// Settle from `Drop`: must not block. A backend that needs I/O spawns it
-    /// with [`spawn_settlement`](crate::backend::spawn_settlement).
+    /// with [`spawn_settlement`].
     fn settle_on_drop(self: Box<Self>, settlement: Settlement);
 }
 

@@ -8,7 +8,7 @@ use crate::retry::RetryPolicy;
 use crate::subscription::{MAX_PREFETCH, StartFrom, Subscription, validate_group};
 use crate::topic::{Pattern, Topic};
 
-/// A checked [`Subscription`](crate::Subscription) with its defaults resolved;
+/// A checked [`Subscription`] with its defaults resolved;
 /// what [`Backend::subscribe`](crate::backend::Backend::subscribe) receives.
 #[derive(Debug, Clone)]
 pub struct ValidSubscription {
