@@ -95,3 +95,53 @@ async fn c4_transient_produce_errors_are_retried_without_duplicates() {
         "the retried record arrived twice"
     );
 }
+
+/// C2/C9: a durable group keeps what was published while no member ran, even
+/// when the broker fails to answer the new member's read of the committed
+/// offsets. Found in review: the assignment then treated the group as new and
+/// started (and committed) every partition at its end, skipping the backlog.
+/// Two failures are outlasted by asking again; three (every read) make the
+/// member read from the start, so the backlog comes, perhaps twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c2_a_failed_offset_read_at_assignment_skips_no_backlog() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let cluster = MockCluster::new(1).unwrap();
+    let bus = polybus_kafka::connect_with(mock_bus_options(&cluster))
+        .await
+        .unwrap();
+    for failures in [2, 3] {
+        let topic = format!("backlog-{failures}");
+        cluster.create_topic(&topic, 1, 1).unwrap();
+        let group = || Subscription::new(topic.as_str()).group(format!("readers-{failures}"));
+        // The group exists, and has committed its "now".
+        bus.subscribe(group())
+            .await
+            .unwrap()
+            .close(Duration::ZERO)
+            .await
+            .unwrap();
+        for i in 0..3 {
+            bus.publish(&topic, Message::new(format!("m{i}")))
+                .await
+                .unwrap();
+        }
+        // The next OffsetFetch requests fail, as a busy or failing-over coordinator's do.
+        cluster.request_errors(
+            RDKafkaApiKey::OffsetFetch,
+            &vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED; failures],
+        );
+        let mut sub = bus.subscribe(group()).await.unwrap();
+        let mut got = std::collections::BTreeSet::new();
+        while got.len() < 3 {
+            let d = recv(&mut sub).await;
+            got.insert(String::from_utf8_lossy(d.message().payload()).into_owned());
+            d.ack().await.unwrap();
+        }
+        assert_eq!(
+            got.into_iter().collect::<Vec<_>>(),
+            ["m0", "m1", "m2"],
+            "{failures} failures"
+        );
+        sub.close(Duration::ZERO).await.unwrap();
+    }
+}

@@ -17,6 +17,11 @@ use super::partitions::Part;
 use super::{REBALANCE_CALL_TIMEOUT, Shared, Tp, millis_from_now};
 use crate::mapping;
 
+/// How many times an assignment asks for the group's committed offsets before
+/// it gives up and reads from the start. Blocking, in the rebalance callback:
+/// at most 3 × `REBALANCE_CALL_TIMEOUT` plus 0.6 s.
+const OFFSET_READS: u32 = 3;
+
 /// The consumer's context: routes librdkafka's rebalance callback to [`Shared`].
 pub(crate) struct SubContext {
     pub(super) shared: Arc<Shared>,
@@ -51,20 +56,30 @@ impl Shared {
     /// commit the starts the group did not have yet (so a new group's "now" is
     /// kept while no member runs), then assign.
     fn assign(&self, consumer: &BaseConsumer<SubContext>, offered: &TopicPartitionList) {
-        let committed = self.committed_offsets(consumer, offered);
-        let group_is_new = self.group_is_new(&committed);
+        let (committed, group_is_new) = match self.committed_offsets(consumer, offered) {
+            Some(committed) => {
+                let new = self.group_is_new(&committed);
+                (committed, new)
+            }
+            // Not knowing where the group was must not make it new: a new group
+            // starts (and commits) at the end, which would skip its backlog for
+            // good. Read every partition from its start instead: duplicates, but
+            // at least once (C2, C9).
+            None => (offered.clone(), false),
+        };
         let starts = self.starts(consumer, offered, &committed, group_is_new);
         take_over(consumer, &starts);
         self.record_assignment(starts.parts);
     }
 
     /// The group's committed offsets of the `offered` partitions and of the
-    /// retry topic's.
+    /// retry topic's, asked up to [`OFFSET_READS`] times; `None` if every read
+    /// failed.
     fn committed_offsets(
         &self,
         consumer: &BaseConsumer<SubContext>,
         offered: &TopicPartitionList,
-    ) -> TopicPartitionList {
+    ) -> Option<TopicPartitionList> {
         // Ask for the retry topic's offsets too: a durable group commits them at
         // its very first assignment, so their absence means the group is new.
         let mut asked = offered.clone();
@@ -75,13 +90,21 @@ impl Shared {
                 }
             }
         }
-        match consumer.committed_offsets(asked, REBALANCE_CALL_TIMEOUT) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading committed offsets failed; resuming from the broker's reset policy");
-                offered.clone()
+        for attempt in 1..=OFFSET_READS {
+            match consumer.committed_offsets(asked.clone(), REBALANCE_CALL_TIMEOUT) {
+                Ok(c) => return Some(c),
+                Err(e) if attempt < OFFSET_READS => {
+                    tracing::info!(error = %e, attempt, "reading committed offsets failed; asking again");
+                    std::thread::sleep(Duration::from_millis(200) * attempt);
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    group = %self.sub.group,
+                    "reading committed offsets failed {OFFSET_READS} times; reading the assigned partitions from their start (messages may come again)"
+                ),
             }
         }
+        None
     }
 
     /// Whether the group has never run: a durable group has no committed offset
