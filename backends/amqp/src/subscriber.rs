@@ -448,7 +448,7 @@ impl AmqpAcker {
         let result = async {
             let queue = connector.retry_queue(&sub.group, sub.durable, step).await?;
             let extra = [
-                (header::ATTEMPT, (self.attempt + 1).to_string()),
+                (header::ATTEMPT, self.attempt.saturating_add(1).to_string()),
                 (header::TOPIC, self.topic.to_string()),
             ];
             connector

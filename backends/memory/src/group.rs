@@ -261,7 +261,7 @@ impl Group {
             Settlement::Ack => {}
             Settlement::Retry { delay } => {
                 entry = Entry {
-                    attempt: entry.attempt + 1,
+                    attempt: entry.attempt.saturating_add(1),
                     redelivered: true,
                     ..entry
                 };

@@ -66,7 +66,10 @@ impl KafkaAcker {
                 // the partition moves on (C7), and the copy survives restarts.
                 Some(retry_topic) => {
                     let extra = [
-                        (header::ATTEMPT, (self.record.attempt + 1).to_string()),
+                        (
+                            header::ATTEMPT,
+                            self.record.attempt.saturating_add(1).to_string(),
+                        ),
                         (header::TOPIC, self.record.topic.as_str().to_owned()),
                         (mapping::DUE_MS, millis_from_now(delay).to_string()),
                     ];
@@ -75,10 +78,11 @@ impl KafkaAcker {
                 }
                 // Private groups end with their subscription: retry in memory.
                 None => {
-                    if self
-                        .shared
-                        .hold_again(&self.record, self.record.attempt + 1, delay)
-                    {
+                    if self.shared.hold_again(
+                        &self.record,
+                        self.record.attempt.saturating_add(1),
+                        delay,
+                    ) {
                         Ok(())
                     } else {
                         Err(Shared::closed_error())

@@ -34,11 +34,15 @@ impl Prior {
     }
 
     pub(super) fn decode(metadata: &str, committed: i64) -> Option<Prior> {
-        let mut it = metadata.strip_prefix(METADATA_TAG)?.split(':').skip(1);
+        let mut it = metadata
+            .strip_prefix(METADATA_TAG)?
+            .strip_prefix(':')?
+            .split(':');
         let head = it.next()?.parse().ok()?;
         let attempt = it.next()?.parse().ok()?;
         let through = it.next()?.parse().ok()?;
-        (head == committed).then_some(Prior {
+        // Exactly this version's three fields: a longer or other tag is not ours.
+        (head == committed && it.next().is_none()).then_some(Prior {
             head,
             attempt,
             through,
@@ -130,8 +134,8 @@ pub(super) fn commit_position(
 pub(super) fn counted_attempt(prior: Option<Prior>, offset: i64, attempt: u32) -> (u32, bool) {
     let redelivered = attempt > 1;
     match prior {
-        Some(prior) if offset == prior.head => (attempt.max(prior.attempt + 1), true),
-        Some(prior) if offset <= prior.through => (attempt + 1, true),
+        Some(prior) if offset == prior.head => (attempt.max(prior.attempt.saturating_add(1)), true),
+        Some(prior) if offset <= prior.through => (attempt.saturating_add(1), true),
         _ => (attempt, redelivered),
     }
 }
@@ -154,6 +158,18 @@ mod tests {
     }
 
     #[test]
+    fn attempts_never_overflow() {
+        let prior = Prior {
+            head: 7,
+            attempt: u32::MAX,
+            through: 7,
+        };
+        assert_eq!(counted_attempt(Some(prior), 7, 3).0, u32::MAX);
+        let later = Prior { head: 5, ..prior };
+        assert_eq!(counted_attempt(Some(later), 7, u32::MAX).0, u32::MAX);
+    }
+
+    #[test]
     fn commit_metadata_that_does_not_parse_is_ignored() {
         for metadata in [
             "polybus1",
@@ -164,6 +180,10 @@ mod tests {
             "polybus1:seven:2:9",
             "polybus1:7:2:",
             "polybus0:7:2:9",
+            // Another version's tag, or more fields than this version writes.
+            "polybus10:7:2:9",
+            "polybus1x:7:2:9",
+            "polybus1:7:2:9:1",
             "7:2:9",
         ] {
             assert_eq!(Prior::decode(metadata, 7), None, "{metadata:?}");

@@ -223,7 +223,7 @@ impl Shared {
             .iter()
             .map(|(_, _, message, topic, attempt)| {
                 let extra = [
-                    (header::ATTEMPT, (attempt + 1).to_string()),
+                    (header::ATTEMPT, attempt.saturating_add(1).to_string()),
                     (header::TOPIC, topic.as_str().to_owned()),
                     (mapping::DUE_MS, now.clone()),
                 ];
