@@ -4,6 +4,7 @@
 //! history is an opt-in capability."
 
 use super::support::payloads;
+use crate::consumer::Consumer;
 use crate::testkit::{CaseError, CaseResult, Ctx};
 use crate::{Capability, Kind, Message, StartFrom, Subscription};
 
@@ -83,5 +84,29 @@ pub async fn c3_replay_without_capability_is_unsupported(ctx: Ctx) -> CaseResult
         .await
         .unwrap_err();
     assert_eq!(err.kind(), Kind::Unsupported, "{err}");
+    Ok(())
+}
+
+/// C3 for the handler runtime: when `Consumer::start` returns, its group is
+/// live, so a message published at once is handled (the race of spawning `run`
+/// and publishing straight away loses it).
+pub async fn c3_a_started_consumer_handles_a_message_published_at_once(ctx: Ctx) -> CaseResult {
+    let topic = ctx.topic("started");
+    let mut running = Consumer::new(
+        ctx.bus().clone(),
+        Subscription::new(&topic).group(ctx.group("g")),
+    )
+    .start(|_: Message| async { Ok(()) })
+    .await?;
+    ctx.bus().publish(&topic, Message::new("first")).await?;
+    let handled =
+        tokio::time::timeout(ctx.target().patience(), running.wait_for(|s| s.acked >= 1)).await;
+    let stats = running.stop().await?;
+    if handled.is_err() {
+        return Err(CaseError::Fail(format!(
+            "the message published right after start was not handled: {stats:?}"
+        )));
+    }
+    assert_eq!(stats.acked, 1, "{stats:?}");
     Ok(())
 }

@@ -59,6 +59,7 @@ macro_rules! __conformance_case_list {
                 c3_new_group_starts_at_now,
                 c3_replay_from_earliest,
                 c3_replay_without_capability_is_unsupported,
+                c3_a_started_consumer_handles_a_message_published_at_once,
             }
             c4_publish {
                 c4_publish_ok_survives_the_publishers_disconnect,
