@@ -28,39 +28,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "memory://".into());
     let bus = polybus::connect(&url).await?;
 
-    // The group exists from here on: what is published next waits for it.
-    let welcome = Subscription::new("user.created").group("welcome-email");
-    bus.subscribe(welcome.clone())
-        .await?
-        .close(Duration::ZERO)
-        .await?;
-
-    for (id, email) in [("u1", "alice@example.com"), ("u2", "bounce@example.com")] {
-        let user = User {
-            id: id.into(),
-            email: email.into(),
-        };
-        bus.publish("user.created", Message::json(&user)?.with_key(id))
-            .await?;
-    }
-    bus.publish("user.created", Message::new("{not a user"))
-        .await?;
-
     // The mail server rejects one address every time.
     let sends = Arc::new(AtomicU32::new(0));
     let breaker = CircuitBreaker::new().failure_threshold(10);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let runtime = {
+    let welcome = Subscription::new("user.created").group("welcome-email");
+    // `start` returns once the group is live: what is published next is handled.
+    let running = {
         let (sends, breaker) = (sends.clone(), breaker.clone());
         Consumer::new(bus.clone(), welcome)
             .retry(RetryPolicy::exponential(Duration::from_millis(20)).max_attempts(3))
             .concurrency(4)
             .handler_timeout(Duration::from_secs(2))
             .grace(Duration::from_secs(5))
-            .shutdown_on(async move {
-                let _ = stopped.await;
-            })
-            .run(move |Json(user): Json<User>| {
+            .start(move |Json(user): Json<User>| {
                 let (sends, breaker) = (sends.clone(), breaker.clone());
                 async move {
                     // The breaker guards the mail server: fail fast while it is down.
@@ -76,8 +56,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     Ok(())
                 }
             })
+            .await?
     };
-    let running = tokio::spawn(runtime);
+
+    for (id, email) in [("u1", "alice@example.com"), ("u2", "bounce@example.com")] {
+        let user = User {
+            id: id.into(),
+            email: email.into(),
+        };
+        bus.publish("user.created", Message::json(&user)?.with_key(id))
+            .await?;
+    }
+    bus.publish("user.created", Message::new("{not a user"))
+        .await?;
 
     // Read the dead letters while the runtime works: the bounce after its last
     // attempt, and the payload that is not a user at all.
@@ -99,8 +90,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // Graceful shutdown (in a service: `.shutdown_on(polybus::consumer::ctrl_c())`).
-    let _ = stop.send(());
-    let stats = running.await??;
+    let stats = running.stop().await?;
     println!("{} send attempts; {stats:?}", sends.load(Ordering::SeqCst));
     Ok(())
 }
