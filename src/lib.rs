@@ -44,9 +44,9 @@
 #![warn(missing_docs)]
 
 pub use polybus_core::{
-    Bus, Capabilities, Capability, Codec, Delivery, DeliveryStream, Error, Headers, Json, Kind,
-    Message, Pattern, PublishError, PublishFuture, Publisher, Receipt, Result, RetryPolicy,
-    StartFrom, Subscriber, Subscription, Topic, header,
+    Bus, Capabilities, Capability, Codec, Delivery, DeliveryStream, Error, Headers, Json,
+    JsonCodec, Kind, Message, Pattern, PublishError, PublishFuture, Publisher, Receipt, Result,
+    RetryPolicy, StartFrom, Subscriber, Subscription, Topic, header,
 };
 pub use polybus_core::{consumer, middleware, names, rpc};
 

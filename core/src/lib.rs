@@ -9,7 +9,7 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`topic`] | [`Topic`] and [`Pattern`]: validation and AMQP-style matching (C1) |
-//! | [`message`] | [`Message`], headers, [`Codec`] and [`Json`] (C13) |
+//! | [`message`] | [`Message`], headers, [`Codec`], [`JsonCodec`] (C13) |
 //! | [`names`] | every topic, group and header name the library reserves |
 //! | [`subscription`] | [`Subscription`] options: patterns, group, prefetch, retry, dead letters |
 //! | [`delivery`] | [`Delivery`] and its settlement (C7) |
@@ -47,11 +47,12 @@ pub mod testkit;
 
 pub use bus::Bus;
 pub use capabilities::{Capabilities, Capability};
+pub use consumer::Json;
 pub use delivery::Delivery;
 pub use error::{Error, Kind, PublishError, Result};
 #[cfg(feature = "msgpack")]
 pub use message::MsgPack;
-pub use message::{Codec, Headers, Json, Message};
+pub use message::{Codec, Headers, JsonCodec, Message};
 pub use names::header;
 pub use publisher::{PublishFuture, Publisher, Receipt, Subscriber};
 pub use retry::RetryPolicy;

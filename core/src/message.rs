@@ -131,7 +131,7 @@ impl Message {
 
     /// A message whose payload is `value` as JSON (`application/json`).
     pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self> {
-        Self::encode::<Json, T>(value)
+        Self::encode::<JsonCodec, T>(value)
     }
 
     /// Decode the payload with `codec`.
@@ -142,7 +142,7 @@ impl Message {
     /// Decode the payload as JSON. A payload that is not valid JSON for `T` is a
     /// [`Kind::Decode`] error that says why.
     pub fn json_payload<T: DeserializeOwned>(&self) -> Result<T> {
-        self.decode::<Json, T>()
+        self.decode::<JsonCodec, T>()
     }
 
     /// Set the id. Ids are the caller's to keep unique.
@@ -281,11 +281,13 @@ pub trait Codec {
     fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T>;
 }
 
-/// JSON through `serde_json`.
+/// JSON through `serde_json`, as a [`Codec`] (`Message::encode::<JsonCodec, _>`;
+/// [`Message::json`] is the shorthand). A handler that takes JSON uses the
+/// extractor [`Json`](crate::Json) instead.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Json;
+pub struct JsonCodec;
 
-impl Codec for Json {
+impl Codec for JsonCodec {
     const CONTENT_TYPE: &'static str = "application/json";
 
     fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes> {

@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde::de::DeserializeOwned;
 
-use crate::{Codec, Delivery, Kind, Message, Result};
+use crate::{Codec, Delivery, Headers, Kind, Message, Result, Topic};
 
 /// What a handler receives, made from a delivery. A failure to make it (an
 /// undecodable payload) dead-letters the delivery with the error as reason.
@@ -13,7 +13,7 @@ pub trait FromDelivery: Sized + Send + 'static {
     fn from_delivery(delivery: &Delivery) -> Result<Self>;
 }
 
-/// A payload decoded as JSON.
+/// A handler's payload decoded as JSON (through [`JsonCodec`](crate::JsonCodec)).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Json<T>(pub T);
 
@@ -43,6 +43,54 @@ impl FromDelivery for Message {
         Ok(delivery.message().clone())
     }
 }
+
+/// Where a delivery came from and which try it is, for a handler that needs
+/// more than the payload; combine it with one in a tuple:
+/// `|(Json(order), meta): (Json<Order>, Meta)| …`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Meta {
+    /// The topic it was published to.
+    pub topic: Topic,
+    /// The message id.
+    pub id: String,
+    /// The message key.
+    pub key: Option<String>,
+    /// Which delivery of the message to this group this is, from 1.
+    pub attempt: u32,
+    /// Whether it was delivered to this group before.
+    pub redelivered: bool,
+    /// The message's headers.
+    pub headers: Headers,
+}
+
+impl FromDelivery for Meta {
+    fn from_delivery(delivery: &Delivery) -> Result<Self> {
+        let message = delivery.message();
+        Ok(Meta {
+            topic: delivery.topic().clone(),
+            id: message.id().to_owned(),
+            key: message.key().map(str::to_owned),
+            attempt: delivery.attempt(),
+            redelivered: delivery.redelivered(),
+            headers: message.headers().clone(),
+        })
+    }
+}
+
+// Extractors combine in tuples; the first that fails decides the dead letter.
+macro_rules! tuple_from_delivery {
+    ($($name:ident),+) => {
+        impl<$($name: FromDelivery),+> FromDelivery for ($($name,)+) {
+            fn from_delivery(delivery: &Delivery) -> Result<Self> {
+                Ok(($($name::from_delivery(delivery)?,)+))
+            }
+        }
+    };
+}
+tuple_from_delivery!(A, B);
+tuple_from_delivery!(A, B, C);
+tuple_from_delivery!(A, B, C, D);
 
 /// Why a handler failed, and so how its delivery is settled.
 pub struct HandlerError {
@@ -77,8 +125,10 @@ impl HandlerError {
     }
 }
 
-/// `?` on an error means "try again" ([`HandlerError::retry`]), with one
-/// exception: polybus's own errors ([`Error`](crate::Error),
+/// `?` on an error means "try again" ([`HandlerError::retry`]). Any error that
+/// converts into `Box<dyn Error + Send + Sync>` works: every `Send + Sync`
+/// error type, `anyhow::Error`, boxed errors, even a `String`. To say "never
+/// retry this", map it: `.map_err(HandlerError::permanent)?`. One exception: polybus's own errors ([`Error`](crate::Error),
 /// [`PublishError`](crate::PublishError)) that can never succeed on a retry of
 /// the same message become [`HandlerError::permanent`], so the message is
 /// dead-lettered at once instead of burning its attempts: invalid input, an
@@ -86,15 +136,18 @@ impl HandlerError {
 /// polybus error (a lost connection, a time-out, a refusal, a closed bus, an open
 /// circuit) and every foreign error retries, since the handler cannot know it
 /// will fail again.
-impl<E: std::error::Error + 'static> From<E> for HandlerError {
+impl<E: Into<BoxError>> From<E> for HandlerError {
     fn from(e: E) -> Self {
-        if never_succeeds_on_retry(&e) {
+        let e: BoxError = e.into();
+        if never_succeeds_on_retry(&*e) {
             HandlerError::permanent(e)
         } else {
             HandlerError::retry(e)
         }
     }
 }
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 fn never_succeeds_on_retry(e: &(dyn std::error::Error + 'static)) -> bool {
     let kind = if let Some(e) = e.downcast_ref::<crate::Error>() {
@@ -130,7 +183,7 @@ mod tests {
     use super::*;
     use crate::{Error, PublishError};
 
-    fn question_mark(e: impl std::error::Error + 'static) -> HandlerError {
+    fn question_mark(e: impl std::error::Error + Send + Sync + 'static) -> HandlerError {
         let r: std::result::Result<(), _> = Err(e);
         let converted = || -> std::result::Result<(), HandlerError> { Ok(r?) };
         converted().unwrap_err()
@@ -150,6 +203,72 @@ mod tests {
         assert!(
             !question_mark(PublishError::maybe_delivered(lost, Message::new("x"))).is_permanent()
         );
+    }
+
+    #[test]
+    fn question_mark_takes_anyhow_boxed_and_string_errors() {
+        let anyhow = || -> std::result::Result<(), HandlerError> {
+            Err(anyhow::anyhow!("downstream said no"))?;
+            Ok(())
+        };
+        let e = anyhow().unwrap_err();
+        assert!(!e.is_permanent());
+        assert_eq!(e.to_string(), "downstream said no");
+        let boxed = || -> std::result::Result<(), HandlerError> {
+            let b: Box<dyn std::error::Error + Send + Sync> = "boxed".into();
+            Err(b)?;
+            Ok(())
+        };
+        assert_eq!(boxed().unwrap_err().to_string(), "boxed");
+        let permanent = || -> std::result::Result<(), HandlerError> {
+            Err(anyhow::anyhow!("no such customer")).map_err(HandlerError::permanent)?;
+            Ok(())
+        };
+        assert!(permanent().unwrap_err().is_permanent());
+        let polybus_in_a_box = || -> std::result::Result<(), HandlerError> {
+            let b: Box<dyn std::error::Error + Send + Sync> =
+                Box::new(Error::invalid_input("bad topic"));
+            Err(b)?;
+            Ok(())
+        };
+        assert!(polybus_in_a_box().unwrap_err().is_permanent());
+    }
+
+    struct NoAcker(crate::RetryPolicy);
+
+    impl crate::backend::Acker for NoAcker {
+        fn retry_policy(&self) -> &crate::RetryPolicy {
+            &self.0
+        }
+        fn settle(self: Box<Self>, _: crate::backend::Settlement) -> crate::backend::SettleFuture {
+            crate::backend::SettleFuture::ready(Ok(()))
+        }
+        fn settle_on_drop(self: Box<Self>, _: crate::backend::Settlement) {}
+    }
+
+    #[test]
+    fn extractors_combine_with_the_delivery_s_metadata() {
+        use crate::backend::DeliveryExt;
+        let message = Message::json(&serde_json::json!({"id": "o1"}))
+            .unwrap()
+            .with_key("c1")
+            .with_header("tenant", "acme");
+        let delivery = Delivery::new(
+            std::sync::Arc::new(message),
+            Topic::new("order.placed").unwrap(),
+            3,
+            true,
+            Box::new(NoAcker(crate::RetryPolicy::default())),
+        );
+        let (Json(order), meta) =
+            <(Json<serde_json::Value>, Meta)>::from_delivery(&delivery).unwrap();
+        assert_eq!(order["id"], "o1");
+        assert_eq!(meta.topic.as_str(), "order.placed");
+        assert_eq!((meta.attempt, meta.redelivered), (3, true));
+        assert_eq!(meta.key.as_deref(), Some("c1"));
+        assert_eq!(meta.headers.get("tenant").map(String::as_str), Some("acme"));
+        let e = <(Meta, Json<u32>)>::from_delivery(&delivery).unwrap_err();
+        assert!(e.is_decode(), "{e}");
     }
 
     #[test]

@@ -48,7 +48,7 @@ use futures::StreamExt;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-pub use handler::{Decoded, FromDelivery, HandlerError, Json};
+pub use handler::{Decoded, FromDelivery, HandlerError, Json, Meta};
 
 use crate::{Bus, DeliveryStream, Error, Kind, Result, RetryPolicy, Subscription};
 use run::Run;
@@ -126,7 +126,10 @@ impl Consumer {
         self
     }
 
-    /// The subscription's retry policy.
+    /// The subscription's retry policy: replaces the one set with
+    /// [`Subscription::retry`] (the last call wins). After the last attempt a
+    /// failing message is dead-lettered with the reason
+    /// `gave up after N attempts: <the handler's last error>`.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.subscription = self.subscription.retry(policy);
         self
