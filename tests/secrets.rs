@@ -139,6 +139,7 @@ const ANY: &str = "/?#@&=+%: ";
 /// followed by `=` in a password) that is documented instead.
 const RAW: &str = "/?#:+";
 
+#[cfg(any(feature = "amqp", feature = "kafka"))]
 const HOSTS: &[&str] = &[
     "127.0.0.1:1",
     "127.0.0.1:99999",
