@@ -28,7 +28,8 @@
 //! | `amqp` | no | RabbitMQ through lapin (crate `polybus-amqp`, as `polybus::amqp`) | `amqp[s]://user:pass@host:5672[,host2:5672]/vhost` |
 //! | `kafka` | no | Kafka through rdkafka, bundled librdkafka (crate `polybus-kafka`, as `polybus::kafka`) | `kafka://host:9092[,host2:9092][?partitions=3&compression=lz4&…]` |
 //! | `msgpack` | no | the MessagePack codec (`polybus::MsgPack`) | |
-//! | `full` | no | every backend (memory, amqp, kafka) and msgpack | |
+//! | `testing` | no | `polybus::testing`: a recording test bus for services' tests (needs `memory`) | |
+//! | `full` | no | every backend (memory, amqp, kafka), msgpack and testing | |
 //!
 //! No broker client is compiled by default.
 //!
@@ -57,6 +58,9 @@ pub use polybus_core::MsgPack;
 
 #[cfg(feature = "memory")]
 pub use polybus_memory as memory;
+
+#[cfg(feature = "testing")]
+pub mod testing;
 
 #[cfg(feature = "amqp")]
 pub use polybus_amqp as amqp;

@@ -111,6 +111,16 @@ impl Delivery {
         self.message.clone()
     }
 
+    /// See [`DeliveryExt::wrap_acker`](crate::backend::DeliveryExt::wrap_acker).
+    pub(crate) fn wrap_acker(
+        mut self,
+        wrap: impl FnOnce(Box<dyn Acker>) -> Box<dyn Acker>,
+    ) -> Self {
+        let acker = self.take_acker();
+        self.acker = Some(wrap(acker));
+        self
+    }
+
     fn take_acker(&mut self) -> Box<dyn Acker> {
         self.acker
             .take()

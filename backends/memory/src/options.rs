@@ -39,6 +39,17 @@ impl MemoryOptions {
         self
     }
 
+    /// The broker's name; `None` for a private broker.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// Named `name` if it has no name yet: a private broker that can be joined.
+    pub fn or_named(mut self, name: impl Into<String>) -> Self {
+        self.name.get_or_insert_with(|| name.into());
+        self
+    }
+
     /// Parse a `memory://[NAME][?max_payload=BYTES]` URL.
     ///
     /// The URL is read by [`polybus_core::backend::url`]: NAME and the query are

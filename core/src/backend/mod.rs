@@ -161,5 +161,38 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     }
 }
 
+// A boxed backend is a backend, so a backend that wraps another (a recorder,
+// tracing) can wrap whichever one a URL names.
+#[async_trait]
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
+    }
+
+    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
+        (**self).publish(topic, message)
+    }
+
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<Message>,
+    ) -> Vec<Result<Receipt, PublishError>> {
+        (**self).publish_batch(topic, messages).await
+    }
+
+    async fn subscribe(&self, subscription: ValidSubscription) -> Result<Box<dyn DeliverySource>> {
+        (**self).subscribe(subscription).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        (**self).close().await
+    }
+}
+
 // Object safety, checked at compile time.
 const _: fn(&dyn Backend) = |_| {};

@@ -20,6 +20,10 @@ pub trait DeliveryExt: Sized {
         redelivered: bool,
         acker: Box<dyn Acker>,
     ) -> Self;
+
+    /// The same delivery, settled through `wrap(acker)`: for a backend that wraps
+    /// another (recording, tracing), to see each settlement on its way.
+    fn wrap_acker(self, wrap: impl FnOnce(Box<dyn Acker>) -> Box<dyn Acker>) -> Self;
 }
 
 impl DeliveryExt for Delivery {
@@ -31,6 +35,10 @@ impl DeliveryExt for Delivery {
         acker: Box<dyn Acker>,
     ) -> Delivery {
         Delivery::assemble(message, topic, attempt, redelivered, acker)
+    }
+
+    fn wrap_acker(self, wrap: impl FnOnce(Box<dyn Acker>) -> Box<dyn Acker>) -> Self {
+        Delivery::wrap_acker(self, wrap)
     }
 }
 
