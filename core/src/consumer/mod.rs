@@ -53,9 +53,16 @@ pub use handler::{Decoded, FromDelivery, HandlerError, Json, Meta};
 use crate::{Bus, DeliveryStream, Error, Kind, Result, RetryPolicy, Subscription};
 use run::Run;
 
-/// What a run did, counted by outcome.
+/// What a run did, counted by outcome. Compare it in a test with a literal
+/// that ends in `..Stats::default()`, so new counters added later do not break
+/// the test:
+///
+/// ```
+/// use polybus_core::consumer::Stats;
+/// let expected = Stats { acked: 2, dead_lettered: 1, ..Stats::default() };
+/// assert_eq!(expected.nacked, 0);
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct Stats {
     /// Handled and acked.
     pub acked: u64,
