@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use polybus::consumer::{Consumer, HandlerError, Json};
+use polybus::Json;
+use polybus::consumer::{Consumer, HandlerError};
 use polybus::middleware::CircuitBreaker;
 use polybus::{Message, RetryPolicy, Subscription};
 use serde::{Deserialize, Serialize};
@@ -33,31 +34,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let breaker = CircuitBreaker::new().failure_threshold(10);
     let welcome = Subscription::new("user.created").group("welcome-email");
     // `start` returns once the group is live: what is published next is handled.
-    let running = {
-        let (sends, breaker) = (sends.clone(), breaker.clone());
-        Consumer::new(bus.clone(), welcome)
-            .retry(RetryPolicy::exponential(Duration::from_millis(20)).max_attempts(3))
-            .concurrency(4)
-            .handler_timeout(Duration::from_secs(2))
-            .grace(Duration::from_secs(5))
-            .start(move |Json(user): Json<User>| {
-                let (sends, breaker) = (sends.clone(), breaker.clone());
-                async move {
-                    // The breaker guards the mail server: fail fast while it is down.
-                    let permit = breaker.acquire().map_err(HandlerError::retry)?;
-                    sends.fetch_add(1, Ordering::SeqCst);
-                    if user.email.starts_with("bounce") {
-                        permit.failure();
-                        println!("mail to {} failed; it will be retried", user.email);
-                        return Err(HandlerError::retry("smtp 451: try again later"));
-                    }
-                    permit.success();
-                    println!("welcome mail sent to {}", user.email);
-                    Ok(())
+    let running = Consumer::new(bus.clone(), welcome)
+        .retry(RetryPolicy::exponential(Duration::from_millis(20)).max_attempts(3))
+        .concurrency(4)
+        .handler_timeout(Duration::from_secs(2))
+        .grace(Duration::from_secs(5))
+        // The state every call shares: no clone in the handler.
+        .start_with(
+            (sends.clone(), breaker.clone()),
+            |(sends, breaker): (Arc<AtomicU32>, CircuitBreaker), Json(user): Json<User>| async move {
+                // The breaker guards the mail server: fail fast while it is down.
+                let permit = breaker.acquire().map_err(HandlerError::retry)?;
+                sends.fetch_add(1, Ordering::SeqCst);
+                if user.email.starts_with("bounce") {
+                    permit.failure();
+                    println!("mail to {} failed; it will be retried", user.email);
+                    return Err(HandlerError::retry("smtp 451: try again later"));
                 }
-            })
-            .await?
-    };
+                permit.success();
+                println!("welcome mail sent to {}", user.email);
+                Ok(())
+            },
+        )
+        .await?;
 
     for (id, email) in [("u1", "alice@example.com"), ("u2", "bounce@example.com")] {
         let user = User {

@@ -238,6 +238,48 @@ impl Consumer {
         })
     }
 
+    /// [`start`](Self::start) with shared state: each call gets `state` (cloned;
+    /// make it an `Arc` or a handle that is cheap to clone) and the extracted
+    /// argument, so the handler needs no clone of its own.
+    ///
+    /// ```
+    /// # async fn demo(bus: polybus_core::Bus) -> polybus_core::Result<()> {
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    /// use polybus_core::consumer::Consumer;
+    /// use polybus_core::{Message, Subscription};
+    ///
+    /// let billed = Arc::new(AtomicU64::new(0));
+    /// let running = Consumer::new(bus, Subscription::new("order.placed").group("billing"))
+    ///     .start_with(billed.clone(), |billed: Arc<AtomicU64>, _order: Message| async move {
+    ///         billed.fetch_add(1, Ordering::Relaxed);
+    ///         Ok(())
+    ///     })
+    ///     .await?;
+    /// # running.stop().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn start_with<S, T, H, Fut>(self, state: S, handler: H) -> Result<Running>
+    where
+        S: Clone + Send + Sync + 'static,
+        T: FromDelivery,
+        H: Fn(S, T) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        self.start(move |arg: T| handler(state.clone(), arg)).await
+    }
+
+    /// [`run`](Self::run) with shared state; see [`start_with`](Self::start_with).
+    pub async fn run_with<S, T, H, Fut>(self, state: S, handler: H) -> Result<Stats>
+    where
+        S: Clone + Send + Sync + 'static,
+        T: FromDelivery,
+        H: Fn(S, T) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        self.run(move |arg: T| handler(state.clone(), arg)).await
+    }
+
     /// Subscribe with the prefetch the concurrency needs.
     async fn open(self) -> Result<(Opened, DeliveryStream)> {
         let prefetch = self
