@@ -331,7 +331,7 @@ impl Acker for ProbeAcker {
 fn outcome(settlement: &Settlement) -> Outcome {
     match settlement {
         Settlement::Ack => Outcome::Acked,
-        Settlement::DeadLetter { reason } => Outcome::DeadLettered(reason.clone()),
+        Settlement::DeadLetter(why) => Outcome::DeadLettered(why.reason.clone()),
         _ => Outcome::Nacked,
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
-use crate::backend::settle::{Acker, Settlement, nack_settlement};
+use crate::backend::settle::{Acker, DeadLetter, Settlement, nack_settlement};
 use crate::error::Result;
 use crate::message::{Codec, Message};
 use crate::topic::Topic;
@@ -83,14 +83,20 @@ impl Delivery {
         acker.settle(settlement).await
     }
 
-    /// As [`nack`](Self::nack), and if this was the last attempt, the dead letter's
-    /// reason says why the last attempt failed.
+    /// As [`nack`](Self::nack), and if this was the last attempt, the dead letter
+    /// says why the last attempt failed: its reason reads
+    /// `gave up after N attempts: <reason>`, and the header
+    /// [`LAST_ERROR`](crate::header::LAST_ERROR) holds `<reason>` alone.
     pub async fn nack_because(mut self, reason: impl std::fmt::Display) -> Result<()> {
         let acker = self.take_acker();
         let settlement = match nack_settlement(acker.retry_policy(), self.attempt) {
-            Settlement::DeadLetter { reason: gave_up } => Settlement::DeadLetter {
-                reason: format!("{gave_up}: {reason}"),
-            },
+            Settlement::DeadLetter(gave_up) => {
+                let last_error = reason.to_string();
+                Settlement::DeadLetter(DeadLetter {
+                    reason: format!("{}: {last_error}", gave_up.reason),
+                    last_error: Some(last_error),
+                })
+            }
             retry => retry,
         };
         acker.settle(settlement).await
@@ -99,9 +105,7 @@ impl Delivery {
     /// Hopeless: move it to the group's dead-letter topic with `reason`.
     pub async fn dead_letter(mut self, reason: impl Into<String>) -> Result<()> {
         self.take_acker()
-            .settle(Settlement::DeadLetter {
-                reason: reason.into(),
-            })
+            .settle(Settlement::DeadLetter(DeadLetter::because(reason)))
             .await
     }
 

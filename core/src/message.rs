@@ -234,12 +234,17 @@ impl Message {
         &self,
         topic: &str,
         attempts: u32,
-        reason: &str,
+        (reason, last_error): (&str, Option<&str>),
         group: &str,
     ) -> Message {
         let mut message = self.clone();
         let headers = message.headers_mut();
         headers.insert(header::DEAD_LETTER_REASON.into(), reason.into());
+        match last_error {
+            Some(e) => headers.insert(header::LAST_ERROR.into(), e.into()),
+            // A dead letter dead-lettered again says only why this time.
+            None => headers.remove(header::LAST_ERROR),
+        };
         headers
             .entry(header::ORIGINAL_TOPIC.into())
             .or_insert_with(|| topic.to_owned());
@@ -411,12 +416,19 @@ mod tests {
 
     #[test]
     fn a_dead_letter_keeps_its_first_original_topic() {
-        let once = Message::new("x").dead_letter_copy("user.created", 3, "bad", "billing");
+        let once = Message::new("x").dead_letter_copy("user.created", 3, ("bad", None), "billing");
         assert_eq!(once.header(header::ORIGINAL_TOPIC), Some("user.created"));
         assert_eq!(once.header(header::ATTEMPTS), Some("3"));
-        let twice = once.dead_letter_copy("polybus.dead-letter.billing", 1, "worse", "dlq");
+        let twice = once.dead_letter_copy(
+            "polybus.dead-letter.billing",
+            1,
+            ("worse", Some("boom")),
+            "dlq",
+        );
         assert_eq!(twice.header(header::ORIGINAL_TOPIC), Some("user.created"));
         assert_eq!(twice.header(header::DEAD_LETTER_REASON), Some("worse"));
+        assert_eq!(once.header(header::LAST_ERROR), None);
+        assert_eq!(twice.header(header::LAST_ERROR), Some("boom"));
         assert_eq!(twice.header(header::GROUP), Some("dlq"));
     }
 

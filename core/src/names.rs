@@ -70,6 +70,9 @@ pub mod header {
     pub const ATTEMPTS: &str = "polybus-attempts";
     /// On a dead letter: the group that dead-lettered it.
     pub const GROUP: &str = "polybus-group";
+    /// On a dead letter whose attempts ran out: the error of the last attempt
+    /// (the reason reads `gave up after N attempts: <this>`).
+    pub const LAST_ERROR: &str = "polybus-last-error";
     /// On a copy in a retry store: the topic the message was published to.
     pub const TOPIC: &str = "polybus-topic";
 

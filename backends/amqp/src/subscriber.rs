@@ -499,11 +499,11 @@ impl AmqpAcker {
         let result = match settlement {
             Settlement::Ack => self.ack().await,
             Settlement::Retry { delay } => self.retry(delay).await,
-            Settlement::DeadLetter { reason } => {
+            Settlement::DeadLetter(why) => {
                 let dead = self.message.dead_lettered(
                     self.topic.as_str(),
                     self.attempt,
-                    &reason,
+                    &why,
                     &self.shared.sub.group,
                 );
                 self.dead_letter(&dead).await

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Duration;
 
-use polybus_core::backend::{Settlement, is_exhausted_on_receipt};
+use polybus_core::backend::{DeadLetter, Settlement, is_exhausted_on_receipt};
 use polybus_core::retry::MAX_DELAY;
 use polybus_core::{Error, Message, RetryPolicy, Topic};
 use tokio::time::Instant;
@@ -140,7 +140,7 @@ pub(crate) struct Left {
 /// The result of a settlement the group accepted.
 pub(crate) struct Settled {
     /// Set for a dead letter: the entry and the reason.
-    pub(crate) dead_letter: Option<(Entry, String)>,
+    pub(crate) dead_letter: Option<(Entry, DeadLetter)>,
     /// The member is closing and waits to hear of each settlement.
     pub(crate) member_closing: bool,
 }
@@ -267,7 +267,7 @@ impl Group {
                 };
                 state.retry_after(entry, delay);
             }
-            Settlement::DeadLetter { reason } => dead_letter = Some((entry, reason)),
+            Settlement::DeadLetter(why) => dead_letter = Some((entry, why)),
             // A settlement this backend does not know is a bug in the core; keep
             // the message rather than lose it.
             #[allow(unreachable_patterns)]

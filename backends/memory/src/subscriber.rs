@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use polybus_core::backend::{
-    Acker, DeliveryExt, DeliverySource, MessageExt, SettleFuture, Settlement,
+    Acker, DeadLetter, DeliveryExt, DeliverySource, MessageExt, SettleFuture, Settlement,
     exhausted_dead_letter, wait_until,
 };
 use polybus_core::{Delivery, Error, Result, RetryPolicy, Topic, async_trait};
@@ -28,11 +28,11 @@ pub(crate) struct Member {
 }
 
 impl Member {
-    fn dead_letter(&self, entry: &Entry, reason: &str) {
+    fn dead_letter(&self, entry: &Entry, why: &DeadLetter) {
         let message = entry.message.dead_lettered(
             entry.topic.as_str(),
             entry.attempt,
-            reason,
+            why,
             self.group.name(),
         );
         self.store_dead_letter(entry, message);
@@ -63,8 +63,8 @@ impl Member {
 
     fn settle(&self, tag: u64, settlement: Settlement) -> Result<()> {
         let settled = self.group.settle(self.id, tag, settlement)?;
-        if let Some((entry, reason)) = settled.dead_letter {
-            self.dead_letter(&entry, &reason);
+        if let Some((entry, why)) = settled.dead_letter {
+            self.dead_letter(&entry, &why);
         }
         if settled.member_closing {
             self.settled.notify_waiters();

@@ -109,7 +109,7 @@ pub use future::BackendFuture;
 pub use gate::wait_until;
 pub use parts::{DeliveryExt, MessageExt, TopicCache, TopicExt};
 pub use settle::{
-    Acker, SettleFuture, Settlement, exhausted_dead_letter, is_exhausted_on_receipt,
+    Acker, DeadLetter, SettleFuture, Settlement, exhausted_dead_letter, is_exhausted_on_receipt,
     spawn_settlement,
 };
 pub use source::DeliverySource;

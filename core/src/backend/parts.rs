@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 
-use crate::backend::settle::Acker;
+use crate::backend::settle::{Acker, DeadLetter};
 use crate::delivery::Delivery;
 use crate::message::Message;
 use crate::topic::Topic;
@@ -49,11 +49,12 @@ pub trait MessageExt: Sized {
     /// [`Message::new`], it makes no id and reads no clock.
     fn from_record(payload: impl Into<Bytes>) -> Self;
 
-    /// The dead letter of this message (C7): a copy with why, where from, after
-    /// how many deliveries and from which group. A dead letter dead-lettered
-    /// again keeps the topic it was first published to. Every backend calls
-    /// this, so the headers are the same everywhere.
-    fn dead_lettered(&self, topic: &str, attempts: u32, reason: &str, group: &str) -> Message;
+    /// The dead letter of this message (C7): a copy with why (`why`'s reason
+    /// and last error), where from, after how many deliveries and from which
+    /// group. A dead letter dead-lettered again keeps the topic it was first
+    /// published to. Every backend calls this, so the headers are the same
+    /// everywhere.
+    fn dead_lettered(&self, topic: &str, attempts: u32, why: &DeadLetter, group: &str) -> Message;
 }
 
 impl MessageExt for Message {
@@ -61,8 +62,9 @@ impl MessageExt for Message {
         Message::empty_record(payload.into())
     }
 
-    fn dead_lettered(&self, topic: &str, attempts: u32, reason: &str, group: &str) -> Message {
-        self.dead_letter_copy(topic, attempts, reason, group)
+    fn dead_lettered(&self, topic: &str, attempts: u32, why: &DeadLetter, group: &str) -> Message {
+        let why = (why.reason.as_str(), why.last_error.as_deref());
+        self.dead_letter_copy(topic, attempts, why, group)
     }
 }
 

@@ -22,11 +22,30 @@ pub enum Settlement {
         /// How long the broker holds the message back first.
         delay: Duration,
     },
-    /// Move to the group's dead-letter topic.
-    DeadLetter {
-        /// Why; carried in the `polybus-dead-letter-reason` header.
-        reason: String,
-    },
+    /// Move to the group's dead-letter topic, for the reason given.
+    DeadLetter(DeadLetter),
+}
+
+/// Why a message is dead-lettered: what its dead letter's headers say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// Carried in `polybus-dead-letter-reason`: the caller's reason, or
+    /// `gave up after N attempts: <last error>` when the attempts ran out.
+    pub reason: String,
+    /// Carried in `polybus-last-error`: the error of the last attempt, when the
+    /// attempts ran out after failures with a known error.
+    pub last_error: Option<String>,
+}
+
+impl DeadLetter {
+    /// Dead-lettered for `reason`.
+    pub fn because(reason: impl Into<String>) -> Self {
+        DeadLetter {
+            reason: reason.into(),
+            last_error: None,
+        }
+    }
 }
 
 /// What [`Acker::settle`] returns.
@@ -52,9 +71,7 @@ pub trait Acker: Send + Sync + 'static {
 /// What a `nack` of the `attempt`-th delivery amounts to under `policy`.
 pub(crate) fn nack_settlement(policy: &RetryPolicy, attempt: u32) -> Settlement {
     if policy.is_exhausted(attempt) {
-        Settlement::DeadLetter {
-            reason: gave_up(attempt),
-        }
+        Settlement::DeadLetter(DeadLetter::because(gave_up(attempt)))
     } else {
         Settlement::Retry {
             delay: policy.delay_after(attempt),
@@ -80,7 +97,7 @@ pub fn is_exhausted_on_receipt(policy: &RetryPolicy, attempt: u32) -> bool {
 /// deliveries were made, and the reason says so.
 pub fn exhausted_dead_letter(message: &Message, topic: &str, attempt: u32, group: &str) -> Message {
     let attempts = attempt.saturating_sub(1);
-    message.dead_letter_copy(topic, attempts, &gave_up(attempts), group)
+    message.dead_letter_copy(topic, attempts, (&gave_up(attempts), None), group)
 }
 
 /// Carry out a settlement from `Drop` (see [`Acker::settle_on_drop`]): spawned

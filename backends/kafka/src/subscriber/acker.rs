@@ -89,11 +89,11 @@ impl KafkaAcker {
                     }
                 }
             },
-            Settlement::DeadLetter { reason } => {
+            Settlement::DeadLetter(why) => {
                 let dead = self.record.message.dead_lettered(
                     self.record.topic.as_str(),
                     self.record.attempt,
-                    &reason,
+                    &why,
                     &self.shared.sub.group,
                 );
                 let store = self.shared.sub.dead_letter_topic.as_str().to_owned();

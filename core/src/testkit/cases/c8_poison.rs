@@ -51,6 +51,60 @@ pub async fn c8_dead_lettered_after_max_attempts(ctx: Ctx) -> CaseResult {
     Ok(())
 }
 
+/// C8: a message whose attempts ran out after failures with a known error is
+/// dead-lettered with that error in the reason and, alone, in
+/// `polybus-last-error`; an explicit dead letter carries no last error.
+pub async fn c8_the_last_error_is_kept_in_its_own_header(ctx: Ctx) -> CaseResult {
+    let group = ctx.group("g");
+    let mut s = ctx
+        .bus()
+        .subscribe(
+            Subscription::new(ctx.topic("x"))
+                .group(group.clone())
+                .retry(ctx.fast_retry().max_attempts(2)),
+        )
+        .await?;
+    ctx.bus()
+        .publish(&ctx.topic("x"), Message::new("flaky"))
+        .await?;
+    ctx.bus()
+        .publish(&ctx.topic("x"), Message::new("hopeless"))
+        .await?;
+    let mut pending = 3;
+    while pending > 0 {
+        let d = ctx.recv(&mut s).await;
+        pending -= 1;
+        if d.message().payload().as_ref() == b"hopeless" {
+            d.dead_letter("no such customer").await?;
+        } else {
+            d.nack_because("smtp 451").await?;
+        }
+    }
+    let mut dlq = ctx
+        .bus()
+        .subscribe(Subscription::dead_letters_of(&group))
+        .await?;
+    let mut dead = std::collections::BTreeMap::new();
+    for m in ctx.recv_acked(&mut dlq, 2).await {
+        let h = |name| m.header(name).map(str::to_owned);
+        let payload = String::from_utf8_lossy(m.payload()).into_owned();
+        dead.insert(
+            payload,
+            (h(header::DEAD_LETTER_REASON), h(header::LAST_ERROR)),
+        );
+    }
+    let reason = |r: &str| Some(r.to_owned());
+    assert_eq!(
+        dead["flaky"],
+        (
+            reason("gave up after 2 attempts: smtp 451"),
+            reason("smtp 451")
+        )
+    );
+    assert_eq!(dead["hopeless"], (reason("no such customer"), None));
+    Ok(())
+}
+
 /// C8 (capability `virtual-time`): the delays between attempts follow the
 /// exponential policy, to tokio's timer granularity of one millisecond.
 pub async fn c8_backoff_grows_between_attempts(ctx: Ctx) -> CaseResult {

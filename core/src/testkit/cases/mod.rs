@@ -88,6 +88,7 @@ macro_rules! __conformance_case_list {
             }
             c8_poison {
                 c8_dead_lettered_after_max_attempts,
+                c8_the_last_error_is_kept_in_its_own_header,
                 c8_backoff_grows_between_attempts,
                 c8_crash_loop_reaches_the_dead_letter_topic,
                 c8_runtime_story_panic_retry_success,
