@@ -42,6 +42,10 @@ pub async fn wait_until(
 pub(crate) struct InFlight {
     count: AtomicUsize,
     idle: Notify,
+    /// Set once somebody waits for idleness: only then does the last operation
+    /// out signal `idle` (whose waiter list takes a lock, too dear for every
+    /// message).
+    awaited: AtomicBool,
 }
 
 /// One operation in flight, until dropped.
@@ -55,13 +59,17 @@ impl InFlight {
     }
 
     async fn idle(&self) {
-        wait_until(&self.idle, None, || self.count.load(Ordering::Acquire) == 0).await;
+        // SeqCst with the guard's drop: either the drop sees `awaited` and
+        // signals, or this check sees the count it left.
+        self.awaited.store(true, Ordering::SeqCst);
+        wait_until(&self.idle, None, || self.count.load(Ordering::SeqCst) == 0).await;
     }
 }
 
 impl Drop for InFlightGuard<'_> {
     fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.awaited.load(Ordering::SeqCst)
+        {
             self.0.idle.notify_waiters();
         }
     }
