@@ -238,7 +238,7 @@ fn record<'a>(
 /// A configuration librdkafka refused. Its message may echo a setting's value,
 /// so secret values are scrubbed from it, and the cause is kept only if it shows
 /// none of them.
-fn config_error(e: KafkaError, options: &KafkaOptions) -> Error {
+pub(crate) fn config_error(e: KafkaError, options: &KafkaOptions) -> Error {
     let secrets = options.secrets();
     let (text, debug) = (e.to_string(), format!("{e:?}"));
     let shown = scrub(&text, &secrets);

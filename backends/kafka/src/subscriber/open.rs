@@ -18,7 +18,7 @@ use super::driver::drive;
 use super::pattern::regex;
 use super::rebalance::SubContext;
 use super::source::KafkaSource;
-use crate::connection::{Connector, kafka_error};
+use crate::connection::{Connector, config_error, kafka_error};
 
 /// Open a subscription: make its topics, join its group, and return once the
 /// group has assigned this member its partitions (C3).
@@ -131,7 +131,7 @@ fn join(
         .create_with_context(SubContext {
             shared: shared.clone(),
         })
-        .map_err(|e| Error::invalid_input(format!("invalid kafka consumer configuration: {e}")))?;
+        .map_err(|e| config_error(e, &shared.connector.options))?;
     let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&refs)
