@@ -31,8 +31,14 @@
 //! "idle" is exact: no group holds a message that is ready, waiting for a retry
 //! delay, or unsettled. Under `tokio::time::pause()` retry delays pass at once.
 //! [`TestBus::connect`] records on any URL, so an integration test can switch to
-//! `amqp://` or `kafka://`; there "idle" means nothing unsettled and nothing
-//! recorded for [`quiet`](TestBus::quiet) (the brokers' depths are not read).
+//! `amqp://` or `kafka://`; there "idle" means nothing unsettled, no retry still
+//! due, and nothing recorded for [`quiet`](TestBus::quiet) (the brokers' depths
+//! are not read, and their delays run in real time: do not pause time there).
+//!
+//! Recorded: settlements as the broker took them (a refused one is
+//! [`Outcome::SettleFailed`]), and a dropped delivery as the nack it is. Not
+//! recorded: what a backend dead-letters on receipt, unseen by any handler (a
+//! message whose earlier consumers all died holding it).
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -58,6 +64,9 @@ pub enum Outcome {
     Nacked,
     /// Dead-lettered, with this reason.
     DeadLettered(String),
+    /// The broker did not take the settlement (the subscription was closed, the
+    /// connection lost): the message comes again. The error, as text.
+    SettleFailed(String),
 }
 
 /// One delivery and how it ended.
@@ -84,6 +93,8 @@ struct Log {
     unsettled: usize,
     /// Publishes and settlements recorded so far: "something happened".
     events: u64,
+    /// When the last retry asked for is due: a broker holds it until then.
+    retry_due: Option<tokio::time::Instant>,
 }
 
 type Shared = Arc<Mutex<Log>>;
@@ -159,7 +170,8 @@ impl TestBus {
     }
 
     /// The messages published to topics matching `pattern` (`order.*`,
-    /// `order.placed`), in the order they were taken.
+    /// `order.placed`), in the order their publishes resolved (concurrent
+    /// publishes may resolve in another order than the broker took them).
     pub fn published(&self, pattern: &str) -> Vec<Message> {
         let pattern = Pattern::new(pattern).expect("a valid pattern");
         let log = lock(&self.log);
@@ -229,9 +241,9 @@ impl TestBus {
         let mut last_events = u64::MAX;
         let mut calm_since = tokio::time::Instant::now();
         loop {
-            let (unsettled, events) = {
+            let (unsettled, events, retry_due) = {
                 let log = lock(&self.log);
-                (log.unsettled, log.events)
+                (log.unsettled, log.events, log.retry_due)
             };
             let now = tokio::time::Instant::now();
             if events != last_events {
@@ -241,7 +253,11 @@ impl TestBus {
             let idle = unsettled == 0
                 && match &left {
                     Some(left) => left.is_empty(),
-                    None => now.duration_since(calm_since) >= self.quiet,
+                    // On a broker, a retry waits there, unseen, until it is due.
+                    None => {
+                        now.duration_since(calm_since) >= self.quiet
+                            && retry_due.is_none_or(|due| now >= due)
+                    }
                 };
             if idle {
                 return Ok(());
@@ -440,16 +456,25 @@ struct Record {
 }
 
 impl Record {
-    fn settled(self, settlement: &Settlement) {
+    /// Record how the delivery ended: `asked` if the broker took it.
+    fn settled(self, asked: &Settlement, taken: std::result::Result<(), &Error>) {
         let mut log = lock(&self.log);
         log.unsettled = log.unsettled.saturating_sub(1);
         log.events += 1;
+        let outcome = match taken {
+            Ok(()) => outcome(asked),
+            Err(e) => Outcome::SettleFailed(e.to_string()),
+        };
+        if let (Outcome::Nacked, Settlement::Retry { delay }) = (&outcome, asked) {
+            let due = tokio::time::Instant::now() + *delay;
+            log.retry_due = Some(log.retry_due.map_or(due, |d| d.max(due)));
+        }
         log.handled.push(Handled {
             group: self.group,
             topic: self.topic,
             attempt: self.attempt,
             message: self.message,
-            outcome: outcome(settlement),
+            outcome,
         });
     }
 }
@@ -464,15 +489,21 @@ impl Acker for RecordedAcker {
         self.inner.retry_policy()
     }
 
+    // Recorded once the broker answered, so a refused settlement is not an ack.
     fn settle(self: Box<Self>, settlement: Settlement) -> SettleFuture {
         let RecordedAcker { inner, record } = *self;
-        record.settled(&settlement);
-        inner.settle(settlement)
+        SettleFuture::boxed(async move {
+            let asked = settlement.clone();
+            let taken = inner.settle(settlement).await;
+            record.settled(&asked, taken.as_ref().map(|_| ()));
+            taken
+        })
     }
 
+    // A dropped delivery is a nack (C7); its outcome is not reported to anyone.
     fn settle_on_drop(self: Box<Self>, settlement: Settlement) {
         let RecordedAcker { inner, record } = *self;
-        record.settled(&settlement);
+        record.settled(&settlement, Ok(()));
         inner.settle_on_drop(settlement);
     }
 }

@@ -102,6 +102,29 @@ async fn a_handler_can_be_called_without_a_bus() {
     );
 }
 
+#[tokio::test]
+async fn a_settlement_the_broker_refused_is_recorded_as_such() {
+    use futures::StreamExt;
+    let t = TestBus::memory();
+    let mut sub = t
+        .bus()
+        .subscribe(Subscription::new("order.placed").group("billing"))
+        .await
+        .unwrap();
+    t.bus()
+        .publish("order.placed", Message::new("o1"))
+        .await
+        .unwrap();
+    let d = sub.next().await.unwrap().unwrap();
+    sub.close(Duration::ZERO).await.unwrap();
+    assert!(d.ack().await.unwrap_err().is_closed());
+    assert!(t.acked("billing").is_empty(), "a refused ack is not an ack");
+    assert!(matches!(
+        t.handled("billing")[0].outcome,
+        Outcome::SettleFailed(_)
+    ));
+}
+
 #[tokio::test(start_paused = true)]
 async fn idle_says_what_is_left_when_nothing_consumes() {
     let t = TestBus::memory().limit(Duration::from_secs(5));

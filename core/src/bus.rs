@@ -116,9 +116,14 @@ impl Bus {
             .into_iter()
             .map(|r| match r {
                 Some(refused) => refused,
-                None => outcomes
-                    .next()
-                    .expect("a backend answers every message of a batch"),
+                // The messages went to the backend; without its answer there is
+                // nothing to hand back, so a short answer is a backend bug.
+                None => outcomes.next().unwrap_or_else(|| {
+                    panic!(
+                        "the {} backend answered a batch with fewer results than messages",
+                        inner.name
+                    )
+                }),
             })
             .collect()
     }
@@ -139,6 +144,11 @@ impl Bus {
     /// Close the publishing side; see [`Publisher::close`]: new publishes and
     /// subscriptions are refused, publishes already started are waited for,
     /// then the backend flushes. Open subscriptions keep running until closed.
+    ///
+    /// A pending publish future made before `close` counts as started until it
+    /// is awaited or dropped: awaiting `close` on the task that holds such a
+    /// future, before awaiting the future, never returns. (A publish the backend
+    /// finished at once, as the in-memory broker does, is not waited for.)
     pub async fn close(&self) -> Result<()> {
         self.inner.gate.close().await;
         self.inner.backend.close().await
@@ -344,6 +354,14 @@ mod tests {
             .unwrap_err();
         assert!(e.is_closed(), "{e}");
         assert!(lock(&recorder.seen).is_empty() && lock(&recorder.batches).is_empty());
+    }
+
+    #[tokio::test]
+    async fn c10_a_finished_publish_not_yet_awaited_does_not_hold_close() {
+        let (bus, _) = bus();
+        let done = bus.publish("user.created", Message::new("x"));
+        bus.close().await.unwrap();
+        done.await.unwrap();
     }
 
     #[tokio::test]

@@ -239,9 +239,9 @@ impl Message {
     ) -> Message {
         let mut message = self.clone();
         let headers = message.headers_mut();
-        headers.insert(header::DEAD_LETTER_REASON.into(), reason.into());
+        headers.insert(header::DEAD_LETTER_REASON.into(), bounded(reason));
         match last_error {
-            Some(e) => headers.insert(header::LAST_ERROR.into(), e.into()),
+            Some(e) => headers.insert(header::LAST_ERROR.into(), bounded(e)),
             // A dead letter dead-lettered again says only why this time.
             None => headers.remove(header::LAST_ERROR),
         };
@@ -261,6 +261,21 @@ impl Message {
             self.headers.retain(|k, _| !header::is_reserved(k));
         }
     }
+}
+
+/// The longest reason or last error a dead letter carries: an error that quotes
+/// a whole response body must not make the dead letter too large to publish
+/// (AMQP headers share one frame), or it would be requeued forever (C8).
+pub(crate) const MAX_REASON: usize = 4096;
+
+fn bounded(text: &str) -> String {
+    if text.len() <= MAX_REASON {
+        return text.to_owned();
+    }
+    format!(
+        "{}…",
+        &text[..text.floor_char_boundary(MAX_REASON - '…'.len_utf8())]
+    )
 }
 
 impl fmt::Debug for Message {
@@ -429,6 +444,16 @@ mod tests {
         assert_eq!(twice.header(header::DEAD_LETTER_REASON), Some("worse"));
         assert_eq!(once.header(header::LAST_ERROR), None);
         assert_eq!(twice.header(header::LAST_ERROR), Some("boom"));
+        let long = "é".repeat(MAX_REASON);
+        let bounded = Message::new("x").dead_letter_copy("a", 1, (&long, Some(&long)), "g");
+        for name in [header::DEAD_LETTER_REASON, header::LAST_ERROR] {
+            let kept = bounded.header(name).unwrap();
+            assert!(
+                kept.len() <= MAX_REASON && kept.ends_with('…'),
+                "{name}: {}",
+                kept.len()
+            );
+        }
         assert_eq!(twice.header(header::GROUP), Some("dlq"));
     }
 

@@ -45,9 +45,13 @@ impl<'a, T> BackendFuture<'a, T> {
         }
     }
 
-    /// Count the operation as in flight until it finishes or is dropped.
+    /// Count the operation as in flight until it finishes or is dropped. An
+    /// operation already done is not counted: a future that is ready but not
+    /// awaited yet must not hold up `close`.
     pub(crate) fn guarded(mut self, guard: InFlightGuard<'a>) -> Self {
-        self.guard = Some(guard);
+        if matches!(self.inner, Either::Right(_)) {
+            self.guard = Some(guard);
+        }
         self
     }
 }

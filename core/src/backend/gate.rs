@@ -54,7 +54,7 @@ pub(crate) struct InFlightGuard<'a>(&'a InFlight);
 
 impl InFlight {
     fn enter(&self) -> InFlightGuard<'_> {
-        self.count.fetch_add(1, Ordering::AcqRel);
+        self.count.fetch_add(1, Ordering::SeqCst);
         InFlightGuard(self)
     }
 
@@ -89,8 +89,9 @@ impl Gate {
     pub(crate) fn enter(&self, what: &str, backend: &str) -> Result<InFlightGuard<'_>> {
         let guard = self.in_flight.enter();
         // Checked after counting, so `close` either sees this operation or this
-        // operation sees `closed`.
-        if self.closed.load(Ordering::Acquire) {
+        // operation sees `closed`: both sides write then read, which needs
+        // SeqCst on all four accesses (Acquire/Release would allow both to miss).
+        if self.closed.load(Ordering::SeqCst) {
             return Err(Error::closed(format!(
                 "cannot {what}: the {backend} bus is closed"
             )));
@@ -100,7 +101,7 @@ impl Gate {
 
     /// Refuse new work, then wait for the work admitted before.
     pub(crate) async fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.closed.store(true, Ordering::SeqCst);
         self.in_flight.idle().await;
     }
 

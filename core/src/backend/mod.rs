@@ -143,7 +143,8 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// before the future is first polled; see [`BackendFuture`].
     fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a>;
 
-    /// Send several checked messages, pipelined, with one result each, in order.
+    /// Send several checked messages, pipelined, with exactly one result each,
+    /// in order ([`Bus`](crate::Bus) panics, naming the backend, on fewer).
     async fn publish_batch(
         &self,
         topic: &str,

@@ -103,9 +103,9 @@ pub fn exhausted_dead_letter(message: &Message, topic: &str, attempt: u32, group
 /// Carry out a settlement from `Drop` (see [`Acker::settle_on_drop`]): spawned
 /// on `runtime`, the runtime the subscription was opened on, captured in
 /// `subscribe` with `Handle::current()`. One policy for every backend: a delivery
-/// dropped outside any runtime (a plain thread, a runtime being shut down) is
-/// still settled, and a failure is logged, since nobody is left to be told; the
-/// broker then redelivers the message.
+/// dropped outside any runtime (a plain thread) is still settled, and a failure
+/// is logged, since nobody is left to be told. Once that runtime has shut down
+/// nothing runs: the broker redelivers the message when the connection ends.
 pub fn spawn_settlement(
     runtime: &tokio::runtime::Handle,
     settle: impl std::future::Future<Output = Result<()>> + Send + 'static,

@@ -127,8 +127,12 @@ impl HandlerError {
 
 /// `?` on an error means "try again" ([`HandlerError::retry`]). Any error that
 /// converts into `Box<dyn Error + Send + Sync>` works: every `Send + Sync`
-/// error type, `anyhow::Error`, boxed errors, even a `String`. To say "never
-/// retry this", map it: `.map_err(HandlerError::permanent)?`. One exception: polybus's own errors ([`Error`](crate::Error),
+/// error type, `anyhow::Error`, boxed errors, even a `String`. The reason is the
+/// whole chain of causes (`charging the card: gateway 503`). To say "never
+/// retry this", map it: `.map_err(HandlerError::permanent)?`. One exception,
+/// found anywhere in the chain of causes (so through `anyhow`'s `.context(..)`,
+/// though not through a plain `anyhow::Error::from`, which hides its inner
+/// type): polybus's own errors ([`Error`](crate::Error),
 /// [`PublishError`](crate::PublishError)) that can never succeed on a retry of
 /// the same message become [`HandlerError::permanent`], so the message is
 /// dead-lettered at once instead of burning its attempts: invalid input, an
@@ -139,12 +143,36 @@ impl HandlerError {
 impl<E: Into<BoxError>> From<E> for HandlerError {
     fn from(e: E) -> Self {
         let e: BoxError = e.into();
-        if never_succeeds_on_retry(&*e) {
-            HandlerError::permanent(e)
+        let reason = chain(&*e);
+        if causes(&*e).any(never_succeeds_on_retry) {
+            HandlerError::permanent(reason)
         } else {
-            HandlerError::retry(e)
+            HandlerError::retry(reason)
         }
     }
+}
+
+/// `e` and its sources, outermost first.
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| e.source())
+}
+
+/// The whole chain as one reason, `outer: inner: …` (what `anyhow`'s `{:#}`
+/// shows), leaving out a cause whose text the outer one already contains.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut reason = String::new();
+    for cause in causes(e) {
+        let text = cause.to_string();
+        if !reason.contains(&text) {
+            if !reason.is_empty() {
+                reason.push_str(": ");
+            }
+            reason.push_str(&text);
+        }
+    }
+    reason
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -269,6 +297,32 @@ mod tests {
         assert_eq!(meta.headers.get("tenant").map(String::as_str), Some("acme"));
         let e = <(Meta, Json<u32>)>::from_delivery(&delivery).unwrap_err();
         assert!(e.is_decode(), "{e}");
+    }
+
+    #[test]
+    fn the_reason_is_the_whole_chain_and_context_does_not_hide_a_permanent_error() {
+        use anyhow::Context;
+        let io = || -> std::result::Result<(), HandlerError> {
+            Err(std::io::Error::other("gateway 503")).context("charging the card")?;
+            Ok(())
+        };
+        let e = io().unwrap_err();
+        assert!(!e.is_permanent());
+        assert_eq!(e.to_string(), "charging the card: gateway 503");
+        let decode = || -> std::result::Result<(), HandlerError> {
+            Err(Error::new(Kind::Decode, "not an order")).context("reading the order")?;
+            Ok(())
+        };
+        let e = decode().unwrap_err();
+        assert!(
+            e.is_permanent(),
+            "a decode error under context is still permanent"
+        );
+        assert_eq!(e.to_string(), "reading the order: not an order");
+        // An error whose text already includes its source is not repeated.
+        let p = PublishError::not_delivered(Error::closed("bus closed"), Message::new("x"));
+        let text = p.to_string();
+        assert_eq!(question_mark(p).to_string(), text);
     }
 
     #[test]
