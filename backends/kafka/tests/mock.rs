@@ -145,3 +145,29 @@ async fn c2_a_failed_offset_read_at_assignment_skips_no_backlog() {
         sub.close(Duration::ZERO).await.unwrap();
     }
 }
+
+/// C3: a private subscription whose offset reads fail still starts at "now":
+/// it has no offsets to read, and replaying the topic's history would be wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c3_a_private_subscription_starts_at_now_when_offset_reads_fail() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("history", 1, 1).unwrap();
+    let bus = polybus_kafka::connect_with(mock_bus_options(&cluster))
+        .await
+        .unwrap();
+    bus.publish("history", Message::new("old")).await.unwrap();
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetFetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED; 3],
+    );
+    let mut sub = bus.subscribe(Subscription::new("history")).await.unwrap();
+    bus.publish("history", Message::new("new")).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(
+        d.message().payload().as_ref(),
+        b"new",
+        "the history was replayed"
+    );
+    d.ack().await.unwrap();
+}

@@ -56,18 +56,26 @@ impl Shared {
     /// commit the starts the group did not have yet (so a new group's "now" is
     /// kept while no member runs), then assign.
     fn assign(&self, consumer: &BaseConsumer<SubContext>, offered: &TopicPartitionList) {
-        let (committed, group_is_new) = match self.committed_offsets(consumer, offered) {
+        let (committed, group_is_new, read) = match self.committed_offsets(consumer, offered) {
             Some(committed) => {
                 let new = self.group_is_new(&committed);
-                (committed, new)
+                (committed, new, true)
             }
-            // Not knowing where the group was must not make it new: a new group
-            // starts (and commits) at the end, which would skip its backlog for
-            // good. Read every partition from its start instead: duplicates, but
-            // at least once (C2, C9).
-            None => (offered.clone(), false),
+            // Not knowing where a durable group was must not make it new: a new
+            // group starts (and commits) at the end, which would skip its backlog
+            // for good. Read every partition from its start instead (duplicates,
+            // but at least once: C2, C9), and commit nothing, so the offsets
+            // that could not be read stay as they were. A private group needs no
+            // offsets to know it is new (it has not been assigned before).
+            None => {
+                let private_and_new = self.retry_topic.is_none() && self.group_is_new(offered);
+                (offered.clone(), private_and_new, false)
+            }
         };
-        let starts = self.starts(consumer, offered, &committed, group_is_new);
+        let mut starts = self.starts(consumer, offered, &committed, group_is_new);
+        if !read && self.retry_topic.is_some() {
+            starts.fresh = TopicPartitionList::new();
+        }
         take_over(consumer, &starts);
         self.record_assignment(starts.parts);
     }
@@ -91,7 +99,17 @@ impl Shared {
             }
         }
         for attempt in 1..=OFFSET_READS {
-            match consumer.committed_offsets(asked.clone(), REBALANCE_CALL_TIMEOUT) {
+            // A partition answered with an error reads as "none committed", which
+            // would make a durable group new: a failed read, too.
+            let read = consumer
+                .committed_offsets(asked.clone(), REBALANCE_CALL_TIMEOUT)
+                .and_then(
+                    |c| match c.elements().iter().find_map(|e| e.error().err()) {
+                        Some(e) => Err(e),
+                        None => Ok(c),
+                    },
+                );
+            match read {
                 Ok(c) => return Some(c),
                 Err(e) if attempt < OFFSET_READS => {
                     tracing::info!(error = %e, attempt, "reading committed offsets failed; asking again");
