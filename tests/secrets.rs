@@ -135,8 +135,8 @@ fn secret(specials: &'static str) -> impl Strategy<Value = String> {
 /// Characters a password must percent-encode, or may hold.
 const ANY: &str = "/?#@&=+%: ";
 /// Raw in a URL, these still leave the URL readable as one whose password holds
-/// them: see `polybus_core::backend::url` for the one ambiguous case (a raw `?`
-/// followed by `=` in a password) that is documented instead.
+/// them (a raw `?` followed by `=`, which looks like a query, is covered by
+/// `polybus_core::backend::url`'s own tests: everything up to the `@` is masked).
 const RAW: &str = "/?#:+";
 
 #[cfg(any(feature = "amqp", feature = "kafka"))]

@@ -26,8 +26,11 @@
 //! [`redact`] masks, in any string that may be a URL (even a malformed one):
 //! the password (`user:***@host`; a user name alone, which may be a token, is
 //! masked whole: `***@host`), and the value of every query key that
-//! [`is_secret_key`] flags. [`scrub`] removes known secret values from foreign
-//! text, such as a client library's error message.
+//! [`is_secret_key`] flags. When the authority holds no `@` but the URL does
+//! (a raw `/`, `?` or `#` in a password cut the authority short), everything up
+//! to the last `@` is masked: too much when an `@` only stood in a query value,
+//! never too little. [`scrub`] removes known secret values from foreign text,
+//! such as a client library's error message.
 
 use std::fmt;
 use std::str::FromStr;
@@ -98,21 +101,26 @@ pub fn redact(url: &str) -> String {
     };
     let mut out = String::with_capacity(url.len());
     out.push_str(head);
-    let tail = match credentials_end(rest) {
+    // Whether the masked credentials swallowed the `?`: then what follows them
+    // is query, and its secret values are masked too.
+    let (tail, in_query) = match credentials_end(rest) {
         Some(at) => {
             match rest[..at].split_once(':') {
-                Some((user, _)) => out.push_str(&format!("{user}:{MASK}@")),
-                None => out.push_str(&format!("{MASK}@")),
+                Some((user, _)) if !user.contains(['?', '/', '#']) => {
+                    out.push_str(&format!("{user}:{MASK}@"))
+                }
+                _ => out.push_str(&format!("{MASK}@")),
             }
-            &rest[at + 1..]
+            (&rest[at + 1..], rest[..at].contains('?'))
         }
-        None => rest,
+        None => (rest, false),
     };
     let (tail, fragment) = match tail.split_once('#') {
         Some((t, _)) => (t, Some(MASK)),
         None => (tail, None),
     };
     match tail.split_once('?') {
+        _ if in_query => out.push_str(&redact_query(tail)),
         Some((before, query)) => {
             out.push_str(before);
             out.push('?');
@@ -128,16 +136,15 @@ pub fn redact(url: &str) -> String {
 }
 
 /// Where the credentials of `rest` (a URL after `scheme://`) end: the last `@`
-/// of the authority; or, when a raw `/`, `?` or `#` in a password ended the
-/// authority early, the last `@` before the first `=` of the query.
+/// of the authority; or, when a raw `/`, `?`, `#` or `&` in a password ended the
+/// authority early (`u:p?a=b@h`), the last `@` anywhere. That masks too much when
+/// there are no credentials and a query value holds an `@`, never too little.
 fn credentials_end(rest: &str) -> Option<usize> {
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    if let Some(at) = rest[..authority_end].rfind('@') {
-        return Some(at);
+    match rest[..authority_end].rfind('@') {
+        Some(at) => Some(at),
+        None => rest.rfind('@'),
     }
-    let query = rest.find('?').unwrap_or(rest.len());
-    let first_value = rest[query..].find('=').map_or(rest.len(), |i| query + i);
-    rest[..first_value].rfind('@')
 }
 
 fn redact_query(query: &str) -> String {
@@ -293,6 +300,10 @@ impl BrokerUrl {
     /// and the values of secret query keys), for [`scrub`].
     pub fn secrets(&self) -> Vec<String> {
         let mut secrets: Vec<String> = self.password.iter().cloned().collect();
+        // A user name without a password may be a token.
+        if self.password.is_none() {
+            secrets.extend(self.user.iter().filter(|u| !u.is_empty()).cloned());
+        }
         secrets.extend(self.urls[0].password().map(str::to_owned));
         let secret_values = self.query.iter().filter(|(k, _)| is_secret_key(k));
         secrets.extend(secret_values.map(|(_, v)| v.clone()));
@@ -309,7 +320,14 @@ impl fmt::Debug for BrokerUrl {
             .collect();
         f.debug_struct("BrokerUrl")
             .field("scheme", &self.scheme)
-            .field("user", &self.user)
+            // A user name without a password may be a token.
+            .field(
+                "user",
+                &self
+                    .user
+                    .as_deref()
+                    .map(|u| if self.password.is_some() { u } else { MASK }),
+            )
             .field("password", &self.password.as_ref().map(|_| MASK))
             .field("hosts", &self.hosts)
             .field("path", &self.path)
@@ -420,6 +438,27 @@ mod tests {
     }
 
     #[test]
+    fn a_password_with_raw_delimiters_is_masked_whole() {
+        for (url, secret) in [
+            ("amqp://u:p?a=b@h/vh", "p?a=b"),
+            ("amqp://u:p/x?k=v@h/vh", "p/x?k=v"),
+            ("amqp://tok?en=1@h", "tok?en=1"),
+            ("amqp://u:se#c?x=y@h", "se#c?x=y"),
+            ("amqp://u:p&w@h", "p&w"),
+        ] {
+            let shown = redact(url);
+            assert!(!shown.contains(secret), "{url} -> {shown}");
+            if let Err(e) = parse(url) {
+                assert!(!e.to_string().contains(secret), "{url}: {e}");
+            }
+        }
+        // A lone user name may be a token: masked in Debug and in `secrets`.
+        let u = parse("amqp://t0ken@h/").unwrap();
+        assert!(!format!("{u:?}").contains("t0ken"), "{u:?}");
+        assert!(u.secrets().contains(&"t0ken".to_owned()));
+    }
+
+    #[test]
     fn parts_are_percent_decoded_and_hosts_split() {
         let u = parse("amqp://us%40r:p%2Fw+d@h1:5672,[::1]:5673/v%2Fh?x=a%26b&y&z=1+2").unwrap();
         assert_eq!(u.scheme, "amqp");
@@ -485,7 +524,9 @@ mod tests {
             ("amqp://u:p#w@h/vh", "amqp://u:***@h/vh"),
             (
                 "kafka://h?sasl.username=me@corp&SASL_PASSWORD=pw",
-                "kafka://h?sasl.username=me@corp&SASL_PASSWORD=***",
+                // An `@` with no credentials before the host: everything up to it
+                // is masked, since a raw delimiter in a password looks the same.
+                "kafka://***@corp&SASL_PASSWORD=***",
             ),
             (
                 "kafka://h?ssl.key.pem=pw&ssl.key.password=pw&sasl.oauthbearer.client.secret=pw",
