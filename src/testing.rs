@@ -95,6 +95,9 @@ struct Log {
     events: u64,
     /// When the last retry asked for is due: a broker holds it until then.
     retry_due: Option<tokio::time::Instant>,
+    /// The dead-letter stores of the subscriptions seen: what waits there is
+    /// kept until read, not work left to do.
+    stores: std::collections::HashSet<String>,
 }
 
 type Shared = Arc<Mutex<Log>>;
@@ -279,6 +282,7 @@ impl TestBus {
     /// The memory broker's groups that still hold messages; `None` on a broker.
     fn left(&self) -> Option<Vec<(String, polybus_memory::GroupDepth)>> {
         let inspector = self.inspector.as_ref()?;
+        let stores = lock(&self.log).stores.clone();
         Some(
             inspector
                 .groups()
@@ -286,7 +290,7 @@ impl TestBus {
                 .filter_map(|g| inspector.group_depth(&g).map(|d| (g, d)))
                 .filter(|(_, d)| d.ready + d.delayed + d.unsettled > 0)
                 // Dead letters wait in their store until read: that is not work.
-                .filter(|(g, _)| !g.starts_with(polybus_core::names::DEAD_LETTER_PREFIX))
+                .filter(|(g, _)| !stores.contains(g))
                 .collect(),
         )
     }
@@ -402,6 +406,9 @@ impl<B: Backend> Backend for Recorder<B> {
 
     async fn subscribe(&self, sub: ValidSubscription) -> Result<Box<dyn DeliverySource>> {
         let group = sub.group.clone();
+        lock(&self.log)
+            .stores
+            .insert(sub.dead_letter_topic.as_str().to_owned());
         let source = self.inner.subscribe(sub).await?;
         Ok(Box::new(RecordedSource {
             inner: source,

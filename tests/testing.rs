@@ -125,6 +125,28 @@ async fn a_settlement_the_broker_refused_is_recorded_as_such() {
     ));
 }
 
+/// Dead letters kept in a store of the subscription's own naming are not work
+/// left to do: the bus is idle with them there.
+#[tokio::test(start_paused = true)]
+async fn dead_letters_in_a_custom_store_leave_the_bus_idle() {
+    let t = TestBus::memory();
+    let sub = Subscription::new("order.placed")
+        .group("billing")
+        .dead_letter_topic("billing.rejects");
+    let running = Consumer::new(t.bus().clone(), sub)
+        .start(|_: Message| async { Err(HandlerError::permanent("no")) })
+        .await
+        .unwrap();
+    t.bus()
+        .publish("order.placed", Message::new("o1"))
+        .await
+        .unwrap();
+    t.idle().await.unwrap();
+    assert_eq!(t.dead_lettered("billing").len(), 1);
+    assert_eq!(t.group_depth("billing.rejects").map(|d| d.ready), Some(1));
+    running.stop().await.unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn idle_says_what_is_left_when_nothing_consumes() {
     let t = TestBus::memory().limit(Duration::from_secs(5));

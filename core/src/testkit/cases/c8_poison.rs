@@ -9,19 +9,21 @@ use futures::StreamExt;
 
 use super::support::until_consuming;
 use crate::testkit::{CaseResult, Ctx};
-use crate::{Capability, Message, RetryPolicy, Subscription, header};
+use crate::{Capability, DeliveryStream, Message, RetryPolicy, Subscription, header};
+
+/// A durable group on the case's topic `x` with fast retries and `attempts`
+/// attempts, and its name.
+async fn retrying_group(ctx: &Ctx, attempts: u32) -> crate::Result<(String, DeliveryStream)> {
+    let group = ctx.group("g");
+    let sub = Subscription::new(ctx.topic("x"))
+        .group(group.clone())
+        .retry(ctx.fast_retry().max_attempts(attempts));
+    Ok((group, ctx.bus().subscribe(sub).await?))
+}
 
 /// C8: after `max_attempts` nacks the message is dead-lettered, not requeued.
 pub async fn c8_dead_lettered_after_max_attempts(ctx: Ctx) -> CaseResult {
-    let group = ctx.group("g");
-    let mut s = ctx
-        .bus()
-        .subscribe(
-            Subscription::new(ctx.topic("x"))
-                .group(group.clone())
-                .retry(ctx.fast_retry().max_attempts(3)),
-        )
-        .await?;
+    let (group, mut s) = retrying_group(&ctx, 3).await?;
     ctx.bus()
         .publish(&ctx.topic("x"), Message::new("poison"))
         .await?;
@@ -55,15 +57,7 @@ pub async fn c8_dead_lettered_after_max_attempts(ctx: Ctx) -> CaseResult {
 /// dead-lettered with that error in the reason and, alone, in
 /// `polybus-last-error`; an explicit dead letter carries no last error.
 pub async fn c8_the_last_error_is_kept_in_its_own_header(ctx: Ctx) -> CaseResult {
-    let group = ctx.group("g");
-    let mut s = ctx
-        .bus()
-        .subscribe(
-            Subscription::new(ctx.topic("x"))
-                .group(group.clone())
-                .retry(ctx.fast_retry().max_attempts(2)),
-        )
-        .await?;
+    let (group, mut s) = retrying_group(&ctx, 2).await?;
     ctx.bus()
         .publish(&ctx.topic("x"), Message::new("flaky"))
         .await?;
