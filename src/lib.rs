@@ -46,8 +46,8 @@
 
 pub use polybus_core::{
     Bus, Capabilities, Capability, Codec, Delivery, DeliveryStream, Error, Headers, Json,
-    JsonCodec, Kind, Message, Pattern, PublishError, PublishFuture, Publisher, Receipt, Result,
-    RetryPolicy, StartFrom, Subscriber, Subscription, Topic, header,
+    JsonCodec, Kind, Message, Overflow, Pattern, PublishError, PublishFuture, Publisher, Receipt,
+    Result, RetryPolicy, StartFrom, Subscriber, Subscription, Topic, header,
 };
 pub use polybus_core::{consumer, middleware, names, rpc};
 

@@ -20,6 +20,10 @@ pub enum Capability {
     /// its prefetch never holds up the others. Kafka lacks it: a partition
     /// belongs to one member at a time, and its messages wait for that member.
     MessageBalancing,
+    /// A group can be bounded ([`Subscription::max_depth`](crate::Subscription::max_depth)):
+    /// a publish to a full group waits for room or is refused, as its
+    /// [`Overflow`](crate::Overflow) says.
+    BoundedGroups,
 }
 
 impl fmt::Display for Capability {
@@ -29,6 +33,7 @@ impl fmt::Display for Capability {
             Capability::SurvivesRestart => "survives-restart",
             Capability::VirtualTime => "virtual-time",
             Capability::MessageBalancing => "message-balancing",
+            Capability::BoundedGroups => "bounded-groups",
         })
     }
 }

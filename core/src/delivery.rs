@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
-use crate::backend::settle::{Acker, DeadLetter, Settlement, nack_settlement};
+use crate::backend::settle::{Acker, AckerRef, DeadLetter, Settlement, nack_settlement};
 use crate::error::Result;
 use crate::message::{Codec, Message};
 use crate::topic::Topic;
@@ -19,7 +19,7 @@ pub struct Delivery {
     topic: Topic,
     attempt: u32,
     redelivered: bool,
-    acker: Option<Box<dyn Acker>>,
+    acker: Option<AckerRef>,
 }
 
 impl Delivery {
@@ -29,7 +29,7 @@ impl Delivery {
         topic: Topic,
         attempt: u32,
         redelivered: bool,
-        acker: Box<dyn Acker>,
+        acker: AckerRef,
     ) -> Self {
         Delivery {
             message,
@@ -120,12 +120,12 @@ impl Delivery {
         mut self,
         wrap: impl FnOnce(Box<dyn Acker>) -> Box<dyn Acker>,
     ) -> Self {
-        let acker = self.take_acker();
-        self.acker = Some(wrap(acker));
+        let acker = self.take_acker().into_boxed();
+        self.acker = Some(AckerRef::Boxed(wrap(acker)));
         self
     }
 
-    fn take_acker(&mut self) -> Box<dyn Acker> {
+    fn take_acker(&mut self) -> AckerRef {
         self.acker
             .take()
             .expect("settlement consumes the delivery, so the acker is always present")

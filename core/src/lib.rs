@@ -57,7 +57,7 @@ pub use names::header;
 pub use publisher::{PublishFuture, Publisher, Receipt, Subscriber};
 pub use retry::RetryPolicy;
 pub use stream::DeliveryStream;
-pub use subscription::{StartFrom, Subscription};
+pub use subscription::{Overflow, StartFrom, Subscription};
 pub use topic::{Pattern, Topic};
 
 #[doc(hidden)]

@@ -67,6 +67,14 @@ impl Id {
         }
     }
 
+    /// The id's length in bytes, without reading it as a `str`.
+    fn len(&self) -> usize {
+        match self {
+            Id::Inline { len, .. } => usize::from(*len),
+            Id::Heap(id) => id.len(),
+        }
+    }
+
     fn as_str(&self) -> &str {
         match self {
             // Only ever filled from a `&str` cut at its length, so always UTF-8.
@@ -86,8 +94,21 @@ impl PartialEq for Id {
 
 impl Eq for Id {}
 
-fn now_millis() -> SystemTime {
-    truncate_to_millis(SystemTime::now())
+thread_local! {
+    // One UUIDv7 context per thread: uuid's shared context is a global mutex
+    // every publishing thread would take. Ids stay unique (a random counter
+    // seed and random bits) and ordered by their millisecond; within one
+    // millisecond, only ids made on the same thread are ordered.
+    static V7: uuid::ContextV7 = const { uuid::ContextV7::new() };
+}
+
+/// A fresh UUIDv7 id and the message's timestamp, from one read of the clock.
+fn id_and_time() -> (Id, SystemTime) {
+    let now = SystemTime::now();
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let ts = V7.with(|ctx| uuid::Timestamp::from_unix(ctx, since.as_secs(), since.subsec_nanos()));
+    let time = UNIX_EPOCH + Duration::from_millis(since.as_millis() as u64);
+    (Id::uuid(uuid::Uuid::new_v7(ts)), time)
 }
 
 fn truncate_to_millis(t: SystemTime) -> SystemTime {
@@ -101,13 +122,14 @@ impl Message {
     /// A message with `payload`, a fresh unique id (UUIDv7, so ids sort by
     /// creation time) and the current time.
     pub fn new(payload: impl Into<Bytes>) -> Self {
+        let (id, timestamp) = id_and_time();
         Message {
-            id: Id::uuid(uuid::Uuid::now_v7()),
+            id,
             key: None,
             headers: Headers::new(),
             payload: payload.into(),
             content_type: None,
-            timestamp: now_millis(),
+            timestamp,
         }
     }
 
@@ -179,6 +201,11 @@ impl Message {
     /// The id.
     pub fn id(&self) -> &str {
         self.id.as_str()
+    }
+
+    /// The id's length in bytes: for checks, which need not read it as text.
+    pub(crate) fn id_len(&self) -> usize {
+        self.id.len()
     }
 
     /// The key, if any.

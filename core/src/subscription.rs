@@ -24,6 +24,22 @@ pub enum StartFrom {
     Earliest,
 }
 
+/// What a group at its [`max_depth`](Subscription::max_depth) does with a new
+/// publish: the two overflow behaviours of a bounded RabbitMQ queue that lose
+/// nothing (`drop-head`, which discards the oldest, is not offered).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overflow {
+    /// The publisher waits for room (flow control), up to the backend's publish
+    /// timeout; past it the publish fails with a [`Timeout`](crate::Kind::Timeout)
+    /// error that hands the message back.
+    #[default]
+    Block,
+    /// The publish fails at once with a [`Refused`](crate::Kind::Refused) error
+    /// that hands the message back, as RabbitMQ's `x-overflow: reject-publish`.
+    RejectPublish,
+}
+
 /// Options of a subscription, built with named setters.
 ///
 /// ```
@@ -49,6 +65,8 @@ pub struct Subscription {
     retry: RetryPolicy,
     dead_letter_topic: Option<String>,
     start: StartFrom,
+    max_depth: Option<usize>,
+    overflow: Overflow,
 }
 
 impl Subscription {
@@ -65,6 +83,8 @@ impl Subscription {
             retry: RetryPolicy::default(),
             dead_letter_topic: None,
             start: StartFrom::Latest,
+            max_depth: None,
+            overflow: Overflow::Block,
         }
     }
 
@@ -111,6 +131,33 @@ impl Subscription {
     pub fn start_from(mut self, start: StartFrom) -> Self {
         self.start = start;
         self
+    }
+
+    /// Bound the group: it holds at most `messages` ready messages (delivered but
+    /// unsettled ones and pending retries are not counted, as RabbitMQ's
+    /// `x-max-length`). A publish to a full group waits or is refused, as
+    /// [`overflow`](Self::overflow) says. Declared with the group: a later
+    /// subscription that asks for another bound is refused. Needs
+    /// [`Capability::BoundedGroups`](crate::Capability::BoundedGroups).
+    pub fn max_depth(mut self, messages: usize) -> Self {
+        self.max_depth = Some(messages);
+        self
+    }
+
+    /// What a full group does with a publish; see [`Overflow`].
+    pub fn overflow(mut self, overflow: Overflow) -> Self {
+        self.overflow = overflow;
+        self
+    }
+
+    /// The bound asked for, if any.
+    pub fn depth_limit(&self) -> Option<usize> {
+        self.max_depth
+    }
+
+    /// The overflow behaviour asked for.
+    pub fn overflow_policy(&self) -> Overflow {
+        self.overflow
     }
 
     /// The patterns as given.

@@ -58,10 +58,10 @@ fn check_metadata(message: &Message) -> Result<()> {
             value.len()
         ))
     };
-    if message.id().is_empty() {
+    if message.id_len() == 0 {
         return Err(Error::invalid_input("a message id cannot be empty"));
     }
-    if message.id().len() > MAX_SHORT_STRING {
+    if message.id_len() > MAX_SHORT_STRING {
         return Err(too_long("id", message.id()));
     }
     if let Some(ct) = message.content_type()

@@ -109,8 +109,8 @@ pub use future::BackendFuture;
 pub use gate::wait_until;
 pub use parts::{DeliveryExt, MessageExt, TopicCache, TopicExt};
 pub use settle::{
-    Acker, DeadLetter, SettleFuture, Settlement, exhausted_dead_letter, is_exhausted_on_receipt,
-    spawn_settlement,
+    Acker, DeadLetter, SettleFuture, Settlement, TaggedAcker, exhausted_dead_letter,
+    is_exhausted_on_receipt, spawn_settlement,
 };
 pub use source::DeliverySource;
 pub use valid::ValidSubscription;

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 
-use crate::backend::settle::{Acker, DeadLetter};
+use crate::backend::settle::{Acker, AckerRef, DeadLetter, TaggedAcker};
 use crate::delivery::Delivery;
 use crate::message::Message;
 use crate::topic::Topic;
@@ -21,6 +21,17 @@ pub trait DeliveryExt: Sized {
         acker: Box<dyn Acker>,
     ) -> Self;
 
+    /// As [`new`](Self::new), settled as delivery `tag` of the shared `acker`:
+    /// no allocation per delivery.
+    fn tagged(
+        message: std::sync::Arc<Message>,
+        topic: Topic,
+        attempt: u32,
+        redelivered: bool,
+        acker: std::sync::Arc<dyn TaggedAcker>,
+        tag: u64,
+    ) -> Self;
+
     /// The same delivery, settled through `wrap(acker)`: for a backend that wraps
     /// another (recording, tracing), to see each settlement on its way.
     fn wrap_acker(self, wrap: impl FnOnce(Box<dyn Acker>) -> Box<dyn Acker>) -> Self;
@@ -34,6 +45,18 @@ impl DeliveryExt for Delivery {
         redelivered: bool,
         acker: Box<dyn Acker>,
     ) -> Delivery {
+        Delivery::assemble(message, topic, attempt, redelivered, AckerRef::Boxed(acker))
+    }
+
+    fn tagged(
+        message: std::sync::Arc<Message>,
+        topic: Topic,
+        attempt: u32,
+        redelivered: bool,
+        acker: std::sync::Arc<dyn TaggedAcker>,
+        tag: u64,
+    ) -> Delivery {
+        let acker = AckerRef::Tagged(acker, tag);
         Delivery::assemble(message, topic, attempt, redelivered, acker)
     }
 

@@ -1,6 +1,7 @@
 //! Settlement as backends see it: [`Settlement`], [`Acker`], and the one place
 //! that decides when attempts are used up (C7, C8).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::future::BackendFuture;
@@ -66,6 +67,80 @@ pub trait Acker: Send + Sync + 'static {
     /// Settle from `Drop`: must not block. A backend that needs I/O spawns it
     /// with [`spawn_settlement`].
     fn settle_on_drop(self: Box<Self>, settlement: Settlement);
+}
+
+/// The backend's half of many deliveries at once, each named by a tag: for a
+/// backend that keeps its deliveries in flight in one place (the in-memory
+/// broker's member), so a delivery costs no allocation of its own. Built with
+/// [`DeliveryExt::tagged`](crate::backend::DeliveryExt::tagged); the same
+/// rules as [`Acker`] apply to each tag.
+pub trait TaggedAcker: Send + Sync + 'static {
+    /// The retry policy of the subscription the deliveries came from.
+    fn retry_policy(&self) -> &RetryPolicy;
+
+    /// Settle delivery `tag`; see [`Acker::settle`].
+    fn settle(&self, tag: u64, settlement: Settlement) -> SettleFuture;
+
+    /// Settle delivery `tag` from `Drop`; see [`Acker::settle_on_drop`].
+    fn settle_on_drop(&self, tag: u64, settlement: Settlement);
+}
+
+/// How a delivery reaches its settler: its own [`Acker`], or a tag of a shared
+/// [`TaggedAcker`].
+pub(crate) enum AckerRef {
+    Boxed(Box<dyn Acker>),
+    Tagged(Arc<dyn TaggedAcker>, u64),
+}
+
+impl AckerRef {
+    pub(crate) fn retry_policy(&self) -> &RetryPolicy {
+        match self {
+            AckerRef::Boxed(a) => a.retry_policy(),
+            AckerRef::Tagged(a, _) => a.retry_policy(),
+        }
+    }
+
+    pub(crate) fn settle(self, settlement: Settlement) -> SettleFuture {
+        match self {
+            AckerRef::Boxed(a) => a.settle(settlement),
+            AckerRef::Tagged(a, tag) => a.settle(tag, settlement),
+        }
+    }
+
+    pub(crate) fn settle_on_drop(self, settlement: Settlement) {
+        match self {
+            AckerRef::Boxed(a) => a.settle_on_drop(settlement),
+            AckerRef::Tagged(a, tag) => a.settle_on_drop(tag, settlement),
+        }
+    }
+
+    /// As one [`Acker`], for a wrapper that needs one (this allocates).
+    pub(crate) fn into_boxed(self) -> Box<dyn Acker> {
+        match self {
+            AckerRef::Boxed(a) => a,
+            AckerRef::Tagged(acker, tag) => Box::new(OneTag { acker, tag }),
+        }
+    }
+}
+
+/// One tag of a [`TaggedAcker`] as an [`Acker`].
+struct OneTag {
+    acker: Arc<dyn TaggedAcker>,
+    tag: u64,
+}
+
+impl Acker for OneTag {
+    fn retry_policy(&self) -> &RetryPolicy {
+        self.acker.retry_policy()
+    }
+
+    fn settle(self: Box<Self>, settlement: Settlement) -> SettleFuture {
+        self.acker.settle(self.tag, settlement)
+    }
+
+    fn settle_on_drop(self: Box<Self>, settlement: Settlement) {
+        self.acker.settle_on_drop(self.tag, settlement)
+    }
 }
 
 /// What a `nack` of the `attempt`-th delivery amounts to under `policy`.

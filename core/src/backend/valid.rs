@@ -5,7 +5,7 @@ use crate::capabilities::{Capabilities, Capability};
 use crate::error::{Error, Kind, Result};
 use crate::names::{PRIVATE_DEAD_LETTERS, dead_letter_topic, private_group};
 use crate::retry::RetryPolicy;
-use crate::subscription::{MAX_PREFETCH, StartFrom, Subscription, validate_group};
+use crate::subscription::{MAX_PREFETCH, Overflow, StartFrom, Subscription, validate_group};
 use crate::topic::{Pattern, Topic};
 
 /// A checked [`Subscription`] with its defaults resolved;
@@ -26,6 +26,11 @@ pub struct ValidSubscription {
     pub dead_letter_topic: Topic,
     /// Where a new group starts.
     pub start: StartFrom,
+    /// The group's bound, if the subscription asked for one: at least 1, and only
+    /// where the backend claims [`Capability::BoundedGroups`].
+    pub max_depth: Option<usize>,
+    /// What a full group does with a publish.
+    pub overflow: Overflow,
 }
 
 impl ValidSubscription {
@@ -57,6 +62,12 @@ fn validate(
             "invalid prefetch {prefetch}: it must be between 1 and {MAX_PREFETCH}"
         )));
     }
+    let max_depth = sub.depth_limit();
+    if max_depth == Some(0) {
+        return Err(Error::invalid_input(
+            "invalid max_depth 0: a bounded group holds at least one message",
+        ));
+    }
     let (group, durable) = match sub.group_name() {
         Some(g) => {
             validate_group(g)?;
@@ -77,6 +88,8 @@ fn validate(
         retry: sub.retry_policy().clone(),
         dead_letter_topic,
         start: sub.start(),
+        max_depth,
+        overflow: sub.overflow_policy(),
     })
 }
 
@@ -96,6 +109,15 @@ pub(crate) fn validate_for(
             format!(
                 "the {backend} backend keeps no history before a group exists, so a group \
                  cannot start from the earliest message (capability `replay`)"
+            ),
+        ));
+    }
+    if sub.max_depth.is_some() && !capabilities.has(Capability::BoundedGroups) {
+        return Err(Error::new(
+            Kind::Unsupported,
+            format!(
+                "the {backend} backend does not bound its groups, so max_depth cannot be \
+                 honoured (capability `bounded-groups`)"
             ),
         ));
     }
