@@ -4,10 +4,12 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
 
-use polybus_core::{Message, Pattern, Topic};
+use polybus_core::{Error, Kind, Message, Pattern, Result, Topic};
 
-use crate::group::{Entry, Group};
+use crate::MemoryOptions;
+use crate::group::{Body, Bound, Entry, Group};
 
 /// Route-cache entries kept before the cache is cleared; bounds memory when a
 /// service publishes to very many distinct topics.
@@ -15,6 +17,10 @@ const ROUTE_CACHE_LIMIT: usize = 10_000;
 
 pub(crate) struct Broker {
     pub(crate) max_payload: usize,
+    /// The bound of a group whose subscription names none.
+    pub(crate) default_bound: Option<Bound>,
+    /// How long a publish waits for room in a full group.
+    pub(crate) publish_timeout: Duration,
     topology: RwLock<Topology>,
     seq: AtomicI64,
 }
@@ -32,28 +38,51 @@ pub(crate) struct Route {
     pub(crate) groups: Vec<Arc<Group>>,
 }
 
+/// A message a full group could not take, handed back with that group.
+pub(crate) struct Full {
+    pub(crate) group: Arc<Group>,
+    pub(crate) message: Message,
+}
+
+/// The bound a declaration asks for.
+#[derive(Clone, Copy)]
+pub(crate) enum Declare {
+    /// The subscription named none: the group keeps the bound it has, or takes
+    /// the broker's default if new.
+    Default,
+    /// This bound, which an existing group must already have.
+    Bounded(Bound),
+    /// Never bounded: a dead-letter store, whose messages the broker holds already.
+    Unbounded,
+}
+
 /// Brokers opened by name (`memory://name`), so several connections share one.
 static NAMED: Mutex<Option<HashMap<String, Weak<Broker>>>> = Mutex::new(None);
 
 impl Broker {
-    pub(crate) fn new(max_payload: usize) -> Arc<Self> {
+    pub(crate) fn new(options: &MemoryOptions) -> Arc<Self> {
         Arc::new(Broker {
-            max_payload,
+            max_payload: options.max_payload,
+            default_bound: options.max_depth.map(|max| Bound {
+                max,
+                overflow: options.overflow,
+            }),
+            publish_timeout: options.publish_timeout,
             topology: RwLock::new(Topology::default()),
             seq: AtomicI64::new(0),
         })
     }
 
-    /// The broker called `name`, created on first use and kept while any
-    /// connection to it is open.
-    pub(crate) fn named(name: &str, max_payload: usize) -> Arc<Self> {
+    /// The broker called `name`, created on first use (with `options`) and kept
+    /// while any connection to it is open.
+    pub(crate) fn named(name: &str, options: &MemoryOptions) -> Arc<Self> {
         let mut registry = polybus_core::backend::lock(&NAMED);
         let map = registry.get_or_insert_with(HashMap::new);
         if let Some(broker) = map.get(name).and_then(Weak::upgrade) {
             return broker;
         }
         map.retain(|_, b| b.strong_count() > 0);
-        let broker = Broker::new(max_payload);
+        let broker = Broker::new(options);
         map.insert(name.to_owned(), Arc::downgrade(&broker));
         broker
     }
@@ -89,41 +118,94 @@ impl Broker {
         route
     }
 
-    /// Put `message` on every group `topic` reaches. Unroutable messages are
+    /// Put `message` on every group `topic` reaches, or on none if one of them
+    /// is full: then it is handed back with that group. Unroutable messages are
     /// dropped, as a topic exchange drops them.
-    pub(crate) fn enqueue(&self, topic: &str, message: Message) {
+    ///
+    /// With several groups, all are checked before any is given the message, so
+    /// a refused publish is in none of them; two publishers racing for the last
+    /// room may both get in and overshoot the bound by one each. (RabbitMQ
+    /// instead enqueues to the queues with room and nacks the publish.)
+    pub(crate) fn enqueue(&self, topic: &str, message: Message) -> Result<(), Full> {
         let route = self.route(topic);
         if route.groups.is_empty() {
             tracing::trace!(topic, "no group matches; message dropped");
-            return;
+            return Ok(());
+        }
+        if let [group] = route.groups.as_slice() {
+            return group
+                .try_push(Entry::new(Body::Owned(message), route.topic.clone()))
+                .map_err(|entry| Full {
+                    group: group.clone(),
+                    message: entry.message.into_message(),
+                });
+        }
+        if let Some(group) = route.groups.iter().find(|g| g.is_full()) {
+            return Err(Full {
+                group: group.clone(),
+                message,
+            });
         }
         let message = Arc::new(message);
         for group in &route.groups {
-            group.push(Entry::new(message.clone(), route.topic.clone()));
+            group.push(Entry::new(
+                Body::Shared(message.clone()),
+                route.topic.clone(),
+            ));
         }
+        Ok(())
     }
 
     /// Put a dead letter straight into the store named `store` (a durable group),
     /// bypassing topic routing, so no wildcard group ever receives it.
     pub(crate) fn dead_letter(&self, store: &str, message: Message, topic: Topic) {
-        let group = self.declare_group(store, true, &[]);
-        group.push(Entry::new(Arc::new(message), topic));
+        match self.declare_group(store, true, &[], Declare::Unbounded) {
+            Ok(group) => group.push(Entry::new(Body::Owned(message), topic)),
+            // Unbounded declarations are never refused.
+            Err(e) => tracing::error!(store, error = %e, "dead letter not stored"),
+        }
     }
 
     /// The group `name`, created if new, bound to `patterns` (bindings accumulate,
-    /// as queue bindings do on AMQP).
+    /// as queue bindings do on AMQP). An existing group declared with another
+    /// bound is refused, as RabbitMQ refuses a queue redeclared with other
+    /// arguments (`PRECONDITION_FAILED`).
     pub(crate) fn declare_group(
         &self,
         name: &str,
         durable: bool,
         patterns: &[Pattern],
-    ) -> Arc<Group> {
+        bound: Declare,
+    ) -> Result<Arc<Group>> {
         let mut topology = self.topology.write().unwrap_or_else(|p| p.into_inner());
-        let group = topology
-            .groups
-            .entry(name.to_owned())
-            .or_insert_with(|| Arc::new(Group::new(name.to_owned(), durable)))
-            .clone();
+        let group = match topology.groups.get(name) {
+            Some(group) => {
+                if let Declare::Bounded(asked) = bound
+                    && group.bound() != Some(asked)
+                {
+                    return Err(Error::new(
+                        Kind::Refused,
+                        format!(
+                            "group `{name}` exists with {}, and this subscription asks for {}: \
+                             a group's bound is fixed when it is declared",
+                            describe(group.bound()),
+                            describe(Some(asked)),
+                        ),
+                    ));
+                }
+                group.clone()
+            }
+            None => {
+                let bound = match bound {
+                    Declare::Default => self.default_bound,
+                    Declare::Bounded(b) => Some(b),
+                    Declare::Unbounded => None,
+                };
+                let group = Arc::new(Group::new(name.to_owned(), durable, bound));
+                topology.groups.insert(name.to_owned(), group.clone());
+                group
+            }
+        };
         let mut changed = false;
         for pattern in patterns {
             let bound = topology
@@ -138,7 +220,7 @@ impl Broker {
         if changed {
             topology.routes.clear();
         }
-        group
+        Ok(group)
     }
 
     /// Forget an ephemeral group whose last member left.
@@ -166,5 +248,12 @@ impl Broker {
     pub(crate) fn group(&self, name: &str) -> Option<Arc<Group>> {
         let topology = self.topology.read().unwrap_or_else(|p| p.into_inner());
         topology.groups.get(name).cloned()
+    }
+}
+
+fn describe(bound: Option<Bound>) -> String {
+    match bound {
+        Some(b) => format!("max_depth {} ({:?})", b.max, b.overflow),
+        None => "no bound".to_owned(),
     }
 }

@@ -12,8 +12,36 @@
 //!
 //! URLs: `memory://` opens a new private broker; `memory://NAME` opens or joins
 //! the broker called NAME in this process (it lives while a connection to it is
-//! open); `?max_payload=BYTES` sets the payload limit (default 1 MiB, Kafka's
-//! default, the strictest of the brokers).
+//! open). The query sets the payload limit (`max_payload`, default 1 MiB, Kafka's
+//! default, the strictest of the brokers) and the groups' bound; the table is on
+//! [`MemoryOptions`].
+//!
+//! # Bounded groups
+//!
+//! A real broker pushes back on a producer that outruns its consumers; this one
+//! does too ([`Capability::BoundedGroups`]). Each group holds at most
+//! `max_depth` ready messages (100,000 by default, or as its subscription's
+//! [`Subscription::max_depth`](polybus_core::Subscription::max_depth) says).
+//! As with RabbitMQ's `x-max-length`, delivered but unsettled messages and
+//! retries waiting for their delay are not counted, and messages the broker
+//! already holds (retries, deliveries handed back by a member that left, dead
+//! letters) are never refused. A publish to a full group:
+//!
+//! - [`Overflow::Block`](polybus_core::Overflow::Block) (the default) waits,
+//!   as RabbitMQ's flow control holds a fast publisher back, until consumers
+//!   have drained the group by a quarter of its bound (so waiting publishers
+//!   resume in a batch, not one per consumed message), up to the publish
+//!   timeout (30 s by default); past it the publish fails with a
+//!   [`Timeout`](polybus_core::Kind::Timeout) error that hands the message back.
+//! - [`Overflow::RejectPublish`](polybus_core::Overflow::RejectPublish) fails
+//!   at once with a [`Refused`](polybus_core::Kind::Refused) error that hands the
+//!   message back, as RabbitMQ nacks a publish to a queue declared with
+//!   `x-overflow: reject-publish`.
+//!
+//! A message for several groups goes to all or none: if one is full, none gets
+//! it (RabbitMQ would enqueue it to the others and still nack it). A group's
+//! bound is fixed when it is declared; a subscription asking for another one is
+//! refused, as RabbitMQ refuses a queue redeclared with other arguments.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -42,14 +70,16 @@ use std::sync::Arc;
 
 use polybus_core::backend::{Backend, DeliverySource, ValidSubscription};
 use polybus_core::{
-    Bus, Capabilities, Capability, Message, PublishFuture, Receipt, Result, async_trait,
+    Bus, Capabilities, Capability, Error, Kind, Message, Overflow, PublishError, PublishFuture,
+    Receipt, Result, async_trait,
 };
 use tokio::sync::Notify;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Declare, Full};
+use crate::group::Bound;
 use crate::subscriber::{Member, MemorySource};
 
-pub use options::{DEFAULT_MAX_PAYLOAD, MemoryOptions};
+pub use options::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_PAYLOAD, DEFAULT_PUBLISH_TIMEOUT, MemoryOptions};
 
 /// A connection to an in-memory broker.
 pub struct MemoryBus {
@@ -61,8 +91,8 @@ impl MemoryBus {
     /// Open a broker with `options`.
     pub fn open(options: MemoryOptions) -> Self {
         let broker = match &options.name {
-            Some(name) => Broker::named(name, options.max_payload),
-            None => Broker::new(options.max_payload),
+            Some(name) => Broker::named(name, &options),
+            None => Broker::new(&options),
         };
         MemoryBus {
             broker,
@@ -110,8 +140,78 @@ impl fmt::Debug for MemoryBus {
         f.debug_struct("MemoryBus")
             .field("name", &self.name)
             .field("max_payload", &self.broker.max_payload)
+            .field("default_bound", &self.broker.default_bound)
             .finish()
     }
+}
+
+impl MemoryBus {
+    fn receipt(&self) -> Receipt {
+        Receipt::at(None, Some(self.broker.next_seq()))
+    }
+
+    /// Wait for room in the full group, up to the publish timeout (flow control).
+    async fn publish_when_room(
+        &self,
+        topic: &str,
+        mut full: Full,
+    ) -> Result<Receipt, PublishError> {
+        let deadline = polybus_core::retry::deadline_after(self.broker.publish_timeout);
+        loop {
+            // Enabled before the check, so a drain in between is not missed.
+            let group = full.group.clone();
+            let room = group.room();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if full.group.is_full()
+                && tokio::time::timeout_at(deadline, room).await.is_err()
+                && full.group.is_full()
+            {
+                let error = Error::new(
+                    Kind::Timeout,
+                    format!(
+                        "group `{}` stayed full ({}) for the publish timeout of {:?}; \
+                         the message was not published",
+                        full.group.name(),
+                        bound_text(full.group.bound()),
+                        self.broker.publish_timeout,
+                    ),
+                );
+                return Err(PublishError::not_delivered(error, full.message));
+            }
+            match self.broker.enqueue(topic, full.message) {
+                Ok(()) => return Ok(self.receipt()),
+                Err(f) => full = f,
+            }
+            if overflow_of(&full) == Overflow::RejectPublish {
+                return Err(refused(full));
+            }
+        }
+    }
+}
+
+fn overflow_of(full: &Full) -> Overflow {
+    full.group.bound().map_or(Overflow::Block, |b| b.overflow)
+}
+
+fn bound_text(bound: Option<Bound>) -> String {
+    bound.map_or_else(
+        || "unbounded".to_owned(),
+        |b| format!("max_depth {}", b.max),
+    )
+}
+
+/// A publish refused by a full reject-publish group, the message handed back.
+fn refused(full: Full) -> PublishError {
+    let error = Error::new(
+        Kind::Refused,
+        format!(
+            "group `{}` is full ({}, overflow reject-publish); the message was not published",
+            full.group.name(),
+            bound_text(full.group.bound()),
+        ),
+    );
+    PublishError::not_delivered(error, full.message)
 }
 
 #[async_trait]
@@ -124,30 +224,46 @@ impl Backend for MemoryBus {
         Capabilities::new()
             .with(Capability::VirtualTime)
             .with(Capability::MessageBalancing)
+            .with(Capability::BoundedGroups)
             .with_max_payload(self.broker.max_payload)
     }
 
-    // Enqueueing is the memory broker's confirm and never waits, so the answer
-    // is ready at once: no future to box.
+    // Enqueueing is the memory broker's confirm, so unless a group is full the
+    // answer is ready at once: no future to box.
     fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
-        let seq = self.broker.next_seq();
-        self.broker.enqueue(topic, message);
-        PublishFuture::ready(Ok(Receipt::at(None, Some(seq))))
+        match self.broker.enqueue(topic, message) {
+            Ok(()) => PublishFuture::ready(Ok(self.receipt())),
+            Err(full) if overflow_of(&full) == Overflow::RejectPublish => {
+                PublishFuture::ready(Err(refused(full)))
+            }
+            Err(full) => PublishFuture::boxed(self.publish_when_room(topic, full)),
+        }
     }
 
     async fn subscribe(&self, sub: ValidSubscription) -> Result<Box<dyn DeliverySource>> {
+        let bound = match sub.max_depth {
+            Some(max) => Declare::Bounded(Bound {
+                max,
+                overflow: sub.overflow,
+            }),
+            None => Declare::Default,
+        };
         let group = self
             .broker
-            .declare_group(&sub.group, sub.durable, &sub.patterns);
+            .declare_group(&sub.group, sub.durable, &sub.patterns, bound)?;
         // The dead-letter store: a durable group named after the dead-letter topic,
         // so dead letters are kept from now on until someone reads them.
-        self.broker
-            .declare_group(sub.dead_letter_topic.as_str(), true, &[]);
-        let id = group.join(sub.prefetch, sub.retry.clone());
+        self.broker.declare_group(
+            sub.dead_letter_topic.as_str(),
+            true,
+            &[],
+            Declare::Unbounded,
+        )?;
+        let slot = group.join(sub.prefetch, sub.retry.clone());
         let member = Arc::new(Member {
             broker: self.broker.clone(),
             group,
-            id,
+            slot,
             retry: sub.retry,
             dead_letter_topic: sub.dead_letter_topic,
             settled: Notify::new(),

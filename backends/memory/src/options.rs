@@ -1,17 +1,38 @@
-//! [`MemoryOptions`]: which in-process broker to open and its payload limit,
-//! parsed from a URL or built with named setters.
+//! [`MemoryOptions`]: which in-process broker to open, its payload limit and
+//! its groups' bound, parsed from a URL or built with named setters.
 
-use polybus_core::Result;
+use std::time::Duration;
+
 use polybus_core::backend::url::BrokerUrl;
+use polybus_core::{Overflow, Result};
 
 /// The default payload limit: 1 MiB.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 
+/// The default bound of a group: 100,000 ready messages, some tens of
+/// megabytes of small ones. Generous for a service, and it keeps a producer
+/// that outruns its consumers from eating the process's memory.
+pub const DEFAULT_MAX_DEPTH: usize = 100_000;
+
+/// The default time a publish waits for room in a full group: 30 s, as the
+/// other backends wait for their broker.
+pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Options of an in-memory broker.
+///
+/// | URL query | setter | default | what |
+/// |---|---|---|---|
+/// | `max_payload=BYTES` | [`max_payload`](Self::max_payload) | 1 MiB | larger payloads are refused |
+/// | `max_depth=N` or `unbounded` | [`max_depth`](Self::max_depth), [`unbounded`](Self::unbounded) | 100,000 | ready messages a group holds, unless its subscription sets [`Subscription::max_depth`](polybus_core::Subscription::max_depth) |
+/// | `overflow=block` or `reject-publish` | [`overflow`](Self::overflow) | `block` | what a publish to a full group does |
+/// | `publish_timeout_ms=MS` | [`publish_timeout`](Self::publish_timeout) | 30000 | how long a blocked publish waits for room |
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemoryOptions {
     pub(crate) name: Option<String>,
     pub(crate) max_payload: usize,
+    pub(crate) max_depth: Option<usize>,
+    pub(crate) overflow: Overflow,
+    pub(crate) publish_timeout: Duration,
 }
 
 impl Default for MemoryOptions {
@@ -19,6 +40,9 @@ impl Default for MemoryOptions {
         MemoryOptions {
             name: None,
             max_payload: DEFAULT_MAX_PAYLOAD,
+            max_depth: Some(DEFAULT_MAX_DEPTH),
+            overflow: Overflow::Block,
+            publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
         }
     }
 }
@@ -39,6 +63,34 @@ impl MemoryOptions {
         self
     }
 
+    /// Bound each group to `messages` ready messages (at least 1), unless its
+    /// subscription sets its own. A named broker keeps the bound it was
+    /// created with.
+    pub fn max_depth(mut self, messages: usize) -> Self {
+        self.max_depth = Some(messages.max(1));
+        self
+    }
+
+    /// Let groups grow without bound, as the broker did before bounds: a
+    /// producer faster than its consumers then grows the process's memory.
+    pub fn unbounded(mut self) -> Self {
+        self.max_depth = None;
+        self
+    }
+
+    /// What a publish to a full group does by default; see [`Overflow`].
+    pub fn overflow(mut self, overflow: Overflow) -> Self {
+        self.overflow = overflow;
+        self
+    }
+
+    /// How long a publish waits for room in a full group before it fails with a
+    /// [`Timeout`](polybus_core::Kind::Timeout) error handing the message back.
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
+        self
+    }
+
     /// The broker's name; `None` for a private broker.
     pub fn name(&self) -> Option<&str> {
         self.name.as_deref()
@@ -50,7 +102,8 @@ impl MemoryOptions {
         self
     }
 
-    /// Parse a `memory://[NAME][?max_payload=BYTES]` URL.
+    /// Parse a `memory://[NAME][?OPTION=VALUE&...]` URL, with the options of the
+    /// table above.
     ///
     /// The URL is read by [`polybus_core::backend::url`]: NAME and the query are
     /// percent-decoded (`memory://a%2Fb` names the broker `a/b`). It names one
@@ -70,10 +123,35 @@ impl MemoryOptions {
                 "max_payload" => {
                     options.max_payload = parsed.value(k, v, "is not a number of bytes")?
                 }
+                "max_depth" if v == "unbounded" => options.max_depth = None,
+                "max_depth" => {
+                    let n: usize =
+                        parsed.value(k, v, "is not a number of messages or `unbounded`")?;
+                    if n == 0 {
+                        return Err(parsed.invalid("max_depth must be at least 1 (or `unbounded`)"));
+                    }
+                    options.max_depth = Some(n);
+                }
+                "overflow" => {
+                    options.overflow = match v.as_str() {
+                        "block" => Overflow::Block,
+                        "reject-publish" => Overflow::RejectPublish,
+                        _ => {
+                            return Err(parsed.invalid(format!(
+                                "overflow `{v}` is not `block` or `reject-publish`"
+                            )));
+                        }
+                    }
+                }
+                "publish_timeout_ms" => {
+                    let ms: u64 = parsed.value(k, v, "is not a number of milliseconds")?;
+                    options.publish_timeout = Duration::from_millis(ms);
+                }
                 _ => {
-                    return Err(
-                        parsed.invalid(format!("unknown option `{k}` (known: max_payload)"))
-                    );
+                    return Err(parsed.invalid(format!(
+                        "unknown option `{k}` (known: max_payload, max_depth, overflow, \
+                         publish_timeout_ms)"
+                    )));
                 }
             }
         }
@@ -93,6 +171,30 @@ mod tests {
         );
         let o = MemoryOptions::from_url("memory://app?max_payload=10").unwrap();
         assert_eq!(o, MemoryOptions::named("app").max_payload(10));
+        let o = MemoryOptions::from_url(
+            "memory://?max_depth=5&overflow=reject-publish&publish_timeout_ms=250",
+        )
+        .unwrap();
+        assert_eq!(
+            o,
+            MemoryOptions::default()
+                .max_depth(5)
+                .overflow(Overflow::RejectPublish)
+                .publish_timeout(Duration::from_millis(250))
+        );
+        assert_eq!(
+            MemoryOptions::from_url("memory://?max_depth=unbounded").unwrap(),
+            MemoryOptions::default().unbounded()
+        );
+        for bad in [
+            "memory://?max_depth=0",
+            "memory://?max_depth=-1",
+            "memory://?overflow=drop-head",
+            "memory://?publish_timeout_ms=soon",
+        ] {
+            let e = MemoryOptions::from_url(bad).unwrap_err();
+            assert!(e.is_invalid_input(), "{bad}: {e}");
+        }
         let e = MemoryOptions::from_url("memory://?max_payload=ten").unwrap_err();
         assert!(
             e.is_invalid_input() && e.to_string().contains("`ten`"),

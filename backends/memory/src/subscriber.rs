@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use polybus_core::backend::{
-    Acker, DeadLetter, DeliveryExt, DeliverySource, MessageExt, SettleFuture, Settlement,
+    DeadLetter, DeliveryExt, DeliverySource, MessageExt, SettleFuture, Settlement, TaggedAcker,
     exhausted_dead_letter, wait_until,
 };
 use polybus_core::{Delivery, Error, Result, RetryPolicy, Topic, async_trait};
@@ -14,13 +14,13 @@ use tokio::sync::Notify;
 use tokio::time::Sleep;
 
 use crate::broker::Broker;
-use crate::group::{Entry, Fetch, Group};
+use crate::group::{Entry, Fetch, Group, Inflight, Slot};
 
 /// What a member's stream and all its deliveries share.
 pub(crate) struct Member {
     pub(crate) broker: Arc<Broker>,
     pub(crate) group: Arc<Group>,
-    pub(crate) id: u64,
+    pub(crate) slot: Arc<Slot>,
     pub(crate) retry: RetryPolicy,
     pub(crate) dead_letter_topic: Topic,
     /// Signalled on each settlement while the member is closing.
@@ -28,14 +28,14 @@ pub(crate) struct Member {
 }
 
 impl Member {
-    fn dead_letter(&self, entry: &Entry, why: &DeadLetter) {
-        let message = entry.message.dead_lettered(
-            entry.topic.as_str(),
-            entry.attempt,
+    fn dead_letter(&self, inflight: &Inflight, why: &DeadLetter) {
+        let message = inflight.message.dead_lettered(
+            inflight.topic.as_str(),
+            inflight.attempt,
             why,
             self.group.name(),
         );
-        self.store_dead_letter(entry, message);
+        self.store_dead_letter(inflight.message.id(), message);
     }
 
     /// Dead-letter an entry whose consumers died holding it until its attempts ran out.
@@ -46,13 +46,13 @@ impl Member {
             entry.attempt,
             self.group.name(),
         );
-        self.store_dead_letter(entry, message);
+        self.store_dead_letter(entry.message.id(), message);
     }
 
-    fn store_dead_letter(&self, entry: &Entry, message: polybus_core::Message) {
+    fn store_dead_letter(&self, message_id: &str, message: polybus_core::Message) {
         tracing::debug!(
             group = self.group.name(),
-            message_id = entry.message.id(),
+            message_id,
             reason = message.header(polybus_core::header::DEAD_LETTER_REASON),
             "dead-lettering"
         );
@@ -62,7 +62,7 @@ impl Member {
     }
 
     fn settle(&self, tag: u64, settlement: Settlement) -> Result<()> {
-        let settled = self.group.settle(self.id, tag, settlement)?;
+        let settled = self.group.settle(&self.slot, tag, settlement)?;
         if let Some((entry, why)) = settled.dead_letter {
             self.dead_letter(&entry, &why);
         }
@@ -92,7 +92,7 @@ impl MemorySource {
         if !self.left {
             self.left = true;
             let m = &self.member;
-            let left = m.group.leave(m.id);
+            let left = m.group.leave(&m.slot);
             for entry in &left.exhausted {
                 m.dead_letter_exhausted(entry);
             }
@@ -108,18 +108,15 @@ impl DeliverySource for MemorySource {
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Delivery>>> {
         let m = &self.member;
         loop {
-            match m.group.fetch(m.id, cx.waker()) {
-                Fetch::Delivered(tag, entry) => {
-                    let acker = Box::new(MemoryAcker {
-                        member: m.clone(),
+            match m.group.fetch(&m.slot, cx.waker()) {
+                Fetch::Delivered(tag, inflight) => {
+                    return Poll::Ready(Some(Ok(Delivery::tagged(
+                        inflight.message,
+                        inflight.topic,
+                        inflight.attempt,
+                        inflight.redelivered,
+                        m.clone(),
                         tag,
-                    });
-                    return Poll::Ready(Some(Ok(Delivery::new(
-                        entry.message,
-                        entry.topic,
-                        entry.attempt,
-                        entry.redelivered,
-                        acker,
                     ))));
                 }
                 Fetch::Exhausted(entry) => m.dead_letter_exhausted(&entry),
@@ -146,13 +143,17 @@ impl DeliverySource for MemorySource {
 
     async fn close(&mut self, grace: Duration) -> Result<()> {
         let m = self.member.clone();
-        m.group.set_closing(m.id);
+        m.group.set_closing(&m.slot);
         // A grace of Duration::MAX means "as long as it takes".
         let deadline = polybus_core::retry::deadline_after(grace);
-        if !wait_until(&m.settled, Some(deadline), || m.group.unsettled(m.id) == 0).await {
+        if !wait_until(&m.settled, Some(deadline), || {
+            m.group.unsettled(&m.slot) == 0
+        })
+        .await
+        {
             tracing::info!(
                 group = m.group.name(),
-                unsettled = m.group.unsettled(m.id),
+                unsettled = m.group.unsettled(&m.slot),
                 "close deadline passed; unsettled deliveries go back for redelivery"
             );
         }
@@ -167,22 +168,19 @@ impl Drop for MemorySource {
     }
 }
 
-struct MemoryAcker {
-    member: Arc<Member>,
-    tag: u64,
-}
-
-impl Acker for MemoryAcker {
+// The member settles every delivery it handed out, by tag: a delivery carries
+// a clone of the member's `Arc`, not an acker of its own.
+impl TaggedAcker for Member {
     fn retry_policy(&self) -> &RetryPolicy {
-        &self.member.retry
+        &self.retry
     }
 
-    fn settle(self: Box<Self>, settlement: Settlement) -> SettleFuture {
-        SettleFuture::ready(self.member.settle(self.tag, settlement))
+    fn settle(&self, tag: u64, settlement: Settlement) -> SettleFuture {
+        SettleFuture::ready(Member::settle(self, tag, settlement))
     }
 
-    fn settle_on_drop(self: Box<Self>, settlement: Settlement) {
+    fn settle_on_drop(&self, tag: u64, settlement: Settlement) {
         // Already handed back if the member left; nothing to do then.
-        let _: Result<(), Error> = self.member.settle(self.tag, settlement);
+        let _: Result<(), Error> = Member::settle(self, tag, settlement);
     }
 }
