@@ -4,13 +4,15 @@
 //! is the default (durable exchanges/queues, delivery mode 2). A failure returns
 //! the message and says whether it may still have been delivered."
 //!
-//! Request-reply, built on publish, is proven here too.
+//! Request-reply, built on publish, is proven here too, and so are bounded
+//! groups (capability `bounded-groups`): a publish to a full group waits for
+//! room or is refused, and hands the message back either way.
 
 use std::time::Duration;
 
 use super::support::{ids, payloads, until_consuming};
-use crate::testkit::{CaseResult, Ctx};
-use crate::{Kind, Message, Subscription};
+use crate::testkit::{CaseError, CaseResult, Ctx};
+use crate::{Capability, Kind, Message, Overflow, Subscription};
 
 /// C4: `Ok` means the broker has the message: it survives the publisher's
 /// connection going away at once.
@@ -149,5 +151,90 @@ pub async fn c4_request_reply_round_trips_and_times_out(ctx: Ctx) -> CaseResult 
     assert_eq!(err.kind(), Kind::Timeout, "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
     responder.abort();
+    Ok(())
+}
+
+/// A bounded group with one delivery held unsettled (which the bound does not
+/// count) and `max_depth` more ready: full.
+async fn full_group(
+    ctx: &Ctx,
+    overflow: Overflow,
+) -> Result<(crate::DeliveryStream, crate::Delivery), CaseError> {
+    ctx.require(Capability::BoundedGroups)?;
+    let mut sub = ctx
+        .bus()
+        .subscribe(
+            Subscription::new(ctx.topic("b"))
+                .group(ctx.group("g"))
+                .prefetch(1)
+                .max_depth(2)
+                .overflow(overflow),
+        )
+        .await?;
+    ctx.bus()
+        .publish(&ctx.topic("b"), Message::new("m0").with_key("k"))
+        .await?;
+    let held = ctx.recv(&mut sub).await;
+    for p in ["m1", "m2"] {
+        ctx.bus()
+            .publish(&ctx.topic("b"), Message::new(p).with_key("k"))
+            .await?;
+    }
+    Ok((sub, held))
+}
+
+/// C4 (bounded groups): a publish to a full `reject-publish` group fails at
+/// once as refused and hands the message back; once the group drains, the same
+/// message is taken, and nothing was lost or duplicated.
+pub async fn c4_full_group_rejects_publish_and_hands_the_message_back(ctx: Ctx) -> CaseResult {
+    let (mut sub, held) = full_group(&ctx, Overflow::RejectPublish).await?;
+    let refused = ctx
+        .bus()
+        .publish(
+            &ctx.topic("b"),
+            Message::new("m3").with_key("k").with_id("m3-id"),
+        )
+        .await
+        .expect_err("a full reject-publish group refuses");
+    assert_eq!(refused.kind(), Kind::Refused, "{refused}");
+    assert!(!refused.may_have_been_delivered(), "{refused}");
+    let m3 = refused.into_message();
+    assert_eq!((m3.id(), m3.payload().as_ref()), ("m3-id", &b"m3"[..]));
+    held.ack().await?;
+    let m1 = ctx.recv(&mut sub).await;
+    // One ready message left: room for the one handed back.
+    ctx.bus().publish(&ctx.topic("b"), m3).await?;
+    m1.ack().await?;
+    let rest = ctx.recv_acked(&mut sub, 2).await;
+    assert_eq!(payloads(&rest), ["m2", "m3"]);
+    assert_eq!(ids(&rest)[1], "m3-id");
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// C4 (bounded groups): a publish to a full `block` group (the default
+/// overflow) waits, as flow control holds a publisher back, and completes once
+/// consumers make room; its message then arrives in order.
+pub async fn c4_full_group_holds_the_publisher_until_there_is_room(ctx: Ctx) -> CaseResult {
+    let (mut sub, held) = full_group(&ctx, Overflow::Block).await?;
+    let bus = ctx.bus().clone();
+    let topic = ctx.topic("b");
+    let blocked =
+        tokio::spawn(async move { bus.publish(&topic, Message::new("m3").with_key("k")).await });
+    tokio::time::sleep(ctx.target().quiet()).await;
+    assert!(
+        !blocked.is_finished(),
+        "a publish to a full group returned at once"
+    );
+    held.ack().await?;
+    let m1 = ctx.recv(&mut sub).await;
+    tokio::time::timeout(ctx.target().patience(), blocked)
+        .await
+        .expect("the blocked publish completes once there is room")
+        .expect("the publishing task")?;
+    m1.ack().await?;
+    let rest = ctx.recv_acked(&mut sub, 2).await;
+    assert_eq!(payloads(&rest), ["m2", "m3"]);
+    ctx.expect_quiet(&mut sub).await;
     Ok(())
 }

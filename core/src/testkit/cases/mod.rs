@@ -66,6 +66,8 @@ macro_rules! __conformance_case_list {
                 c4_publish_on_closed_bus_fails_and_returns_the_message,
                 c4_batch_publish_gives_one_result_per_message_in_order,
                 c4_request_reply_round_trips_and_times_out,
+                c4_full_group_rejects_publish_and_hands_the_message_back,
+                c4_full_group_holds_the_publisher_until_there_is_room,
             }
             c5_order {
                 c5_same_key_arrives_in_order,
