@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Write BENCHMARKS.md from a real run: criterion's estimates under
-target/criterion and the latency and allocation rows the benches write to
-target/polybus-bench/<backend>.json. Nothing in the tables is typed by hand.
+target/criterion, the latency and allocation rows the benches write to
+target/polybus-bench/<backend>.json, and the peers bench's
+target/polybus-bench/peers.json. Nothing in the tables is typed by hand.
 
     python3 scripts/benchmarks.py > BENCHMARKS.md     (scripts/bench does this)
+    python3 scripts/benchmarks.py --peers             the peers section alone
 """
 import datetime
 import glob
@@ -18,6 +20,15 @@ CRITERION = os.path.join(ROOT, "target", "criterion")
 RESULTS = os.path.join(ROOT, "target", "polybus-bench")
 BACKENDS = ["memory", "amqp", "kafka"]
 SIZES = ["16B", "256B", "1024B", "65536B"]
+PEERS = os.path.join(RESULTS, "peers.json")
+# The peers bench's targets, as median ratios polybus / peer:
+# (kind, size in bytes, peer, layouts, at least).
+PEER_TARGETS = [
+    ("end_to_end", 16, "ruststream", ["spawned", "block_on"], 1.0),
+    ("end_to_end", 16, "mpsc", ["spawned", "block_on"], 0.5),
+    ("end_to_end", 1024, "ruststream", ["spawned", "block_on"], 1.2),
+    ("publish", 16, "mpsc", ["spawned", "block_on"], 0.5),
+]
 # Targets (issue 6), as ratios polybus / raw where a raw client exists.
 TARGETS = {
     ("amqp", "publish"): 0.95, ("kafka", "publish"): 0.95,
@@ -55,6 +66,105 @@ def fmt_rate(v):
     if v >= 1e3:
         return f"{v / 1e3:.1f} k"
     return f"{v:.0f}"
+
+
+def size_label(size):
+    return f"{size // 1024} KiB" if size >= 1024 and size % 1024 == 0 else f"{size} B"
+
+
+def locked_versions(names):
+    """{crate: version} for `names` as Cargo.lock pins them."""
+    out = {}
+    try:
+        with open(os.path.join(ROOT, "Cargo.lock")) as f:
+            packages = f.read().split("[[package]]")
+    except OSError:
+        return out
+    for p in packages:
+        fields = dict(line.split(" = ", 1) for line in p.strip().splitlines() if " = " in line)
+        name = fields.get("name", "").strip('"')
+        if name in names:
+            out[name] = fields.get("version", "").strip('"')
+    return out
+
+
+def peers_section(w):
+    """The in-memory broker beside its peers, from target/polybus-bench/peers.json."""
+    w("\n## In-memory broker beside its peers\n\n")
+    if not os.path.exists(PEERS):
+        w("Not run: no target/polybus-bench/peers.json "
+          "(`cargo bench --features memory --bench peers` writes it).\n")
+        return
+    with open(PEERS) as f:
+        doc = json.load(f)
+    versions = locked_versions({"ruststream", "omniqueue"})
+    peers = ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
+    w(f"`benches/peers.rs`: the same workload through polybus `memory://` (a group, prefetch "
+      f"{doc.get('prefetch', 256)}, each delivery acked), {peers or 'ruststream, omniqueue'} "
+      f"(in-memory brokers, each delivery acked) and a bounded tokio mpsc of `Bytes`. One "
+      f"producer task publishes {doc['n']:,} messages and one consumer receives and acks each, "
+      f"on a fresh 2-worker multi-thread runtime per run; `spawned` spawns both, `block_on` "
+      f"runs the consumer in `Runtime::block_on`. Publish only times the publishes while a "
+      f"subscribed consumer waits, then drains untimed. {doc['rounds']} rounds, each running "
+      f"every implementation once per table in a rotating order; msg/s is the median over "
+      f"rounds (min–max), the ratio the median of the per-round ratios polybus / impl "
+      f"(min–max), indistinguishable where the two implementations' ranges overlap.\n\n")
+    acks = doc.get("acks_short") or doc.get("acks", {})
+    rows = doc.get("rows", [])
+    ratios = {(r["layout"], r["size"], r["kind"], r["peer"]): r for r in doc.get("ratios", [])}
+    tables = []
+    for r in rows:
+        key = (r["layout"], r["size"], r["kind"])
+        if key not in tables:
+            tables.append(key)
+    for layout, size, kind in tables:
+        w(f"**{kind}, {layout}, {size_label(size)}**\n\n")
+        w("| impl | msg/s median (min–max) | polybus / impl (min–max) | ack |\n|---|---|---|---|\n")
+        for r in rows:
+            if (r["layout"], r["size"], r["kind"]) != (layout, size, kind):
+                continue
+            q = ratios.get((layout, size, kind, r["impl"]))
+            if q is None:
+                ratio = "—"
+            else:
+                ratio = f"{q['median']:.2f}× ({q['min']:.2f}–{q['max']:.2f})"
+                if q["indistinguishable"]:
+                    ratio = f"indistinguishable: {ratio}"
+            w(f"| {r['impl']} | {fmt_rate(r['median'])} ({fmt_rate(r['min'])}–"
+              f"{fmt_rate(r['max'])}) | {ratio} | {acks.get(r['impl'], '')} |\n")
+        w("\n")
+    w("Targets, on the median ratio:\n\n| target | layout | polybus / peer (min–max) | |\n"
+      "|---|---|---|---|\n")
+    for kind, size, peer, layouts, least in PEER_TARGETS:
+        for layout in layouts:
+            label = f"{kind} {size_label(size)}: ≥{least}× {peer}"
+            q = ratios.get((layout, size, kind, peer))
+            if q is None:
+                w(f"| {label} | {layout} | not run | |\n")
+                continue
+            verdict = "met" if q["median"] >= least else "missed"
+            if q["min"] < least <= q["max"]:
+                verdict += " (the rounds straddle it)"
+            w(f"| {label} | {layout} | {q['median']:.2f}× ({q['min']:.2f}–{q['max']:.2f}) | "
+              f"{verdict} |\n")
+    w(f"\nPeak RSS, spawned 16 B end to end, {doc['n']:,} messages: VmHWM of a child process "
+      "per run, reset through /proc/self/clear_refs before the run; median over rounds.\n\n")
+    w("| impl | peak MB (min–max) | resident at the start MB |\n|---|---|---|\n")
+    for r in doc.get("rss", []):
+        if r.get("peak_mb") is None:
+            w(f"| {r['impl']} | {r.get('note', 'n/a')} | |\n")
+        else:
+            w(f"| {r['impl']} | {r['peak_mb']:.1f} ({r['min_mb']:.1f}–{r['max_mb']:.1f}) | "
+              f"{r['base_mb']:.1f} |\n")
+    # The bench's order (polybus first), not the JSON map's.
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    for title, texts in [("What each ack does, from each implementation's source",
+                          doc.get("acks", {})),
+                         ("What each copies on the way", doc.get("copies", {}))]:
+        w(f"\n{title}:\n\n")
+        for name in impls + sorted(set(texts) - set(impls)):
+            if name in texts:
+                w(f"- {name}: {texts[name]}\n")
 
 
 def machine():
@@ -159,6 +269,7 @@ def main():
             d = rows["polybus"] - rows["raw"]
             w(f"| {b} | {rows['polybus']:.1f} | {rows['raw']:.1f} | {d:+.1f} "
               f"({'met' if d <= 2 else 'missed'}) |\n")
+    peers_section(w)
     notes = os.path.join(ROOT, "benches", "NOTES.md")
     if os.path.exists(notes):
         w("\n")
@@ -167,4 +278,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--peers"]:
+        peers_section(sys.stdout.write)
+    else:
+        main()
