@@ -82,7 +82,9 @@ impl Impl {
                  (at most prefetch = 256 outstanding; a full set holds further deliveries back \
                  until one settles) and wakes a consumer waiting at that limit; a delivery \
                  dropped unsettled is nacked: retried after the retry policy's delay with \
-                 attempt + 1, dead-lettered once the attempts are spent"
+                 attempt + 1, dead-lettered once the attempts are spent; the group is bounded \
+                 (10,000 ready messages by default: a publisher waits while it is full; \
+                 unbounded for publish only)"
             }
             Impl::Ruststream => {
                 "ack only takes the delivery out of the message handle (drops its Arc; the \
@@ -108,7 +110,9 @@ impl Impl {
     /// The ack column of the printed table.
     fn ack_short(self) -> &'static str {
         match self {
-            Impl::Polybus => "settles: unsettled set ≤ prefetch 256; drop → retry, dead letter",
+            Impl::Polybus => {
+                "settles: unsettled set ≤ prefetch 256; drop → retry, dead letter; bounded 10,000"
+            }
             Impl::Ruststream => "drops the handle: no unsettled set, no prefetch; drop → requeue",
             Impl::Omniqueue => "sets a flag: no unsettled set, no prefetch; drop → lost",
             Impl::Mpsc => "none; bounded 256 (N when publish only)",
@@ -119,8 +123,10 @@ impl Impl {
     fn copies(self) -> &'static str {
         match self {
             Impl::Polybus => {
-                "no payload copy: the Bytes is shared by reference count; per message a Message \
-                 (id, timestamp), the Arc<Message> its delivery and acker share, a boxed acker"
+                "no payload copy: the Bytes is shared by reference count; per message one \
+                 allocation, the Arc<Message> its delivery and the member's unsettled set share \
+                 (made at hand-out, on the consumer's thread); the message id is drawn when \
+                 first read"
             }
             Impl::Ruststream => {
                 "one payload copy per publish: OutgoingMessage::new over &[u8] copies into a \
@@ -305,7 +311,13 @@ fn run(imp: Impl, row: Row, n: usize) -> Duration {
     let (elapsed, received) = match imp {
         Impl::Polybus => {
             let (bus, mut sub) = rt.block_on(async {
-                let bus = polybus::connect("memory://").await.expect("memory bus");
+                // End to end the default bound holds the producer back, as a
+                // broker would; publish only, room for all, as for the mpsc.
+                let url = match row.kind {
+                    Kind::EndToEnd => "memory://",
+                    Kind::Publish => "memory://?max_depth=unbounded",
+                };
+                let bus = polybus::connect(url).await.expect("memory bus");
                 let sub = support::own_group(&bus, TOPIC, PREFETCH).await;
                 (bus, sub)
             });

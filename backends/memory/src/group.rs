@@ -171,6 +171,9 @@ struct Local {
     /// acks in order pop the front.
     unsettled: VecDeque<Option<Inflight>>,
     live: usize,
+    /// The tag of the next delivery to hand out: from here to the end,
+    /// `unsettled` holds messages fetched in a batch that no consumer has seen.
+    handed: u64,
     /// Woken by a settlement while the member is at its prefetch.
     waker: Option<Waker>,
     closing: bool,
@@ -181,6 +184,34 @@ impl Slot {
     fn lock(&self) -> MutexGuard<'_, Local> {
         polybus_core::backend::lock(&self.local)
     }
+}
+
+impl Local {
+    /// Fetched in a batch, not yet handed out.
+    fn unseen(&self) -> usize {
+        (self.base + self.unsettled.len() as u64 - self.handed) as usize
+    }
+
+    /// The next fetched message, handed to the consumer.
+    fn hand_out(&mut self) -> Option<Fetch> {
+        let i = usize::try_from(self.handed - self.base).ok()?;
+        let inflight = self.unsettled.get(i)?.as_ref()?.share();
+        let tag = self.handed;
+        self.handed += 1;
+        Some(Fetch::Delivered(tag, inflight))
+    }
+}
+
+/// Most messages moved from a group to a member at once.
+const BATCH: usize = 8;
+
+/// A member's reusable buffers for [`Group::fetch`], so a batch allocates
+/// nothing once warm.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    taken: VecDeque<Entry>,
+    /// Past their last attempt: the caller dead-letters them.
+    pub(crate) exhausted: Vec<Entry>,
 }
 
 struct Joined {
@@ -244,8 +275,8 @@ pub(crate) struct Group {
 /// What a member's fetch found.
 pub(crate) enum Fetch {
     Delivered(u64, Inflight),
-    /// Past its last attempt: to be dead-lettered, not delivered.
-    Exhausted(Entry),
+    /// Nothing handed out, but the group may hold more: fetch again.
+    Again,
     /// Nothing to deliver now; retry at `Some(due)` if a delayed message waits.
     Pending(Option<Instant>),
     Closed,
@@ -371,6 +402,7 @@ impl Group {
                 base: 0,
                 unsettled: VecDeque::new(),
                 live: 0,
+                handed: 0,
                 waker: None,
                 closing: false,
                 left: false,
@@ -384,19 +416,29 @@ impl Group {
         slot
     }
 
-    pub(crate) fn fetch(&self, slot: &Arc<Slot>, waker: &Waker) -> Fetch {
-        {
+    /// The member's next delivery. Messages move from the group to the member
+    /// in batches (one lock of the group, which publishers contend for, serves
+    /// many deliveries), within the member's prefetch, and wait in its slot
+    /// until handed out; they count as delivered, as messages a RabbitMQ
+    /// consumer has prefetched do. Entries found past their last attempt are
+    /// left in `scratch.exhausted`, for the caller to dead-letter.
+    pub(crate) fn fetch(&self, slot: &Arc<Slot>, waker: &Waker, scratch: &mut Scratch) -> Fetch {
+        let credit = {
             let mut local = slot.lock();
             if local.closing || local.left {
                 return Fetch::Closed;
+            }
+            if let Some(delivered) = local.hand_out() {
+                return delivered;
             }
             // At capacity, only a settlement (which wakes us) can make room.
             if local.live >= slot.prefetch {
                 register(&mut local.waker, waker);
                 return Fetch::Pending(None);
             }
-        }
-        let entry = {
+            slot.prefetch - local.live
+        };
+        {
             let mut guard = self.lock();
             let state = &mut *guard;
             if state.deleted {
@@ -410,37 +452,56 @@ impl Group {
                 let d = state.delayed.pop().expect("peeked");
                 state.ready.push_back(d.entry);
             }
-            match state.ready.pop_front() {
-                Some(entry) => {
-                    self.drained(state);
-                    entry
+            if state.ready.is_empty() {
+                if let Some(me) = state
+                    .members
+                    .iter_mut()
+                    .find(|m| Arc::ptr_eq(&m.slot, slot))
+                {
+                    register(&mut me.waker, waker);
                 }
-                None => {
-                    if let Some(me) = state
-                        .members
-                        .iter_mut()
-                        .find(|m| Arc::ptr_eq(&m.slot, slot))
-                    {
-                        register(&mut me.waker, waker);
-                    }
-                    return Fetch::Pending(state.delayed.peek().map(|d| d.due));
-                }
+                return Fetch::Pending(state.delayed.peek().map(|d| d.due));
             }
-        };
-        if is_exhausted_on_receipt(&slot.retry, entry.attempt) {
-            return Fetch::Exhausted(entry);
+            // Each member's share of what is ready, so one member does not take
+            // what its idle peers could be handling.
+            let share = state.ready.len().div_ceil(state.members.len().max(1));
+            let take = credit.min(BATCH).min(share);
+            scratch.taken.extend(state.ready.drain(..take));
+            self.drained(state);
         }
-        let inflight = Inflight {
-            message: entry.message.into_arc(),
-            topic: entry.topic,
-            attempt: entry.attempt,
-            redelivered: entry.redelivered,
-        };
+        // The shared copies are made outside the group's lock, so publishers
+        // wait for none of this.
         let mut local = slot.lock();
-        let tag = local.base + local.unsettled.len() as u64;
-        local.unsettled.push_back(Some(inflight.share()));
-        local.live += 1;
-        Fetch::Delivered(tag, inflight)
+        for entry in scratch.taken.drain(..) {
+            if is_exhausted_on_receipt(&slot.retry, entry.attempt) {
+                scratch.exhausted.push(entry);
+                continue;
+            }
+            local.unsettled.push_back(Some(Inflight {
+                message: entry.message.into_arc(),
+                topic: entry.topic,
+                attempt: entry.attempt,
+                redelivered: entry.redelivered,
+            }));
+            local.live += 1;
+        }
+        local.hand_out().unwrap_or(Fetch::Again)
+    }
+
+    /// Give the member's fetched but not yet handed out messages back to the
+    /// head of the queue, unmarked: no consumer saw them (C10).
+    pub(crate) fn give_back(&self, slot: &Arc<Slot>) {
+        let mut state = self.lock();
+        let mut local = slot.lock();
+        let unseen = local.unseen();
+        let kept = local.unsettled.len() - unseen;
+        for inflight in local.unsettled.drain(kept..).rev().flatten() {
+            state.ready.push_front(inflight.into_entry());
+        }
+        local.live -= unseen;
+        if unseen > 0 {
+            state.wake_all();
+        }
     }
 
     pub(crate) fn settle(
@@ -452,8 +513,9 @@ impl Group {
         let (inflight, member_closing) = {
             let mut guard = slot.lock();
             let local = &mut *guard;
-            let entry = tag
-                .checked_sub(local.base)
+            let entry = (tag < local.handed)
+                .then(|| tag.checked_sub(local.base))
+                .flatten()
                 .and_then(|i| usize::try_from(i).ok())
                 .and_then(|i| local.unsettled.get_mut(i))
                 .and_then(Option::take);
@@ -516,13 +578,16 @@ impl Group {
         }
     }
 
+    /// Deliveries handed out and not settled yet.
     pub(crate) fn unsettled(&self, slot: &Slot) -> usize {
-        slot.lock().live
+        let local = slot.lock();
+        local.live - local.unseen()
     }
 
     /// Remove the member; its unsettled deliveries go back to the head of the queue,
     /// in their original order, marked redelivered, except those that have now used
-    /// up the member's attempts, which are returned for dead-lettering (C8).
+    /// up the member's attempts, which are returned for dead-lettering (C8). Those
+    /// it fetched but never handed out go back as they were.
     pub(crate) fn leave(&self, slot: &Arc<Slot>) -> Left {
         let mut state = self.lock();
         let Some(at) = state
@@ -534,15 +599,21 @@ impl Group {
         };
         let joined = state.members.swap_remove(at);
         tracing::trace!(group = self.name(), member = joined.id, "member left");
-        let returned = {
+        let (returned, handed) = {
             let mut local = slot.lock();
             local.left = true;
             local.live = 0;
-            std::mem::take(&mut local.unsettled)
+            let base = local.base;
+            (std::mem::take(&mut local.unsettled), local.handed - base)
         };
         let mut exhausted = Vec::new();
-        for inflight in returned.into_iter().rev().flatten() {
-            let entry = inflight.into_entry().returned();
+        for (i, inflight) in returned.into_iter().enumerate().rev() {
+            let Some(inflight) = inflight else { continue };
+            let entry = if (i as u64) < handed {
+                inflight.into_entry().returned()
+            } else {
+                inflight.into_entry()
+            };
             if is_exhausted_on_receipt(&slot.retry, entry.attempt) {
                 exhausted.push(entry);
             } else {

@@ -20,7 +20,7 @@
 //!
 //! A real broker pushes back on a producer that outruns its consumers; this one
 //! does too ([`Capability::BoundedGroups`]). Each group holds at most
-//! `max_depth` ready messages (100,000 by default, or as its subscription's
+//! `max_depth` ready messages (10,000 by default, or as its subscription's
 //! [`Subscription::max_depth`](polybus_core::Subscription::max_depth) says).
 //! As with RabbitMQ's `x-max-length`, delivered but unsettled messages and
 //! retries waiting for their delay are not counted, and messages the broker
@@ -171,7 +171,9 @@ impl MemoryBus {
                     Kind::Timeout,
                     format!(
                         "group `{}` stayed full ({}) for the publish timeout of {:?}; \
-                         the message was not published",
+                         the message was not published (consumers are slower than \
+                         publishers: raise the bound with `max_depth`, or the timeout \
+                         with `publish_timeout_ms`)",
                         full.group.name(),
                         bound_text(full.group.bound()),
                         self.broker.publish_timeout,

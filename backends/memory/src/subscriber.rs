@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tokio::time::Sleep;
 
 use crate::broker::Broker;
-use crate::group::{Entry, Fetch, Group, Inflight, Slot};
+use crate::group::{Entry, Fetch, Group, Inflight, Scratch, Slot};
 
 /// What a member's stream and all its deliveries share.
 pub(crate) struct Member {
@@ -76,6 +76,7 @@ impl Member {
 pub(crate) struct MemorySource {
     member: Arc<Member>,
     sleep: Option<Pin<Box<Sleep>>>,
+    scratch: Scratch,
     left: bool,
 }
 
@@ -84,6 +85,7 @@ impl MemorySource {
         MemorySource {
             member,
             sleep: None,
+            scratch: Scratch::default(),
             left: false,
         }
     }
@@ -108,7 +110,11 @@ impl DeliverySource for MemorySource {
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Delivery>>> {
         let m = &self.member;
         loop {
-            match m.group.fetch(&m.slot, cx.waker()) {
+            let fetched = m.group.fetch(&m.slot, cx.waker(), &mut self.scratch);
+            for entry in self.scratch.exhausted.drain(..) {
+                m.dead_letter_exhausted(&entry);
+            }
+            match fetched {
                 Fetch::Delivered(tag, inflight) => {
                     return Poll::Ready(Some(Ok(Delivery::tagged(
                         inflight.message,
@@ -119,7 +125,7 @@ impl DeliverySource for MemorySource {
                         tag,
                     ))));
                 }
-                Fetch::Exhausted(entry) => m.dead_letter_exhausted(&entry),
+                Fetch::Again => {}
                 Fetch::Closed => return Poll::Ready(None),
                 Fetch::Pending(None) => return Poll::Pending,
                 Fetch::Pending(Some(due)) => {
@@ -144,6 +150,7 @@ impl DeliverySource for MemorySource {
     async fn close(&mut self, grace: Duration) -> Result<()> {
         let m = self.member.clone();
         m.group.set_closing(&m.slot);
+        m.group.give_back(&m.slot);
         // A grace of Duration::MAX means "as long as it takes".
         let deadline = polybus_core::retry::deadline_after(grace);
         if !wait_until(&m.settled, Some(deadline), || {

@@ -208,3 +208,63 @@ async fn members_racing_on_threads_keep_exactly_once_and_prefetch() {
     assert_eq!(seen.len(), n, "deliveries");
     assert_eq!(unique.len(), n, "distinct messages");
 }
+
+/// A member fetches ready messages in batches, within its prefetch; those it
+/// never handed out go back unmarked when it closes or crashes: only a
+/// delivery a consumer saw counts as an attempt.
+#[tokio::test]
+async fn fetched_but_unseen_messages_go_back_as_they_were() {
+    let name = unique_name();
+    let bus = polybus_memory::connect(&format!("memory://{name}")).unwrap();
+    let inspector = MemoryBus::open(MemoryOptions::named(&name));
+    let sub = || Subscription::new("x").group("g").prefetch(10);
+    let publish = |n: usize| {
+        let bus = bus.clone();
+        async move {
+            for i in 0..n {
+                bus.publish("x", Message::new(format!("m{i}")).with_key("k"))
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    // Closed: the unseen four come back as first deliveries.
+    let mut a = bus.subscribe(sub()).await.unwrap();
+    publish(5).await;
+    let first = a.next().await.unwrap().unwrap();
+    let depth = inspector.group_depth("g").unwrap();
+    assert_eq!(
+        (depth.ready, depth.unsettled),
+        (0, 5),
+        "fetched as one batch"
+    );
+    first.ack().await.unwrap();
+    a.close(Duration::ZERO).await.unwrap();
+    let mut b = bus.subscribe(sub()).await.unwrap();
+    let m1 = b.next().await.unwrap().unwrap();
+    assert_eq!(m1.message().payload().as_ref(), b"m1");
+    assert_eq!((m1.attempt(), m1.redelivered()), (1, false));
+    // Crash holding m1 unsettled, with m2..m4 fetched and unseen.
+    drop(b);
+    std::mem::forget(m1);
+    let mut c = bus.subscribe(sub()).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let d = c.next().await.unwrap().unwrap();
+        seen.push((
+            String::from_utf8(d.message().payload().to_vec()).unwrap(),
+            d.attempt(),
+            d.redelivered(),
+        ));
+        d.ack().await.unwrap();
+    }
+    assert_eq!(
+        seen,
+        [
+            ("m1".to_owned(), 2, true),
+            ("m2".to_owned(), 1, false),
+            ("m3".to_owned(), 1, false),
+            ("m4".to_owned(), 1, false),
+        ]
+    );
+}
