@@ -10,6 +10,8 @@ use std::time::Duration;
 use polybus_core::backend::{DeadLetter, Settlement, is_exhausted_on_receipt};
 use polybus_core::retry::MAX_DELAY;
 use polybus_core::{Error, Message, Overflow, RetryPolicy, Topic};
+
+use crate::queue::Ready;
 use tokio::sync::Notify;
 use tokio::sync::futures::Notified;
 use tokio::time::Instant;
@@ -223,7 +225,7 @@ struct Joined {
 
 #[derive(Default)]
 struct State {
-    ready: VecDeque<Entry>,
+    ready: Ready<Entry>,
     delayed: BinaryHeap<Delayed>,
     /// Few members per group: a vector beats a map.
     members: Vec<Joined>,
@@ -466,7 +468,9 @@ impl Group {
             // what its idle peers could be handling.
             let share = state.ready.len().div_ceil(state.members.len().max(1));
             let take = credit.min(BATCH).min(share);
-            scratch.taken.extend(state.ready.drain(..take));
+            scratch
+                .taken
+                .extend(std::iter::from_fn(|| state.ready.pop_front()).take(take));
             self.drained(state);
         }
         // The shared copies are made outside the group's lock, so publishers

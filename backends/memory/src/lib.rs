@@ -63,6 +63,7 @@
 mod broker;
 mod group;
 mod options;
+mod queue;
 mod subscriber;
 
 use std::fmt;
