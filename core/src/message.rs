@@ -3,6 +3,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -25,11 +26,14 @@ pub use crate::names::header;
 #[derive(Clone, PartialEq, Eq)]
 pub struct Message {
     id: Id,
-    key: Option<String>,
+    // Boxed strings and the timestamp as milliseconds keep the message small:
+    // queues hold it by value and it moves on every hop of the in-memory broker.
+    key: Option<Box<str>>,
     headers: Headers,
     payload: Bytes,
-    content_type: Option<String>,
-    timestamp: SystemTime,
+    content_type: Option<Box<str>>,
+    /// Milliseconds since the Unix epoch.
+    timestamp: u64,
 }
 
 /// Longest id kept inside the message: a hyphenated UUID, the id every message
@@ -38,10 +42,21 @@ const INLINE_ID: usize = 36;
 
 /// A message id. Ids up to [`INLINE_ID`] bytes live inline, so a default id costs
 /// no allocation on publish, nor on receipt where backends parse it back.
-#[derive(Clone)]
 enum Id {
-    Inline { len: u8, bytes: [u8; INLINE_ID] },
+    Inline {
+        len: u8,
+        bytes: [u8; INLINE_ID],
+    },
     Heap(Box<str>),
+    /// The UUIDv7 of a new message, for the millisecond it was made in, drawn
+    /// and rendered the first time anyone reads it (or the message is cloned,
+    /// so a clone has the same id). A message no one asks the id of (the
+    /// in-memory broker's hot path) never pays for the random bits and the
+    /// rendering, which were a tenth of a publish.
+    Lazy {
+        millis: u64,
+        text: OnceLock<[u8; INLINE_ID]>,
+    },
 }
 
 impl Id {
@@ -58,12 +73,10 @@ impl Id {
         }
     }
 
-    fn uuid(uuid: uuid::Uuid) -> Self {
-        let mut bytes = [0; INLINE_ID];
-        uuid.hyphenated().encode_lower(&mut bytes);
-        Id::Inline {
-            len: INLINE_ID as u8,
-            bytes,
+    fn lazy(millis: u64) -> Self {
+        Id::Lazy {
+            millis,
+            text: OnceLock::new(),
         }
     }
 
@@ -72,18 +85,42 @@ impl Id {
         match self {
             Id::Inline { len, .. } => usize::from(*len),
             Id::Heap(id) => id.len(),
+            Id::Lazy { .. } => INLINE_ID,
         }
     }
 
     fn as_str(&self) -> &str {
+        let inline = match self {
+            Id::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Id::Heap(id) => return id,
+            Id::Lazy { millis, text } => text.get_or_init(|| render_v7(*millis)),
+        };
+        // Only ever filled from a `&str` cut at its length, or a rendered UUID.
+        std::str::from_utf8(inline).expect("inline id is UTF-8")
+    }
+}
+
+impl Clone for Id {
+    fn clone(&self) -> Self {
         match self {
-            // Only ever filled from a `&str` cut at its length, so always UTF-8.
-            Id::Inline { len, bytes } => {
-                std::str::from_utf8(&bytes[..usize::from(*len)]).expect("inline id is UTF-8")
-            }
-            Id::Heap(id) => id,
+            Id::Inline { len, bytes } => Id::Inline {
+                len: *len,
+                bytes: *bytes,
+            },
+            Id::Heap(id) => Id::Heap(id.clone()),
+            // Drawn now, so the clone and the original share it.
+            Id::Lazy { .. } => Id::new(Cow::Borrowed(self.as_str())),
         }
     }
+}
+
+/// A hyphenated UUIDv7 for `millis` since the epoch, its other 74 bits random.
+fn render_v7(millis: u64) -> [u8; INLINE_ID] {
+    let ts =
+        uuid::Timestamp::from_unix_time(millis / 1000, (millis % 1000) as u32 * 1_000_000, 0, 0);
+    let mut bytes = [0; INLINE_ID];
+    uuid::Uuid::new_v7(ts).hyphenated().encode_lower(&mut bytes);
+    bytes
 }
 
 impl PartialEq for Id {
@@ -94,33 +131,21 @@ impl PartialEq for Id {
 
 impl Eq for Id {}
 
-thread_local! {
-    // One UUIDv7 context per thread: uuid's shared context is a global mutex
-    // every publishing thread would take. Ids stay unique (a random counter
-    // seed and random bits) and ordered by their millisecond; within one
-    // millisecond, only ids made on the same thread are ordered.
-    static V7: uuid::ContextV7 = const { uuid::ContextV7::new() };
+/// A new message's id and timestamp, from one read of the clock.
+fn id_and_time() -> (Id, u64) {
+    let millis = millis_since_epoch(SystemTime::now());
+    (Id::lazy(millis), millis)
 }
 
-/// A fresh UUIDv7 id and the message's timestamp, from one read of the clock.
-fn id_and_time() -> (Id, SystemTime) {
-    let now = SystemTime::now();
-    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let ts = V7.with(|ctx| uuid::Timestamp::from_unix(ctx, since.as_secs(), since.subsec_nanos()));
-    let time = UNIX_EPOCH + Duration::from_millis(since.as_millis() as u64);
-    (Id::uuid(uuid::Uuid::new_v7(ts)), time)
-}
-
-fn truncate_to_millis(t: SystemTime) -> SystemTime {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => UNIX_EPOCH + Duration::from_millis(d.as_millis() as u64),
-        Err(_) => UNIX_EPOCH,
-    }
+/// `t` in whole milliseconds since the Unix epoch; earlier times are the epoch.
+fn millis_since_epoch(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Message {
-    /// A message with `payload`, a fresh unique id (UUIDv7, so ids sort by
-    /// creation time) and the current time.
+    /// A message with `payload`, a fresh unique id (UUIDv7, so ids sort by the
+    /// millisecond they were made in) and the current time.
     pub fn new(payload: impl Into<Bytes>) -> Self {
         let (id, timestamp) = id_and_time();
         Message {
@@ -141,7 +166,7 @@ impl Message {
             headers: Headers::new(),
             payload,
             content_type: None,
-            timestamp: UNIX_EPOCH,
+            timestamp: 0,
         }
     }
 
@@ -176,7 +201,7 @@ impl Message {
     /// Set the key. Messages with the same key keep their order (C5); on Kafka the
     /// key picks the partition.
     pub fn with_key(mut self, key: impl Into<String>) -> Self {
-        self.key = Some(key.into());
+        self.key = Some(key.into().into_boxed_str());
         self
     }
 
@@ -188,13 +213,13 @@ impl Message {
 
     /// Set the content type (a MIME type such as `application/json`).
     pub fn with_content_type(mut self, content_type: impl Into<String>) -> Self {
-        self.content_type = Some(content_type.into());
+        self.content_type = Some(content_type.into().into_boxed_str());
         self
     }
 
     /// Set the timestamp; it is truncated to milliseconds.
     pub fn with_timestamp(mut self, timestamp: SystemTime) -> Self {
-        self.timestamp = truncate_to_millis(timestamp);
+        self.timestamp = millis_since_epoch(timestamp);
         self
     }
 
@@ -245,15 +270,12 @@ impl Message {
 
     /// The time the message was created (or set with [`with_timestamp`](Self::with_timestamp)).
     pub fn timestamp(&self) -> SystemTime {
-        self.timestamp
+        UNIX_EPOCH + Duration::from_millis(self.timestamp)
     }
 
     /// The timestamp as milliseconds since the Unix epoch.
     pub fn timestamp_millis(&self) -> u64 {
         self.timestamp
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
     }
 
     /// See [`MessageExt::dead_lettered`](crate::backend::MessageExt::dead_lettered).

@@ -25,6 +25,24 @@ fn is_word_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
 }
 
+/// Words of word characters, joined by single dots.
+fn is_valid_topic(name: &[u8]) -> bool {
+    let mut after_dot = true;
+    for &b in name {
+        if b == b'.' {
+            if after_dot {
+                return false;
+            }
+            after_dot = true;
+        } else if is_word_char(b) {
+            after_dot = false;
+        } else {
+            return false;
+        }
+    }
+    !after_dot
+}
+
 fn check_word(kind: &str, whole: &str, word: &str, index: usize) -> Result<()> {
     if word.is_empty() {
         return Err(Error::invalid_input(format!(
@@ -65,6 +83,11 @@ impl Topic {
                 &name[..name.floor_char_boundary(32)],
                 name.len()
             )));
+        }
+        // One pass over the bytes for the common, valid case; the word by word
+        // check below only runs to say what is wrong.
+        if is_valid_topic(name.as_bytes()) {
+            return Ok(());
         }
         for (i, word) in name.split('.').enumerate() {
             check_word("topic", name, word, i)?;
