@@ -102,7 +102,8 @@ impl Topic {
 
     /// Whether `name` is in the library's namespace (first word `polybus`).
     pub fn is_reserved(name: &str) -> bool {
-        name.split('.').next() == Some(RESERVED_WORD)
+        name.strip_prefix(RESERVED_WORD)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
     }
 
     /// The topic as a string.
@@ -268,6 +269,20 @@ impl std::str::FromStr for Pattern {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_reserved_namespace_is_the_first_word_polybus() {
+        for (name, reserved) in [
+            ("polybus", true),
+            ("polybus.dead-letter.g", true),
+            ("polybusx.a", false),
+            ("a.polybus", false),
+            ("poly", false),
+        ] {
+            assert_eq!(Topic::is_reserved(name), reserved, "{name}");
+        }
+    }
+
     use super::*;
 
     #[test]
