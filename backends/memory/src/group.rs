@@ -338,6 +338,9 @@ impl Group {
     }
 
     /// Queue a newly published `entry`, or hand it back if the group is full.
+    // The error hands the message back by value, as `PublishError` does;
+    // boxing it would allocate each time a full group turns a publish away.
+    #[allow(clippy::result_large_err)]
     pub(crate) fn try_push(&self, entry: Entry) -> Result<(), Entry> {
         let mut state = self.lock();
         if state.deleted {

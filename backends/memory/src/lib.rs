@@ -27,13 +27,13 @@
 //! already holds (retries, deliveries handed back by a member that left, dead
 //! letters) are never refused. A publish to a full group:
 //!
-//! - [`Overflow::Block`](polybus_core::Overflow::Block) (the default) waits,
+//! - [`Overflow::Block`] (the default) waits,
 //!   as RabbitMQ's flow control holds a fast publisher back, until consumers
 //!   have drained the group by a quarter of its bound (so waiting publishers
 //!   resume in a batch, not one per consumed message), up to the publish
 //!   timeout (30 s by default); past it the publish fails with a
 //!   [`Timeout`](polybus_core::Kind::Timeout) error that hands the message back.
-//! - [`Overflow::RejectPublish`](polybus_core::Overflow::RejectPublish) fails
+//! - [`Overflow::RejectPublish`] fails
 //!   at once with a [`Refused`](polybus_core::Kind::Refused) error that hands the
 //!   message back, as RabbitMQ nacks a publish to a queue declared with
 //!   `x-overflow: reject-publish`.
