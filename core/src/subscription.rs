@@ -66,7 +66,7 @@ pub struct Subscription {
     dead_letter_topic: Option<String>,
     start: StartFrom,
     max_depth: Option<usize>,
-    overflow: Overflow,
+    pub(crate) overflow: Option<Overflow>,
 }
 
 impl Subscription {
@@ -84,7 +84,7 @@ impl Subscription {
             dead_letter_topic: None,
             start: StartFrom::Latest,
             max_depth: None,
-            overflow: Overflow::Block,
+            overflow: None,
         }
     }
 
@@ -144,9 +144,10 @@ impl Subscription {
         self
     }
 
-    /// What a full group does with a publish; see [`Overflow`].
+    /// What a full group does with a publish; see [`Overflow`]. It applies to
+    /// the bound [`max_depth`](Self::max_depth) sets, which it needs.
     pub fn overflow(mut self, overflow: Overflow) -> Self {
-        self.overflow = overflow;
+        self.overflow = Some(overflow);
         self
     }
 
@@ -157,7 +158,7 @@ impl Subscription {
 
     /// The overflow behaviour asked for.
     pub fn overflow_policy(&self) -> Overflow {
-        self.overflow
+        self.overflow.unwrap_or_default()
     }
 
     /// The patterns as given.

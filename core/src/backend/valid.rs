@@ -68,6 +68,11 @@ fn validate(
             "invalid max_depth 0: a bounded group holds at least one message",
         ));
     }
+    if max_depth.is_none() && sub.overflow.is_some() {
+        return Err(Error::invalid_input(
+            "overflow is what a full group does: it needs max_depth, the bound it applies to",
+        ));
+    }
     let (group, durable) = match sub.group_name() {
         Some(g) => {
             validate_group(g)?;

@@ -76,7 +76,7 @@ pub async fn c12_invalid_metadata_is_rejected_before_sending(ctx: Ctx) -> CaseRe
     Ok(())
 }
 
-/// C12: invalid group names and prefetch values are typed errors.
+/// C12: invalid group names, prefetch values and bounds are typed errors.
 pub async fn c12_invalid_subscription_options_are_rejected(ctx: Ctx) -> CaseResult {
     let t = ctx.topic("x");
     for sub in [
@@ -86,6 +86,9 @@ pub async fn c12_invalid_subscription_options_are_rejected(ctx: Ctx) -> CaseResu
         Subscription::new(t.clone()).prefetch(0),
         Subscription::new(t.clone()).prefetch(1_000_000),
         Subscription::new(t.clone()).dead_letter_topic("dead.*"),
+        // On every backend, bounded or not: these are wrong before any bound.
+        Subscription::new(t.clone()).max_depth(0),
+        Subscription::new(t.clone()).overflow(crate::Overflow::RejectPublish),
     ] {
         let err = ctx.bus().subscribe(sub.clone()).await.unwrap_err();
         assert_eq!(err.kind(), Kind::InvalidInput, "{sub:?}: {err}");

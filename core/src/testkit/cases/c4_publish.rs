@@ -238,3 +238,25 @@ pub async fn c4_full_group_holds_the_publisher_until_there_is_room(ctx: Ctx) -> 
     ctx.expect_quiet(&mut sub).await;
     Ok(())
 }
+
+/// C4 (bounded groups): a backend that cannot bound its groups says so with a
+/// typed error rather than quietly letting the group grow.
+pub async fn c4_bound_without_capability_is_unsupported(ctx: Ctx) -> CaseResult {
+    if ctx.bus().capabilities().has(Capability::BoundedGroups) {
+        return Err(CaseError::Skip(
+            "the backend claims `bounded-groups`".into(),
+        ));
+    }
+    let err = ctx
+        .bus()
+        .subscribe(
+            Subscription::new(ctx.topic("b"))
+                .group(ctx.group("g"))
+                .max_depth(10),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), Kind::Unsupported, "{err}");
+    assert!(err.to_string().contains("bounded-groups"), "{err}");
+    Ok(())
+}

@@ -68,6 +68,7 @@ macro_rules! __conformance_case_list {
                 c4_request_reply_round_trips_and_times_out,
                 c4_full_group_rejects_publish_and_hands_the_message_back,
                 c4_full_group_holds_the_publisher_until_there_is_room,
+                c4_bound_without_capability_is_unsupported,
             }
             c5_order {
                 c5_same_key_arrives_in_order,
