@@ -168,6 +168,69 @@ fn latency() {
             consumer.abort();
         });
         latency.push(lat.row("memory", "raw", rate));
+
+        // The peers of benches/peers.rs, measured the same way: each delivery
+        // acked as it is recorded.
+        let lat = Latencies::default();
+        rt.block_on(async {
+            use ruststream::{Broker, IncomingMessage, OutgoingMessage, Publisher, Subscribe};
+            let connected = ruststream::memory::MemoryBroker::new()
+                .connect()
+                .await
+                .expect("ruststream connect");
+            let mut sub = Subscribe::subscribe(&connected, "bench.lat")
+                .await
+                .expect("ruststream subscribe");
+            let l = lat.clone();
+            let consumer = tokio::spawn(async move {
+                use ruststream::Subscriber;
+                let mut stream = std::pin::pin!(sub.stream());
+                while let Some(Ok(m)) = stream.next().await {
+                    l.record(m.payload());
+                    m.ack().await.expect("ruststream ack");
+                }
+            });
+            support::at_rate(rate, n, &lat, |p| {
+                let connected = connected.clone();
+                async move {
+                    connected
+                        .publisher()
+                        .publish(OutgoingMessage::new("bench.lat", &p), None)
+                        .await
+                        .expect("ruststream publish");
+                }
+            })
+            .await;
+            consumer.abort();
+        });
+        latency.push(lat.row("memory", "ruststream", rate));
+
+        let lat = Latencies::default();
+        rt.block_on(async {
+            let (producer, mut consumer) = omniqueue::backends::InMemoryBackend::builder()
+                .build_pair()
+                .await
+                .expect("omniqueue queue");
+            let producer = std::sync::Arc::new(producer);
+            let l = lat.clone();
+            let consumer = tokio::spawn(async move {
+                while let Ok(d) = consumer.receive().await {
+                    l.record(d.borrow_payload().unwrap_or_default());
+                    if let Err((e, _)) = d.ack().await {
+                        panic!("omniqueue ack: {e}");
+                    }
+                }
+            });
+            support::at_rate(rate, n, &lat, |p| {
+                let producer = producer.clone();
+                async move {
+                    producer.send_raw(&p).await.expect("omniqueue send");
+                }
+            })
+            .await;
+            consumer.abort();
+        });
+        latency.push(lat.row("memory", "omniqueue", rate));
     }
 
     support::write_results("memory", latency, Vec::new());

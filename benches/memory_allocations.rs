@@ -60,8 +60,64 @@ fn main() {
             producer.await.unwrap();
         })
     });
-    support::write_allocations(
-        "memory",
-        support::alloc_rows("memory", polybus_allocs, raw_allocs),
-    );
+    // The peers of benches/peers.rs, the same workload: their own subscriber
+    // and ack, each delivery acked.
+    let ruststream_allocs = support::allocations_per_message(ALLOC, n, || {
+        rt.block_on(async {
+            use ruststream::Subscriber;
+            use ruststream::{Broker, IncomingMessage, OutgoingMessage, Publisher, Subscribe};
+            let connected = ruststream::memory::MemoryBroker::new()
+                .connect()
+                .await
+                .unwrap();
+            let mut sub = Subscribe::subscribe(&connected, "bench.alloc")
+                .await
+                .unwrap();
+            let publisher = connected.publisher();
+            let p = payload.clone();
+            let producer = tokio::spawn(async move {
+                for _ in 0..n {
+                    publisher
+                        .publish(OutgoingMessage::new("bench.alloc", &p), None)
+                        .await
+                        .unwrap();
+                }
+            });
+            let mut stream = std::pin::pin!(sub.stream());
+            for _ in 0..n {
+                stream.next().await.unwrap().unwrap().ack().await.unwrap();
+            }
+            producer.await.unwrap();
+        })
+    });
+    let omniqueue_allocs = support::allocations_per_message(ALLOC, n, || {
+        rt.block_on(async {
+            let (producer, mut consumer) = omniqueue::backends::InMemoryBackend::builder()
+                .build_pair()
+                .await
+                .unwrap();
+            let p = payload.clone();
+            let producer = tokio::spawn(async move {
+                for _ in 0..n {
+                    producer.send_raw(&p).await.unwrap();
+                }
+            });
+            for _ in 0..n {
+                if consumer.receive().await.unwrap().ack().await.is_err() {
+                    panic!("omniqueue ack failed");
+                }
+            }
+            producer.await.unwrap();
+        })
+    });
+    let mut rows = support::alloc_rows("memory", polybus_allocs, raw_allocs);
+    for (imp, per_message) in [
+        ("ruststream", ruststream_allocs),
+        ("omniqueue", omniqueue_allocs),
+    ] {
+        rows.push(serde_json::json!({
+            "backend": "memory", "impl": imp, "allocations_per_message": per_message,
+        }));
+    }
+    support::write_allocations("memory", rows);
 }

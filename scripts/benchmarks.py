@@ -269,6 +269,16 @@ def main():
             d = rows["polybus"] - rows["raw"]
             w(f"| {b} | {rows['polybus']:.1f} | {rows['raw']:.1f} | {d:+.1f} "
               f"({'met' if d <= 2 else 'missed'}) |\n")
+    peers = {r["impl"]: r["allocations_per_message"]
+             for r in extra.get("memory", {}).get("allocations", [])
+             if r["impl"] not in ("polybus", "raw")}
+    if peers:
+        listed = ", ".join(f"{k} {v:.2f}" for k, v in peers.items())
+        mem = {r["impl"]: r["allocations_per_message"]
+               for r in extra.get("memory", {}).get("allocations", [])}
+        w(f"\nThe in-memory broker's peers, the same workload (16 B, each delivery acked): "
+          f"polybus {mem.get('polybus', float('nan')):.2f}, {listed} per message "
+          f"(issue 15's target for polybus: ≤ 1).\n")
     peers_section(w)
     notes = os.path.join(ROOT, "benches", "NOTES.md")
     if os.path.exists(notes):
