@@ -44,6 +44,15 @@ pub(crate) struct Full {
     pub(crate) message: Message,
 }
 
+impl Full {
+    /// The bound the group is at: only a bounded group is ever full.
+    pub(crate) fn bound(&self) -> Bound {
+        self.group
+            .bound()
+            .expect("only a bounded group is ever full")
+    }
+}
+
 /// The bound a declaration asks for.
 #[derive(Clone, Copy)]
 pub(crate) enum Declare {

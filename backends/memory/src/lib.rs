@@ -171,12 +171,12 @@ impl MemoryBus {
                 let error = Error::new(
                     Kind::Timeout,
                     format!(
-                        "group `{}` stayed full ({}) for the publish timeout of {:?}; \
+                        "group `{}` stayed full (max_depth {}) for the publish timeout of {:?}; \
                          the message was not published (consumers are slower than \
                          publishers: raise the bound with `max_depth`, or the timeout \
                          with `publish_timeout_ms`)",
                         full.group.name(),
-                        bound_text(full.group.bound()),
+                        full.bound().max,
                         self.broker.publish_timeout,
                     ),
                 );
@@ -186,22 +186,11 @@ impl MemoryBus {
                 Ok(()) => return Ok(self.receipt()),
                 Err(f) => full = f,
             }
-            if overflow_of(&full) == Overflow::RejectPublish {
+            if full.bound().overflow == Overflow::RejectPublish {
                 return Err(refused(full));
             }
         }
     }
-}
-
-fn overflow_of(full: &Full) -> Overflow {
-    full.group.bound().map_or(Overflow::Block, |b| b.overflow)
-}
-
-fn bound_text(bound: Option<Bound>) -> String {
-    bound.map_or_else(
-        || "unbounded".to_owned(),
-        |b| format!("max_depth {}", b.max),
-    )
 }
 
 /// A publish refused by a full reject-publish group, the message handed back.
@@ -209,9 +198,10 @@ fn refused(full: Full) -> PublishError {
     let error = Error::new(
         Kind::Refused,
         format!(
-            "group `{}` is full ({}, overflow reject-publish); the message was not published",
+            "group `{}` is full (max_depth {}, overflow reject-publish); the message was not \
+             published",
             full.group.name(),
-            bound_text(full.group.bound()),
+            full.bound().max,
         ),
     );
     PublishError::not_delivered(error, full.message)
@@ -236,7 +226,7 @@ impl Backend for MemoryBus {
     fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
         match self.broker.enqueue(topic, message) {
             Ok(()) => PublishFuture::ready(Ok(self.receipt())),
-            Err(full) if overflow_of(&full) == Overflow::RejectPublish => {
+            Err(full) if full.bound().overflow == Overflow::RejectPublish => {
                 PublishFuture::ready(Err(refused(full)))
             }
             Err(full) => PublishFuture::boxed(self.publish_when_room(topic, full)),

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tokio::time::Sleep;
 
 use crate::broker::Broker;
-use crate::group::{Entry, Fetch, Group, Inflight, Scratch, Slot};
+use crate::group::{Entry, Fetch, Group, Inflight, Slot};
 
 /// What a member's stream and all its deliveries share.
 pub(crate) struct Member {
@@ -76,7 +76,9 @@ impl Member {
 pub(crate) struct MemorySource {
     member: Arc<Member>,
     sleep: Option<Pin<Box<Sleep>>>,
-    scratch: Scratch,
+    /// Entries a fetch found past their last attempt, to dead-letter; kept to
+    /// reuse its allocation.
+    exhausted: Vec<Entry>,
     left: bool,
 }
 
@@ -85,7 +87,7 @@ impl MemorySource {
         MemorySource {
             member,
             sleep: None,
-            scratch: Scratch::default(),
+            exhausted: Vec::new(),
             left: false,
         }
     }
@@ -110,8 +112,8 @@ impl DeliverySource for MemorySource {
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Delivery>>> {
         let m = &self.member;
         loop {
-            let fetched = m.group.fetch(&m.slot, cx.waker(), &mut self.scratch);
-            for entry in self.scratch.exhausted.drain(..) {
+            let fetched = m.group.fetch(&m.slot, cx.waker(), &mut self.exhausted);
+            for entry in self.exhausted.drain(..) {
                 m.dead_letter_exhausted(&entry);
             }
             match fetched {
