@@ -13,6 +13,7 @@ use polybus::{Kind, Message, Subscription};
 
 mod common;
 
+use common::proxy::{FrameProxy, Settle};
 use common::{HINT, HOST, VHOST, bus, unique, url};
 
 #[tokio::test]
@@ -183,4 +184,275 @@ async fn c12_an_ip_address_host_is_the_host_connected_to() {
             "nothing connected to {host}:{port}: the client went elsewhere"
         );
     }
+}
+
+// Coalesced acks (`AmqpOptions::ack_batch`): what reaches the wire, seen by a
+// proxy that reads the client's frames, and what the broker redelivers after
+// the connection is cut, as it is when a client crashes.
+
+/// A bus whose connection goes through `proxy`, with these URL parameters.
+async fn proxied(proxy: &FrameProxy, params: &str) -> polybus::Bus {
+    bus(&format!(
+        "amqp://guest:guest@127.0.0.1:{}/{VHOST}?{params}",
+        proxy.port
+    ))
+    .await
+}
+
+/// Publish `n` messages whose payloads are their numbers.
+async fn publish_numbered(bus: &polybus::Bus, topic: &str, n: usize) {
+    for i in 0..n {
+        bus.publish(topic, Message::new(i.to_string()))
+            .await
+            .unwrap();
+    }
+}
+
+async fn receive(sub: &mut polybus::DeliveryStream, n: usize) -> Vec<polybus::Delivery> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("a delivery within 10 s")
+            .unwrap()
+            .unwrap();
+        got.push(d);
+    }
+    got
+}
+
+/// Wait until the proxy has seen `n` settlement frames (or 5 s pass).
+async fn settlements(proxy: &FrameProxy, n: usize) -> Vec<Settle> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.settlements().len() < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.settlements()
+}
+
+/// What `group` holds now: every message until a sentinel published after
+/// `expected` have arrived, acked. Redeliveries of a closed channel are
+/// requeued together, so one of them arriving late would come before the sentinel.
+async fn remaining(url: &str, topic: &str, group: &str, expected: usize) -> Vec<String> {
+    let bus = bus(url).await;
+    let mut sub = bus
+        .subscribe(Subscription::new(topic).group(group))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut sentinel_sent = expected == 0;
+    if sentinel_sent {
+        bus.publish(topic, Message::new("sentinel")).await.unwrap();
+    }
+    loop {
+        let d = tokio::time::timeout(Duration::from_secs(15), sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("{group} went quiet; so far {got:?}"))
+            .unwrap()
+            .unwrap();
+        let payload = String::from_utf8(d.message().payload().to_vec()).unwrap();
+        d.ack().await.unwrap();
+        if payload == "sentinel" {
+            break;
+        }
+        got.push(payload);
+        if !sentinel_sent && got.len() >= expected {
+            bus.publish(topic, Message::new("sentinel")).await.unwrap();
+            sentinel_sent = true;
+        }
+    }
+    sub.close(Duration::from_secs(5)).await.unwrap();
+    got.sort();
+    got
+}
+
+#[tokio::test]
+async fn c7_a_run_of_contiguous_acks_is_one_frame_and_close_sends_it() {
+    let Some(url) = url() else { return };
+    let proxy = FrameProxy::start(HOST).await;
+    // Only the batch (half the prefetch: 50) or the close sends acks here.
+    let consumer = proxied(&proxy, "ack_flush_ms=600000").await;
+    let publisher = bus(&url).await;
+    let (topic, group) = (unique("coalesce."), unique("coalesce-"));
+    let mut sub = consumer
+        .subscribe(
+            Subscription::new(topic.clone())
+                .group(group.clone())
+                .prefetch(100),
+        )
+        .await
+        .unwrap();
+    publish_numbered(&publisher, &topic, 60).await;
+    let deliveries = receive(&mut sub, 60).await;
+    assert!(proxy.settlements().is_empty(), "nothing is settled yet");
+    for d in deliveries {
+        d.ack().await.unwrap();
+    }
+    // The 50th ack filled the batch: one frame for tags 1..=50; the last ten wait.
+    assert_eq!(
+        settlements(&proxy, 1).await,
+        [Settle::Ack {
+            tag: 50,
+            multiple: true
+        }]
+    );
+    sub.close(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        proxy.settlements(),
+        [
+            Settle::Ack {
+                tag: 50,
+                multiple: true
+            },
+            Settle::Ack {
+                tag: 60,
+                multiple: true
+            }
+        ],
+        "close sends the acks still waiting"
+    );
+    assert_eq!(
+        remaining(&url, &topic, &group, 0).await,
+        Vec::<String>::new()
+    );
+}
+
+#[tokio::test]
+async fn c9_out_of_order_acks_never_cover_an_unsettled_delivery() {
+    let Some(url) = url() else { return };
+    let proxy = FrameProxy::start(HOST).await;
+    let consumer = proxied(&proxy, "ack_flush_ms=600000").await;
+    let publisher = bus(&url).await;
+    let (topic, group) = (unique("coalesce."), unique("coalesce-"));
+    let mut sub = consumer
+        .subscribe(
+            Subscription::new(topic.clone())
+                .group(group.clone())
+                .prefetch(100),
+        )
+        .await
+        .unwrap();
+    publish_numbered(&publisher, &topic, 6).await;
+    let mut deliveries: Vec<Option<polybus::Delivery>> =
+        receive(&mut sub, 6).await.into_iter().map(Some).collect();
+    // Tags 1..=6 carry payloads 0..=5. Ack tags 4, 6, 2, 1; 3 and 5 stay unsettled.
+    for tag in [4usize, 6, 2, 1] {
+        deliveries[tag - 1].take().unwrap().ack().await.unwrap();
+    }
+    // The stream has nothing more to hand out: polling it sends what waits.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sub.next())
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        settlements(&proxy, 3).await,
+        [
+            Settle::Ack {
+                tag: 2,
+                multiple: true
+            },
+            Settle::Ack {
+                tag: 4,
+                multiple: false
+            },
+            Settle::Ack {
+                tag: 6,
+                multiple: false
+            },
+        ]
+    );
+    // A crash now: the broker must give back exactly the two never acked.
+    proxy.cut();
+    assert_eq!(remaining(&url, &topic, &group, 2).await, ["2", "4"]);
+    drop(deliveries);
+}
+
+#[tokio::test]
+async fn c9_an_ack_not_yet_sent_when_the_connection_dies_is_redelivered() {
+    let Some(url) = url() else { return };
+    let proxy = FrameProxy::start(HOST).await;
+    let consumer = proxied(&proxy, "ack_flush_ms=600000").await;
+    let publisher = bus(&url).await;
+    let (topic, group) = (unique("coalesce."), unique("coalesce-"));
+    let mut sub = consumer
+        .subscribe(
+            Subscription::new(topic.clone())
+                .group(group.clone())
+                .prefetch(100),
+        )
+        .await
+        .unwrap();
+    publish_numbered(&publisher, &topic, 3).await;
+    for d in receive(&mut sub, 3).await {
+        d.ack().await.unwrap();
+    }
+    // `Ok` means recorded: the frames wait for the batch, the stream, the
+    // delay or the close, and a crash before any of them loses none of the messages.
+    proxy.cut();
+    assert!(proxy.settlements().is_empty());
+    assert_eq!(remaining(&url, &topic, &group, 3).await, ["0", "1", "2"]);
+}
+
+#[tokio::test]
+async fn c7_a_waiting_ack_is_sent_after_the_flush_delay() {
+    let Some(url) = url() else { return };
+    let proxy = FrameProxy::start(HOST).await;
+    let consumer = proxied(&proxy, "ack_flush_ms=100").await;
+    let publisher = bus(&url).await;
+    let (topic, group) = (unique("coalesce."), unique("coalesce-"));
+    let mut sub = consumer
+        .subscribe(
+            Subscription::new(topic.clone())
+                .group(group.clone())
+                .prefetch(100),
+        )
+        .await
+        .unwrap();
+    publish_numbered(&publisher, &topic, 2).await;
+    let mut got = receive(&mut sub, 2).await;
+    got.remove(0).ack().await.unwrap();
+    // The stream is not polled again: only the delay sends it.
+    assert_eq!(
+        settlements(&proxy, 1).await,
+        [Settle::Ack {
+            tag: 1,
+            multiple: false
+        }]
+    );
+    proxy.cut();
+    assert_eq!(remaining(&url, &topic, &group, 1).await, ["1"]);
+}
+
+#[tokio::test]
+async fn c7_ack_batch_1_sends_every_ack_at_once() {
+    let Some(url) = url() else { return };
+    let proxy = FrameProxy::start(HOST).await;
+    let consumer = proxied(&proxy, "ack_batch=1&ack_flush_ms=600000").await;
+    let publisher = bus(&url).await;
+    let (topic, group) = (unique("coalesce."), unique("coalesce-"));
+    let mut sub = consumer
+        .subscribe(
+            Subscription::new(topic.clone())
+                .group(group.clone())
+                .prefetch(100),
+        )
+        .await
+        .unwrap();
+    publish_numbered(&publisher, &topic, 3).await;
+    for d in receive(&mut sub, 3).await {
+        d.ack().await.unwrap();
+    }
+    let expected: Vec<Settle> = (1..=3)
+        .map(|tag| Settle::Ack {
+            tag,
+            multiple: false,
+        })
+        .collect();
+    assert_eq!(settlements(&proxy, 3).await, expected);
+    proxy.cut();
+    assert_eq!(
+        remaining(&url, &topic, &group, 0).await,
+        Vec::<String>::new()
+    );
 }

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use polybus::{Bus, DeliveryStream, Kind, Message};
 
+pub mod proxy;
+
 pub const HOST: &str = "127.0.0.1:5672";
 pub const VHOST: &str = "polybus-test";
 pub const HINT: &str =

@@ -10,7 +10,7 @@
 //! | C4 publish | publisher confirms on a dedicated channel, persistent messages (delivery mode 2); many publishes in flight, each resolved by its own confirm |
 //! | C5 order | one queue per group, FIFO |
 //! | C6 prefetch | `basic.qos(prefetch)` per consumer |
-//! | C7 settlement | ack; nack republishes to a per-delay retry queue whose TTL dead-letters back into the group's queue (the wait is on the broker); dead letters are republished to the group's dead-letter queue with reason headers |
+//! | C7 settlement | ack, coalesced: a run of contiguous acks is one `basic.ack` with `multiple` (see [`AmqpOptions::ack_batch`] for the bound and what `Ok` means); nack republishes to a per-delay retry queue whose TTL dead-letters back into the group's queue (the wait is on the broker); dead letters are republished to the group's dead-letter queue with reason headers |
 //! | C8 poison | `polybus-attempt` header plus the quorum queue's `x-delivery-count`; past `max_attempts` the message is dead-lettered on receipt |
 //! | C9 crashes | unacked messages of a closed channel or connection go back to the queue |
 //! | C10 shutdown | `basic.cancel`, wait for settlements up to the grace, close the channel (the broker requeues the rest); publisher close waits for in-flight confirms |
@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod acks;
 mod connection;
 mod mapping;
 mod options;
@@ -41,7 +42,7 @@ use polybus_core::{
 };
 
 use crate::connection::Connector;
-pub use crate::options::{AmqpOptions, DEFAULT_MAX_PAYLOAD};
+pub use crate::options::{AmqpOptions, DEFAULT_ACK_BATCH, DEFAULT_ACK_FLUSH, DEFAULT_MAX_PAYLOAD};
 use crate::subscriber::{AmqpSource, Shared};
 
 /// A connection to RabbitMQ.

@@ -2,7 +2,7 @@
 //! delivery.
 //!
 //! Settlement on RabbitMQ:
-//! - `ack`: `basic.ack`.
+//! - `ack`: `basic.ack`, coalesced with the acks around it (see `acks`).
 //! - `nack`: the message is republished, with `polybus-attempt` + 1, to the group's
 //!   retry queue for that delay (`polybus.retry.<group>.<ms>ms`, queue TTL, dead-
 //!   lettering back into the group's queue), then acked. The wait happens on the
@@ -22,8 +22,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    QueueDeleteOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
@@ -37,6 +36,7 @@ use polybus_core::{
 };
 use tokio::sync::Notify;
 
+use crate::acks::AckBatch;
 use crate::connection::{Connector, declare_subscription, map_err, reconnect_backoff};
 use crate::mapping;
 
@@ -66,6 +66,7 @@ enum State {
     Consuming {
         channel: Channel,
         consumer: Consumer,
+        acks: Arc<AckBatch>,
     },
     Reconnecting(Opening),
     Done,
@@ -100,6 +101,23 @@ impl Shared {
     fn settled_one(&self) {
         self.unsettled.fetch_sub(1, Ordering::AcqRel);
         self.settled.notify_waiters();
+    }
+
+    /// The consuming state of a newly opened channel, with its own coalescer:
+    /// delivery tags start again at 1 on every channel.
+    fn consuming(&self, channel: Channel, consumer: Consumer) -> State {
+        let options = &self.connector.options;
+        let acks = AckBatch::new(
+            channel.clone(),
+            options.ack_batch,
+            self.sub.prefetch,
+            options.ack_flush,
+        );
+        State::Consuming {
+            channel,
+            consumer,
+            acks,
+        }
     }
 }
 
@@ -179,9 +197,10 @@ impl AmqpSource {
     pub(crate) fn new(shared: Arc<Shared>, channel: Channel, consumer: Consumer) -> Self {
         let mut watchdog = tokio::time::interval(WATCHDOG_PERIOD);
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let state = shared.consuming(channel, consumer);
         AmqpSource {
             shared,
-            state: State::Consuming { channel, consumer },
+            state,
             watchdog,
             topics: TopicCache::default(),
         }
@@ -189,15 +208,16 @@ impl AmqpSource {
 
     /// Turn a lapin delivery into ours, or dead-letter it if it has used up its
     /// attempts (its consumers died holding it: quorum queues count that).
-    fn accept(&mut self, d: lapin::message::Delivery) -> Option<Delivery> {
+    fn accept(&mut self, d: lapin::message::Delivery, acks: Arc<AckBatch>) -> Option<Delivery> {
         let lapin::message::Delivery {
+            delivery_tag,
             routing_key,
             redelivered,
             properties,
             data,
-            acker,
             ..
         } = d;
+        acks.delivered(delivery_tag);
         let r = mapping::receive(&properties, data);
         let attempt = r.attempt.saturating_add(r.delivery_count);
         let topic = match &r.topic {
@@ -207,7 +227,8 @@ impl AmqpSource {
         self.shared.unsettled.fetch_add(1, Ordering::AcqRel);
         let acker = AmqpAcker {
             shared: self.shared.clone(),
-            acker,
+            acks,
+            tag: delivery_tag,
             message: Arc::new(r.message),
             topic,
             attempt,
@@ -216,7 +237,7 @@ impl AmqpSource {
             tokio::spawn(async move {
                 let _guard = Unsettled {
                     shared: acker.shared.clone(),
-                    acker: None,
+                    requeue: None,
                 };
                 let dead = exhausted_dead_letter(
                     &acker.message,
@@ -251,7 +272,7 @@ impl DeliverySource for AmqpSource {
                 State::Reconnecting(opening) => match opening.as_mut().poll(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok((channel, consumer))) => {
-                        self.state = State::Consuming { channel, consumer };
+                        self.state = self.shared.consuming(channel, consumer);
                     }
                     Poll::Ready(Err(e)) => {
                         if self.shared.closing.load(Ordering::Acquire) {
@@ -263,8 +284,15 @@ impl DeliverySource for AmqpSource {
                         return Poll::Ready(Some(Err(e)));
                     }
                 },
-                State::Consuming { consumer, channel } => match consumer.poll_next_unpin(cx) {
+                State::Consuming {
+                    consumer,
+                    channel,
+                    acks,
+                } => match consumer.poll_next_unpin(cx) {
                     Poll::Pending => {
+                        // Nothing more to hand out: what was acked goes now,
+                        // so the broker can send more.
+                        acks.flush();
                         let mut lost = false;
                         while self.watchdog.poll_tick(cx).is_ready() {
                             lost |= !channel.status().connected();
@@ -276,7 +304,8 @@ impl DeliverySource for AmqpSource {
                         self.state = State::Reconnecting(Box::pin(reopen(self.shared.clone())));
                     }
                     Poll::Ready(Some(Ok(d))) => {
-                        if let Some(delivery) = self.accept(d) {
+                        let acks = acks.clone();
+                        if let Some(delivery) = self.accept(d, acks) {
                             return Poll::Ready(Some(Ok(delivery)));
                         }
                     }
@@ -303,8 +332,11 @@ impl DeliverySource for AmqpSource {
     async fn close(&mut self, grace: Duration) -> Result<()> {
         let shared = self.shared.clone();
         shared.closing.store(true, Ordering::Release);
-        let State::Consuming { channel, consumer } =
-            std::mem::replace(&mut self.state, State::Done)
+        let State::Consuming {
+            channel,
+            consumer,
+            acks,
+        } = std::mem::replace(&mut self.state, State::Done)
         else {
             return Ok(());
         };
@@ -320,6 +352,8 @@ impl DeliverySource for AmqpSource {
         if !wait_until(&shared.settled, Some(deadline), || unsettled() == 0).await {
             tracing::info!(group = %shared.sub.group, unsettled = unsettled(), "close deadline passed; the broker redelivers the rest");
         }
+        // Queued before the queue delete and the channel close, so they go first.
+        acks.flush();
         if !shared.sub.durable {
             let _ = tokio::time::timeout(
                 CLOSE_RPC_TIMEOUT,
@@ -346,7 +380,11 @@ impl Drop for AmqpSource {
         // A dropped stream is a crash (C9): close the channel so the broker
         // redelivers what it held. Without a runtime the connection's end does it.
         self.shared.gone.store(true, Ordering::Release);
-        if let State::Consuming { channel, .. } = std::mem::replace(&mut self.state, State::Done) {
+        if let State::Consuming { channel, acks, .. } =
+            std::mem::replace(&mut self.state, State::Done)
+        {
+            // Acks already made were answered `Ok`: they go before the close.
+            acks.flush();
             self.shared.rt.spawn(async move {
                 let _ = channel.close(200, "subscription dropped".into()).await;
             });
@@ -379,23 +417,14 @@ const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
 /// unacked on a live channel, holding a prefetch slot forever.
 struct Unsettled {
     shared: Arc<Shared>,
-    /// Set while the settlement is unfinished.
-    acker: Option<lapin::Acker>,
+    /// Set while the settlement is unfinished: the delivery to requeue.
+    requeue: Option<(Arc<AckBatch>, u64)>,
 }
 
 impl Drop for Unsettled {
     fn drop(&mut self) {
-        if let Some(acker) = self.acker.take()
-            && let Ok(handle) = tokio::runtime::Handle::try_current()
-        {
-            handle.spawn(async move {
-                let _ = acker
-                    .nack(BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    })
-                    .await;
-            });
+        if let Some((acks, tag)) = self.requeue.take() {
+            acks.requeue(tag);
         }
         self.shared.settled_one();
     }
@@ -403,7 +432,9 @@ impl Drop for Unsettled {
 
 struct AmqpAcker {
     shared: Arc<Shared>,
-    acker: lapin::Acker,
+    /// The coalescer of the channel this came on, and the delivery's tag there.
+    acks: Arc<AckBatch>,
+    tag: u64,
     message: Arc<Message>,
     topic: Topic,
     attempt: u32,
@@ -417,27 +448,34 @@ fn channel_gone(group: &str) -> Error {
 }
 
 impl AmqpAcker {
-    async fn ack(&self) -> Result<()> {
-        match self.acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(channel_gone(&self.shared.sub.group)),
-            Err(e) => Err(map_err(e, "cannot ack")),
+    /// Record the ack (see `acks` for when it is sent).
+    fn ack(&self) -> Result<()> {
+        if self.acks.ack(self.tag) {
+            Ok(())
+        } else {
+            Err(channel_gone(&self.shared.sub.group))
         }
+    }
+
+    /// Settle with an ack at once, without a future: nothing here waits.
+    fn ack_now(&self) -> Result<()> {
+        let result = if self.shared.gone.load(Ordering::Acquire) {
+            Err(channel_gone(&self.shared.sub.group))
+        } else {
+            self.ack()
+        };
+        self.shared.settled_one();
+        result
     }
 
     /// Give the message back after a failed republish, so the delivery does not
     /// sit unsettled on a live channel. After a pause: a republish that keeps
     /// failing must not turn into a hot redelivery loop (C8).
-    async fn requeue(&self) {
-        let acker = self.acker.clone();
+    fn requeue(&self) {
+        let (acks, tag) = (self.acks.clone(), self.tag);
         tokio::spawn(async move {
             tokio::time::sleep(REQUEUE_PAUSE).await;
-            let _ = acker
-                .nack(BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                })
-                .await;
+            acks.requeue(tag);
         });
     }
 
@@ -458,9 +496,9 @@ impl AmqpAcker {
         }
         .await;
         match result {
-            Ok(()) => self.ack().await,
+            Ok(()) => self.ack(),
             Err(e) => {
-                self.requeue().await;
+                self.requeue();
                 Err(e)
             }
         }
@@ -477,9 +515,9 @@ impl AmqpAcker {
             .publish("", store, message, &[], true)
             .await;
         match published {
-            Ok(()) => self.ack().await,
+            Ok(()) => self.ack(),
             Err(failure) => {
-                self.requeue().await;
+                self.requeue();
                 Err(failure.into_error())
             }
         }
@@ -488,16 +526,16 @@ impl AmqpAcker {
     async fn run(self: Box<Self>, settlement: Settlement) -> Result<()> {
         let mut guard = Unsettled {
             shared: self.shared.clone(),
-            acker: Some(self.acker.clone()),
+            requeue: Some((self.acks.clone(), self.tag)),
         };
         // A dead channel's deliveries come back from the broker; republishing a
         // copy as well would deliver the message twice.
-        if self.shared.gone.load(Ordering::Acquire) || !self.acker.usable() {
-            guard.acker = None;
+        if self.shared.gone.load(Ordering::Acquire) || !self.acks.usable() {
+            guard.requeue = None;
             return Err(channel_gone(&self.shared.sub.group));
         }
         let result = match settlement {
-            Settlement::Ack => self.ack().await,
+            Settlement::Ack => self.ack(),
             Settlement::Retry { delay } => self.retry(delay).await,
             Settlement::DeadLetter(why) => {
                 let dead = self.message.dead_lettered(
@@ -513,7 +551,7 @@ impl AmqpAcker {
                 format!("settlement {other:?} is not known to the amqp backend"),
             )),
         };
-        guard.acker = None;
+        guard.requeue = None;
         result
     }
 }
@@ -524,6 +562,9 @@ impl Acker for AmqpAcker {
     }
 
     fn settle(self: Box<Self>, settlement: Settlement) -> SettleFuture {
+        if let Settlement::Ack = settlement {
+            return SettleFuture::ready(self.ack_now());
+        }
         SettleFuture::boxed(async move { self.run(settlement).await })
     }
 
