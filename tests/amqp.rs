@@ -324,11 +324,13 @@ async fn c9_out_of_order_acks_never_cover_an_unsettled_delivery() {
     let consumer = proxied(&proxy, "ack_flush_ms=600000").await;
     let publisher = bus(&url).await;
     let (topic, group) = (unique("coalesce."), unique("coalesce-"));
+    // Prefetch 10: six unsettled are more than half of it, so a quiet stream
+    // flushes; the batch (5) is not reached by the four acks.
     let mut sub = consumer
         .subscribe(
             Subscription::new(topic.clone())
                 .group(group.clone())
-                .prefetch(100),
+                .prefetch(10),
         )
         .await
         .unwrap();
@@ -387,7 +389,14 @@ async fn c9_an_ack_not_yet_sent_when_the_connection_dies_is_redelivered() {
     for d in receive(&mut sub, 3).await {
         d.ack().await.unwrap();
     }
-    // `Ok` means recorded: the frames wait for the batch, the stream, the
+    // A quiet stream holding 3 of its prefetch of 100 (under half) leaves
+    // them waiting for the batch or the delay.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sub.next())
+            .await
+            .is_err()
+    );
+    // `Ok` means recorded: the frames wait for the batch, a quiet stream, the
     // delay or the close, and a crash before any of them loses none of the messages.
     proxy.cut();
     assert!(proxy.settlements().is_empty());

@@ -321,3 +321,203 @@ fn write(name: &str, doc: serde_json::Value) {
     std::fs::write(dir.join(format!("{name}.json")), &text).expect("results file");
     println!("{text}");
 }
+
+/// A sustained stream's shared counters: the producers and the consumer of
+/// one implementation update them while the driver reads the rate.
+#[derive(Clone)]
+pub struct Stream {
+    published: Arc<std::sync::atomic::AtomicU64>,
+    done: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether a consumer runs: then producers keep the backlog under [`BACKLOG`].
+    consumed: bool,
+}
+
+/// Producer tasks of a sustained stream, each with one batch in flight.
+pub const PRODUCERS: usize = 2;
+/// Messages each producer has in flight, awaited together.
+pub const IN_FLIGHT: usize = 100;
+/// The most messages published and not yet acked in a sustained end-to-end
+/// stream: producers wait beyond it, so the queue stays short and a round does
+/// not leave the broker a backlog for the next.
+pub const BACKLOG: u64 = 10_000;
+/// The payload of the sustained streams.
+pub const SUSTAINED_SIZE: usize = 16;
+
+impl Stream {
+    fn new(consumed: bool) -> Self {
+        Stream {
+            published: Arc::default(),
+            done: Arc::default(),
+            stop: Arc::default(),
+            consumed,
+        }
+    }
+
+    /// Wait until `n` more may be published; false once the stream stops.
+    pub async fn may_publish(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        loop {
+            if self.stop.load(Acquire) {
+                return false;
+            }
+            let published = self.published.load(Acquire);
+            if !self.consumed || published.saturating_sub(self.done.load(Acquire)) < BACKLOG {
+                self.published.fetch_add(n as u64, AcqRel);
+                return true;
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    }
+
+    /// Count `n` messages done: acked by the consumer, or confirmed where no
+    /// consumer runs.
+    pub fn done(&self, n: u64) {
+        self.done.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    fn count(&self) -> u64 {
+        self.done.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// Sets up one implementation's stream (topology, producers, consumer) and
+/// returns its tasks once they run; they stop when the stream says so or are
+/// aborted.
+pub type Start<'a> = Box<
+    dyn Fn(Stream) -> std::pin::Pin<Box<dyn Future<Output = Vec<tokio::task::JoinHandle<()>>> + 'a>>
+        + 'a,
+>;
+
+/// How many interleaved rounds the sustained benches run
+/// (`POLYBUS_SUSTAINED_ROUNDS`, default 5; one in quick mode).
+pub fn sustained_rounds() -> usize {
+    if quick() {
+        return 1;
+    }
+    std::env::var("POLYBUS_SUSTAINED_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+}
+
+/// Run every implementation of `impls` as a sustained stream, one after the
+/// other in a rotating order, for [`sustained_rounds`] rounds: each warms up
+/// for 2 s, then its rate is what is done (acked, or confirmed for publish
+/// only) in the next 10 s, per second. Returns one row per implementation with
+/// the rate of every round, in round order, for `scripts/benchmarks.py`.
+pub async fn sustained(
+    backend: &str,
+    kind: &str,
+    consumed: bool,
+    impls: &[(&str, Start<'_>)],
+) -> Vec<serde_json::Value> {
+    let (warm_up, window) = if quick() {
+        (Duration::from_millis(200), Duration::from_millis(500))
+    } else {
+        (Duration::from_secs(2), Duration::from_secs(10))
+    };
+    let mut rates = vec![Vec::new(); impls.len()];
+    for round in 0..sustained_rounds() {
+        for k in 0..impls.len() {
+            let i = (round + k) % impls.len();
+            let (name, start) = &impls[i];
+            let stream = Stream::new(consumed);
+            let tasks = start(stream.clone()).await;
+            tokio::time::sleep(warm_up).await;
+            let (before, started) = (stream.count(), Instant::now());
+            tokio::time::sleep(window).await;
+            let rate = (stream.count() - before) as f64 / started.elapsed().as_secs_f64();
+            stream
+                .stop
+                .store(true, std::sync::atomic::Ordering::Release);
+            for t in &tasks {
+                t.abort();
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+            assert!(
+                rate > 0.0,
+                "{backend} {kind} {name}: nothing done in the window"
+            );
+            println!(
+                "{backend}/{kind}/{name} round {round}: {} msg/s",
+                rate.round()
+            );
+            rates[i].push(rate);
+        }
+    }
+    impls
+        .iter()
+        .zip(rates)
+        .map(|((name, _), rates)| {
+            serde_json::json!({
+                "backend": backend, "kind": kind, "impl": name,
+                "size": SUSTAINED_SIZE, "rates": rates,
+                "warm_up_s": warm_up.as_secs_f64(), "window_s": window.as_secs_f64(),
+                "producers": PRODUCERS, "in_flight": IN_FLIGHT,
+                "backlog": if consumed { Some(BACKLOG) } else { None },
+            })
+        })
+        .collect()
+}
+
+/// Write sustained rows as `target/polybus-bench/sustained-<name>.json`.
+pub fn write_sustained(name: &str, rows: Vec<serde_json::Value>) {
+    write(
+        &format!("sustained-{name}"),
+        serde_json::json!({ "rows": rows }),
+    );
+}
+
+/// polybus's producers of a sustained stream: [`PRODUCERS`] tasks, each
+/// publishing batches of [`IN_FLIGHT`] and awaiting every confirm; with
+/// `count`, each confirmed batch counts as done (publish only).
+pub fn polybus_producers(
+    bus: &polybus_core::Bus,
+    topic: &str,
+    stream: &Stream,
+    count: bool,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let payload = Bytes::from(vec![7u8; SUSTAINED_SIZE]);
+    (0..PRODUCERS)
+        .map(|_| {
+            let (bus, topic, stream, payload) = (
+                bus.clone(),
+                topic.to_owned(),
+                stream.clone(),
+                payload.clone(),
+            );
+            tokio::spawn(async move {
+                while stream.may_publish(IN_FLIGHT).await {
+                    publish_batch(&bus, &topic, &payload, IN_FLIGHT).await;
+                    if count {
+                        stream.done(IN_FLIGHT as u64);
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// polybus's consumer of a sustained stream: receive and ack each delivery.
+pub fn polybus_consumer(
+    mut sub: polybus_core::DeliveryStream,
+    stream: &Stream,
+) -> tokio::task::JoinHandle<()> {
+    use futures::StreamExt;
+    let stream = stream.clone();
+    tokio::spawn(async move {
+        while let Some(d) = sub.next().await {
+            d.expect("delivery").ack().await.expect("ack");
+            stream.done(1);
+        }
+    })
+}
+
+/// Whether to run the sustained streams (`POLYBUS_BENCH_SUSTAINED=0` leaves
+/// them out, for a run of one criterion group).
+pub fn sustained_wanted() -> bool {
+    std::env::var("POLYBUS_BENCH_SUSTAINED").map_or(true, |v| v != "0")
+}

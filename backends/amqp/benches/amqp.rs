@@ -56,7 +56,7 @@ async fn bus() -> Bus {
 
 /// Raw lapin: a confirm channel for publishing, a topic exchange like polybus's.
 struct Raw {
-    _conn: Connection,
+    conn: Connection,
     publish: Channel,
     consume: Channel,
 }
@@ -88,7 +88,7 @@ async fn raw() -> Raw {
         .await
         .unwrap();
     Raw {
-        _conn: conn,
+        conn,
         publish,
         consume,
     }
@@ -97,34 +97,12 @@ async fn raw() -> Raw {
 impl Raw {
     /// A durable quorum queue bound to `topic`, as polybus makes for a group.
     async fn queue(&self, topic: &str) -> lapin::Consumer {
-        let queue = format!("raw-{topic}");
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        self.consume
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                args,
-            )
-            .await
-            .unwrap();
-        self.consume
-            .queue_bind(
-                queue.as_str().into(),
-                RAW_EXCHANGE.into(),
-                topic.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        self.consume
+        self.queue_on(&self.consume, topic).await
+    }
+
+    async fn queue_on(&self, channel: &Channel, topic: &str) -> lapin::Consumer {
+        let queue = self.declare(channel, topic).await;
+        channel
             .basic_consume(
                 queue.as_str().into(),
                 "".into(),
@@ -135,26 +113,64 @@ impl Raw {
             .unwrap()
     }
 
+    /// Declare the queue of `topic` and bind it; its name.
+    async fn declare(&self, channel: &Channel, topic: &str) -> String {
+        let queue = format!("raw-{topic}");
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                RAW_EXCHANGE.into(),
+                topic.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        queue
+    }
+
     /// Publish `n` persistent messages, all in flight, and wait for every confirm.
     async fn publish_all(&self, topic: &str, payload: &[u8], n: usize) {
-        let mut confirms = Vec::with_capacity(n);
-        for _ in 0..n {
-            confirms.push(
-                self.publish
-                    .basic_publish(
-                        RAW_EXCHANGE.into(),
-                        topic.into(),
-                        BasicPublishOptions::default(),
-                        payload,
-                        raw_properties(),
-                    )
-                    .await
-                    .unwrap(),
-            );
-        }
-        for c in futures::future::join_all(confirms).await {
-            assert!(c.unwrap().is_ack());
-        }
+        publish_on(&self.publish, topic, payload, n).await
+    }
+}
+
+/// Publish `n` persistent messages on the confirm channel `channel`, all in
+/// flight, and wait for every confirm.
+async fn publish_on(channel: &Channel, topic: &str, payload: &[u8], n: usize) {
+    let mut confirms = Vec::with_capacity(n);
+    for _ in 0..n {
+        confirms.push(
+            channel
+                .basic_publish(
+                    RAW_EXCHANGE.into(),
+                    topic.into(),
+                    BasicPublishOptions::default(),
+                    payload,
+                    raw_properties(),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    for c in futures::future::join_all(confirms).await {
+        assert!(c.unwrap().is_ack());
     }
 }
 
@@ -268,6 +284,152 @@ fn end_to_end(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     group.finish();
 }
 
+/// Acks each raw delivery coalesce into, as RabbitMQ's PerfTest
+/// `--multi-ack-every`: polybus's own batch at this prefetch (100, under half
+/// of 300), so the two send the same frames when nothing is out of order.
+const RAW_MULTI_ACK: u64 = 100;
+
+/// A raw lapin stream: [`support::PRODUCERS`] producers, each on a confirm
+/// channel of its own (lapin's confirms are not safe to share between
+/// concurrent publishers), and a consumer on a fresh channel with the same
+/// prefetch acking each delivery (`multi` = 1) or every `multi`-th with
+/// `multiple`. Its queue is recorded in `queues`, deleted after the bench.
+async fn raw_stream(
+    raw: &Raw,
+    stream: support::Stream,
+    multi: u64,
+    queues: &std::sync::Mutex<Vec<String>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let topic = support::name("susraw");
+    queues.lock().unwrap().push(format!("raw-{topic}"));
+    let channel = raw.conn.create_channel().await.unwrap();
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = raw.queue_on(&channel, &topic).await;
+    let payload = Bytes::from(vec![7u8; support::SUSTAINED_SIZE]);
+    let mut tasks = Vec::new();
+    for _ in 0..support::PRODUCERS {
+        let channel = raw.conn.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let (stream, topic, payload) = (stream.clone(), topic.clone(), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            while stream.may_publish(support::IN_FLIGHT).await {
+                publish_on(&channel, &topic, &payload, support::IN_FLIGHT).await;
+            }
+        }));
+    }
+    tasks.push(tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Some(d) = consumer.next().await {
+            let d = d.expect("delivery");
+            std::hint::black_box(&d.data);
+            n += 1;
+            if multi == 1 {
+                d.ack(BasicAckOptions::default()).await.unwrap();
+                stream.done(1);
+            } else if n.is_multiple_of(multi) {
+                d.ack(BasicAckOptions { multiple: true }).await.unwrap();
+                stream.done(multi);
+            }
+        }
+    }));
+    tasks
+}
+
+/// Producers and a consumer group running continuously: polybus (acks
+/// coalesced, its default), raw lapin acking each delivery, raw lapin acking
+/// with `multiple` every [`RAW_MULTI_ACK`]; then each publisher alone.
+fn sustained(rt: &tokio::runtime::Runtime) {
+    let bus = rt.block_on(bus());
+    let raw = rt.block_on(raw());
+    let queues = std::sync::Mutex::new(Vec::new());
+    let polybus = |count: bool| -> support::Start<'_> {
+        let (bus, queues) = (&bus, &queues);
+        Box::new(move |stream| {
+            Box::pin(async move {
+                let topic = support::name("sus");
+                let group = format!("g{}", polybus_core::testkit::unique_name());
+                queues.lock().unwrap().push(group.clone());
+                let sub = bus
+                    .subscribe(
+                        polybus_core::Subscription::new(topic.as_str())
+                            .group(group)
+                            .prefetch(PREFETCH.into()),
+                    )
+                    .await
+                    .expect("subscribe");
+                let mut tasks = support::polybus_producers(bus, &topic, &stream, count);
+                if count {
+                    drop(sub);
+                } else {
+                    tasks.push(support::polybus_consumer(sub, &stream));
+                }
+                tasks
+            })
+        })
+    };
+    let (raw, queues_ref) = (&raw, &queues);
+    let raw_e2e = |multi: u64| -> support::Start<'_> {
+        Box::new(move |stream| Box::pin(raw_stream(raw, stream, multi, queues_ref)))
+    };
+    let mut rows = rt.block_on(support::sustained(
+        "amqp",
+        "end_to_end",
+        true,
+        &[
+            ("polybus", polybus(false)),
+            ("raw", raw_e2e(1)),
+            ("raw-multi-ack", raw_e2e(RAW_MULTI_ACK)),
+        ],
+    ));
+    // Publish only: the same producers, bound to a group queue nobody consumes.
+    let raw_publish: support::Start<'_> = Box::new(move |stream| {
+        Box::pin(async move {
+            let topic = support::name("suspubraw");
+            let queue = raw.declare(&raw.consume, &topic).await;
+            queues_ref.lock().unwrap().push(queue);
+            let payload = Bytes::from(vec![7u8; support::SUSTAINED_SIZE]);
+            let mut tasks = Vec::new();
+            for _ in 0..support::PRODUCERS {
+                let channel = raw.conn.create_channel().await.unwrap();
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .unwrap();
+                let (stream, topic, payload) = (stream.clone(), topic.clone(), payload.clone());
+                tasks.push(tokio::spawn(async move {
+                    while stream.may_publish(support::IN_FLIGHT).await {
+                        publish_on(&channel, &topic, &payload, support::IN_FLIGHT).await;
+                        stream.done(support::IN_FLIGHT as u64);
+                    }
+                }));
+            }
+            tasks
+        })
+    });
+    rows.extend(rt.block_on(support::sustained(
+        "amqp",
+        "publish",
+        false,
+        &[("polybus", polybus(true)), ("raw", raw_publish)],
+    )));
+    support::write_sustained("amqp", rows);
+    let queues = std::mem::take(&mut *queues.lock().unwrap());
+    rt.block_on(async {
+        for q in queues {
+            let _ = raw
+                .consume
+                .queue_delete(q.as_str().into(), Default::default())
+                .await;
+        }
+    });
+}
+
 fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
     let bus = rt.block_on(bus());
     let raw = std::sync::Arc::new(rt.block_on(raw()));
@@ -343,5 +505,8 @@ fn main() {
     c.final_summary();
     if support::extras() {
         latency_and_allocations(&rt);
+    }
+    if support::sustained_wanted() {
+        sustained(&rt);
     }
 }

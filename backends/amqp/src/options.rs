@@ -164,7 +164,8 @@ impl AmqpOptions {
     ///
     /// With coalescing, `ack` returning `Ok` means the ack is recorded and
     /// reaches the broker at the latest when `acks` acks wait, when the
-    /// subscription has nothing more to hand out, after the
+    /// subscription has nothing more to hand out while half its prefetch is
+    /// unsettled at the broker, after the
     /// [`ack_flush`](Self::ack_flush) delay, before a requeue on the same
     /// channel, or when the subscription closes or is dropped. If the
     /// connection is lost before that, the broker delivers the message again

@@ -290,9 +290,9 @@ impl DeliverySource for AmqpSource {
                     acks,
                 } => match consumer.poll_next_unpin(cx) {
                     Poll::Pending => {
-                        // Nothing more to hand out: what was acked goes now,
-                        // so the broker can send more.
-                        acks.flush();
+                        // Nothing more to hand out: if the broker is close to
+                        // the prefetch, what was acked goes now so it sends more.
+                        acks.quiet();
                         let mut lost = false;
                         while self.watchdog.poll_tick(cx).is_ready() {
                             lost |= !channel.status().connected();
