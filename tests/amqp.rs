@@ -465,3 +465,45 @@ async fn c7_ack_batch_1_sends_every_ack_at_once() {
         Vec::<String>::new()
     );
 }
+
+/// Publishes are spread over several confirm channels (`publish_channels`);
+/// messages with one key take one channel, so even publishes in flight
+/// together reach the group in the order they were made (C5).
+#[tokio::test]
+async fn c5_one_key_keeps_its_order_across_publish_channels() {
+    let Some(url) = url() else { return };
+    let bus = bus(&format!("{url}?publish_channels=4")).await;
+    let topic = unique("channels.");
+    let mut sub = bus
+        .subscribe(
+            Subscription::new(topic.clone())
+                .group(unique("channels-"))
+                .prefetch(500),
+        )
+        .await
+        .unwrap();
+    let n = 300;
+    let publishes = (0..n).map(|i| {
+        let key = if i % 2 == 0 { "even" } else { "odd" };
+        bus.publish(&topic, Message::new(i.to_string()).with_key(key))
+    });
+    for r in futures::future::join_all(publishes).await {
+        r.unwrap();
+    }
+    let mut last = [None::<u32>; 2];
+    for _ in 0..n {
+        let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("every message within 10 s")
+            .unwrap()
+            .unwrap();
+        let i: u32 = std::str::from_utf8(d.message().payload())
+            .unwrap()
+            .parse()
+            .unwrap();
+        let slot = &mut last[(i % 2) as usize];
+        assert!(slot.is_none_or(|prev| prev < i), "{i} after {slot:?}");
+        *slot = Some(i);
+        d.ack().await.unwrap();
+    }
+}

@@ -413,7 +413,7 @@ pub async fn sustained(
     impls: &[(&str, Start<'_>)],
 ) -> Vec<serde_json::Value> {
     let (warm_up, window) = if quick() {
-        (Duration::from_millis(200), Duration::from_millis(500))
+        (Duration::from_millis(500), Duration::from_secs(1))
     } else {
         (Duration::from_secs(2), Duration::from_secs(10))
     };

@@ -4,6 +4,8 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -40,16 +42,44 @@ pub(crate) struct Connector {
 
 pub(crate) struct Live {
     pub(crate) conn: Connection,
-    publish: Channel,
-    /// lapin numbers confirms and queues frames under different locks, so two
-    /// `basic_publish` calls at once on one channel could mismatch confirms.
-    /// Held only for the call's first poll, which does both (see [`Live::write`]).
-    publish_lock: StdMutex<()>,
+    /// The confirm channels publishes are spread over (`publish_channels`).
+    /// RabbitMQ runs each channel in one process of its own, so concurrent
+    /// publishers on one channel queue behind each other on the broker.
+    publishers: Vec<Publisher>,
+    /// The next channel for a message without a key.
+    next: AtomicUsize,
     /// Retry queues already declared on this connection.
     declared: StdMutex<HashSet<String>>,
 }
 
+/// One confirm channel of the publish pool.
+struct Publisher {
+    channel: Channel,
+    /// lapin numbers confirms and queues frames under different locks, so two
+    /// `basic_publish` calls at once on one channel could mismatch confirms.
+    /// Held only for the call's first poll, which does both (see [`Live::write`]).
+    lock: StdMutex<()>,
+}
+
 impl Live {
+    /// The channel for `message`: by its key, so messages with the same key
+    /// keep their order (C5) even when published concurrently; otherwise in turn.
+    fn publisher(&self, message: &Message) -> &Publisher {
+        let n = self.publishers.len();
+        let i = match message.key() {
+            _ if n == 1 => 0,
+            Some(key) => {
+                // A fixed hasher: the same key takes the same channel for the
+                // life of the connection.
+                let mut h = std::hash::DefaultHasher::new();
+                key.hash(&mut h);
+                (h.finish() % n as u64) as usize
+            }
+            None => self.next.fetch_add(1, Ordering::Relaxed) % n,
+        };
+        &self.publishers[i]
+    }
+
     /// `basic_publish`, resolved once the frames are written. lapin registers
     /// the confirm and queues the frames in the call's first poll, then waits
     /// for its I/O thread to write them; only that first poll is serialized, so
@@ -64,7 +94,20 @@ impl Live {
         message: &Message,
         extra: &[(&str, String)],
     ) -> lapin::Result<PublisherConfirm> {
-        let mut publish = std::pin::pin!(self.publish.basic_publish(
+        let publisher = self.publisher(message);
+        Self::write_on(publisher, exchange, routing_key, mandatory, message, extra).await
+    }
+
+    /// [`write`](Self::write) on the channel `publisher`.
+    async fn write_on(
+        publisher: &Publisher,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
+        message: &Message,
+        extra: &[(&str, String)],
+    ) -> lapin::Result<PublisherConfirm> {
+        let mut publish = std::pin::pin!(publisher.channel.basic_publish(
             exchange.into(),
             routing_key.into(),
             BasicPublishOptions {
@@ -75,7 +118,7 @@ impl Live {
             mapping::properties(message, extra),
         ));
         let first = std::future::poll_fn(|cx| {
-            let _queueing = polybus_core::backend::lock(&self.publish_lock);
+            let _queueing = polybus_core::backend::lock(&publisher.lock);
             Poll::Ready(publish.as_mut().poll(cx))
         })
         .await;
@@ -86,7 +129,11 @@ impl Live {
     }
 
     fn healthy(&self) -> bool {
-        self.conn.status().connected() && self.publish.status().connected()
+        self.conn.status().connected()
+            && self
+                .publishers
+                .iter()
+                .all(|p| p.channel.status().connected())
     }
 }
 
@@ -174,20 +221,27 @@ impl Connector {
                 ));
             }
         };
-        let publish = conn
-            .create_channel()
-            .await
-            .map_err(|e| map_err(e, "cannot open the publish channel"))?;
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| map_err(e, "cannot enable publisher confirms"))?;
-        declare_exchange(&publish, &self.options.exchange).await?;
+        let mut publishers = Vec::with_capacity(self.options.publish_channels);
+        for _ in 0..self.options.publish_channels {
+            let channel = conn
+                .create_channel()
+                .await
+                .map_err(|e| map_err(e, "cannot open a publish channel"))?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|e| map_err(e, "cannot enable publisher confirms"))?;
+            publishers.push(Publisher {
+                channel,
+                lock: StdMutex::new(()),
+            });
+        }
+        declare_exchange(&publishers[0].channel, &self.options.exchange).await?;
         tracing::info!(broker = %shown, "amqp connected");
         Ok(Live {
             conn,
-            publish,
-            publish_lock: StdMutex::new(()),
+            publishers,
+            next: AtomicUsize::new(0),
             declared: StdMutex::new(HashSet::new()),
         })
     }
@@ -305,9 +359,13 @@ impl Connector {
     ) -> Vec<std::result::Result<(), Failure>> {
         let deadline = Self::deadline_in(self.options.publish_timeout);
         let mut confirms = Vec::with_capacity(messages.len());
-        if let Ok(live) = self.live(deadline).await {
+        if let Ok(live) = self.live(deadline).await
+            && let Some(first) = messages.first()
+        {
+            // One channel for the whole batch, so it keeps its order.
+            let publisher = live.publisher(first);
             for message in messages {
-                match live.write(exchange, routing_key, false, message, &[]).await {
+                match Live::write_on(publisher, exchange, routing_key, false, message, &[]).await {
                     Ok(confirm) => confirms.push(confirm),
                     Err(_) => break,
                 }

@@ -42,7 +42,10 @@ use polybus_core::{
 };
 
 use crate::connection::Connector;
-pub use crate::options::{AmqpOptions, DEFAULT_ACK_BATCH, DEFAULT_ACK_FLUSH, DEFAULT_MAX_PAYLOAD};
+pub use crate::options::{
+    AmqpOptions, DEFAULT_ACK_BATCH, DEFAULT_ACK_FLUSH, DEFAULT_MAX_PAYLOAD,
+    DEFAULT_PUBLISH_CHANNELS,
+};
 use crate::subscriber::{AmqpSource, Shared};
 
 /// A connection to RabbitMQ.

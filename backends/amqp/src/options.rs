@@ -23,11 +23,14 @@ pub struct AmqpOptions {
     pub(crate) publish_timeout: Duration,
     pub(crate) tls_ca_pem: Option<String>,
     pub(crate) ack_batch: usize,
+    pub(crate) publish_channels: usize,
     pub(crate) ack_flush: Duration,
 }
 
 /// How many acks a subscription coalesces into one frame at most, by default.
 pub const DEFAULT_ACK_BATCH: usize = 100;
+/// How many confirm channels a bus publishes on, by default.
+pub const DEFAULT_PUBLISH_CHANNELS: usize = 2;
 /// How long an ack waits at most to be coalesced, by default.
 pub const DEFAULT_ACK_FLUSH: Duration = Duration::from_millis(10);
 
@@ -52,6 +55,7 @@ impl AmqpOptions {
     /// | `tls_ca_file` | none | a PEM file of CA certificates trusted for `amqps://`, beside the system roots |
     /// | `ack_batch` | 100 | acks coalesced into one `basic.ack` at most (capped at half the prefetch); `1` sends each ack when it is made |
     /// | `ack_flush_ms` | 10 | the longest an ack waits to be coalesced |
+    /// | `publish_channels` | 2 | confirm channels publishes are spread over (1 to 64); messages with the same key always take the same one |
     ///
     /// Coalesced acks, and what an `ack` returning `Ok` means with them, are
     /// described on [`ack_batch`](Self::ack_batch).
@@ -71,6 +75,7 @@ impl AmqpOptions {
             publish_timeout: Duration::from_secs(30),
             tls_ca_pem: None,
             ack_batch: DEFAULT_ACK_BATCH,
+            publish_channels: DEFAULT_PUBLISH_CHANNELS,
             ack_flush: DEFAULT_ACK_FLUSH,
         };
         let mut passthrough = Vec::new();
@@ -103,11 +108,23 @@ impl AmqpOptions {
             "publish_timeout_ms" => self.publish_timeout = millis(v)?,
             "ack_batch" => {
                 self.ack_batch = url.value(k, v, "is not a number of acks")?;
+                if !(1..=64).contains(&self.publish_channels) {
+                    return Err(Error::invalid_input(format!(
+                        "invalid publish_channels {}: it must be 1 to 64",
+                        self.publish_channels
+                    )));
+                }
                 if self.ack_batch == 0 {
                     return Err(url.bad_value(k, v, "must be at least 1"));
                 }
             }
             "ack_flush_ms" => self.ack_flush = millis(v)?,
+            "publish_channels" => {
+                self.publish_channels = url.value(k, v, "is not a number of channels")?;
+                if !(1..=64).contains(&self.publish_channels) {
+                    return Err(url.bad_value(k, v, "must be 1 to 64"));
+                }
+            }
             "tls_ca_file" => {
                 let pem = std::fs::read_to_string(v).map_err(|e| {
                     Error::invalid_input(format!("cannot read tls_ca_file `{v}`: {e}"))
@@ -175,6 +192,17 @@ impl AmqpOptions {
         self
     }
 
+    /// Spread publishes over `channels` confirm channels (2 by default, 1 to
+    /// 64). RabbitMQ serves each channel in one process of its own, so
+    /// concurrent publishers on one channel wait for each other on the broker.
+    /// Messages with the same key always take the same channel, so they keep
+    /// their order (C5) even when published concurrently; a batch takes one
+    /// channel; messages without a key take the channels in turn.
+    pub fn publish_channels(mut self, channels: usize) -> Self {
+        self.publish_channels = channels;
+        self
+    }
+
     /// The longest an ack waits to be coalesced with others (10 ms by default).
     pub fn ack_flush(mut self, delay: Duration) -> Self {
         self.ack_flush = delay;
@@ -183,6 +211,12 @@ impl AmqpOptions {
 
     /// Check what the setters cannot: called by `connect`.
     pub(crate) fn validate(&self) -> Result<()> {
+        if !(1..=64).contains(&self.publish_channels) {
+            return Err(Error::invalid_input(format!(
+                "invalid publish_channels {}: it must be 1 to 64",
+                self.publish_channels
+            )));
+        }
         if self.ack_batch == 0 {
             return Err(Error::invalid_input(
                 "invalid ack_batch 0: it must be at least 1 (1 sends every ack at once)",
@@ -217,6 +251,7 @@ impl fmt::Debug for AmqpOptions {
             .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "…"))
             .field("ack_batch", &self.ack_batch)
             .field("ack_flush", &self.ack_flush)
+            .field("publish_channels", &self.publish_channels)
             .finish()
     }
 }
@@ -277,6 +312,22 @@ mod tests {
         let o = AmqpOptions::from_url("amqp://h/?ack_batch=7&ack_flush_ms=250").unwrap();
         assert_eq!((o.ack_batch, o.ack_flush), (7, Duration::from_millis(250)));
         assert!(o.ack_batch(0).validate().unwrap_err().is_invalid_input());
+        for bad in ["0", "65", "two"] {
+            let e =
+                AmqpOptions::from_url(&format!("amqp://h/?publish_channels={bad}")).unwrap_err();
+            assert!(
+                e.is_invalid_input() && e.to_string().contains("publish_channels"),
+                "{e}"
+            );
+        }
+        let o = AmqpOptions::from_url("amqp://h/?publish_channels=4").unwrap();
+        assert_eq!(o.publish_channels, 4);
+        assert!(
+            o.publish_channels(0)
+                .validate()
+                .unwrap_err()
+                .is_invalid_input()
+        );
         let e = AmqpOptions::from_url("amqp://h/?tls_ca_file=/nonexistent.pem").unwrap_err();
         assert!(e.to_string().contains("/nonexistent.pem"), "{e}");
     }

@@ -19,6 +19,7 @@ use rdkafka::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 
@@ -56,8 +57,12 @@ async fn bus() -> Bus {
 
 /// The raw producer, configured as polybus configures its own.
 fn raw_producer() -> FutureProducer {
+    raw_producer_on(&brokers())
+}
+
+fn raw_producer_on(brokers: &str) -> FutureProducer {
     ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("log_level", "3")
@@ -67,8 +72,12 @@ fn raw_producer() -> FutureProducer {
 
 /// The raw consumer: stored offsets, auto-committed; the fetch settings polybus uses.
 fn raw_consumer(topic: &str) -> StreamConsumer {
+    raw_consumer_on(&brokers(), topic)
+}
+
+fn raw_consumer_on(brokers: &str, topic: &str) -> StreamConsumer {
     let c: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set(
             "group.id",
             format!("raw-{}", polybus_core::testkit::unique_name()),
@@ -198,6 +207,124 @@ fn end_to_end(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     group.finish();
 }
 
+/// Producers and a consumer group running continuously, polybus beside raw
+/// rdkafka, on the broker at `brokers` (`broker` names it in the results):
+/// end to end, then publish only. `topic` makes a topic ready for both.
+fn sustained_on(
+    rt: &tokio::runtime::Runtime,
+    broker: &str,
+    bus: &Bus,
+    brokers: &str,
+    topic: &dyn Fn(&'static str) -> futures::future::BoxFuture<'static, String>,
+) -> Vec<serde_json::Value> {
+    let producer = raw_producer_on(brokers);
+    let polybus = |count: bool| -> support::Start<'_> {
+        Box::new(move |stream| {
+            Box::pin(async move {
+                let topic = topic("sus").await;
+                let mut tasks = Vec::new();
+                if !count {
+                    let sub = support::own_group(bus, &topic, 1_000).await;
+                    tasks.push(support::polybus_consumer(sub, &stream));
+                }
+                tasks.extend(support::polybus_producers(bus, &topic, &stream, count));
+                tasks
+            })
+        })
+    };
+    let producer = &producer;
+    let raw = |count: bool| -> support::Start<'_> {
+        Box::new(move |stream| {
+            Box::pin(async move {
+                let topic = topic("susraw").await;
+                let mut tasks = Vec::new();
+                if !count {
+                    let consumer = raw_consumer_on(brokers, &topic);
+                    raw_ready(&consumer, producer, &topic).await;
+                    let stream = stream.clone();
+                    tasks.push(tokio::spawn(async move {
+                        loop {
+                            let m = consumer.recv().await.expect("recv");
+                            std::hint::black_box(m.payload());
+                            consumer.store_offset_from_message(&m).expect("store");
+                            stream.done(1);
+                        }
+                    }));
+                }
+                let payload = Bytes::from(vec![7u8; support::SUSTAINED_SIZE]);
+                for _ in 0..support::PRODUCERS {
+                    let (producer, stream, topic, payload) = (
+                        producer.clone(),
+                        stream.clone(),
+                        topic.clone(),
+                        payload.clone(),
+                    );
+                    tasks.push(tokio::spawn(async move {
+                        while stream.may_publish(support::IN_FLIGHT).await {
+                            raw_send_all(&producer, &topic, &payload, support::IN_FLIGHT).await;
+                            if count {
+                                stream.done(support::IN_FLIGHT as u64);
+                            }
+                        }
+                    }));
+                }
+                tasks
+            })
+        })
+    };
+    let mut rows = rt.block_on(support::sustained(
+        broker,
+        "end_to_end",
+        true,
+        &[("polybus", polybus(false)), ("raw", raw(false))],
+    ));
+    rows.extend(rt.block_on(support::sustained(
+        broker,
+        "publish",
+        false,
+        &[("polybus", polybus(true)), ("raw", raw(true))],
+    )));
+    rows
+}
+
+/// The sustained streams on tansu, then on librdkafka's in-process mock
+/// cluster (three brokers, replication factor 3), where the broker is not the
+/// bottleneck and the figures show the clients.
+fn sustained(rt: &tokio::runtime::Runtime) {
+    let bus = rt.block_on(bus());
+    let on_tansu = |prefix: &'static str| -> futures::future::BoxFuture<'static, String> {
+        let bus = bus.clone();
+        Box::pin(async move {
+            let topic = support::name(prefix);
+            // polybus creates its topics (3 partitions); the raw side uses one made so.
+            bus.publish(&topic, Message::new("create"))
+                .await
+                .expect("create the topic");
+            topic
+        })
+    };
+    let mut rows = sustained_on(rt, "kafka", &bus, &brokers(), &on_tansu);
+    let cluster = MockCluster::new(3).expect("librdkafka's mock cluster");
+    let mock_bus = rt
+        .block_on(polybus_kafka::connect_with(
+            polybus_kafka::KafkaOptions::new(cluster.bootstrap_servers()).create_topics(false),
+        ))
+        .expect("the mock cluster");
+    let on_mock = |prefix: &'static str| -> futures::future::BoxFuture<'static, String> {
+        let topic = support::name(prefix);
+        cluster.create_topic(&topic, 3, 3).expect("mock topic");
+        Box::pin(futures::future::ready(topic))
+    };
+    rows.extend(sustained_on(
+        rt,
+        "kafka-mock",
+        &mock_bus,
+        &cluster.bootstrap_servers(),
+        &on_mock,
+    ));
+    support::write_sustained("kafka", rows);
+}
+
 fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
     let bus = rt.block_on(bus());
     let producer = raw_producer();
@@ -290,5 +417,8 @@ fn main() {
     c.final_summary();
     if support::extras() {
         latency_and_allocations(&rt);
+    }
+    if support::sustained_wanted() {
+        sustained(&rt);
     }
 }
