@@ -190,13 +190,42 @@ async fn c12_an_ip_address_host_is_the_host_connected_to() {
 // proxy that reads the client's frames, and what the broker redelivers after
 // the connection is cut, as it is when a client crashes.
 
-/// A bus whose connection goes through `proxy`, with these URL parameters.
-async fn proxied(proxy: &FrameProxy, params: &str) -> polybus::Bus {
-    bus(&format!(
+/// A durable group subscribed through a frame-reading proxy, and a publisher
+/// connected straight to the broker.
+struct Coalescing {
+    proxy: FrameProxy,
+    sub: polybus::DeliveryStream,
+    publisher: polybus::Bus,
+    topic: String,
+    group: String,
+    /// The subscriber's bus, connected through `proxy` with the test's URL parameters.
+    consumer: polybus::Bus,
+}
+
+async fn coalescing(url: &str, params: &str, prefetch: u32) -> Coalescing {
+    let proxy = FrameProxy::start(HOST).await;
+    let consumer = bus(&format!(
         "amqp://guest:guest@127.0.0.1:{}/{VHOST}?{params}",
         proxy.port
     ))
-    .await
+    .await;
+    let (topic, group) = (unique("coalesce."), unique("coalesce-"));
+    let sub = consumer
+        .subscribe(
+            Subscription::new(topic.clone())
+                .group(group.clone())
+                .prefetch(prefetch),
+        )
+        .await
+        .unwrap();
+    Coalescing {
+        proxy,
+        sub,
+        publisher: bus(url).await,
+        topic,
+        group,
+        consumer,
+    }
 }
 
 /// Publish `n` messages whose payloads are their numbers.
@@ -269,19 +298,15 @@ async fn remaining(url: &str, topic: &str, group: &str, expected: usize) -> Vec<
 #[tokio::test]
 async fn c7_a_run_of_contiguous_acks_is_one_frame_and_close_sends_it() {
     let Some(url) = url() else { return };
-    let proxy = FrameProxy::start(HOST).await;
     // Only the batch (half the prefetch: 50) or the close sends acks here.
-    let consumer = proxied(&proxy, "ack_flush_ms=600000").await;
-    let publisher = bus(&url).await;
-    let (topic, group) = (unique("coalesce."), unique("coalesce-"));
-    let mut sub = consumer
-        .subscribe(
-            Subscription::new(topic.clone())
-                .group(group.clone())
-                .prefetch(100),
-        )
-        .await
-        .unwrap();
+    let Coalescing {
+        proxy,
+        mut sub,
+        publisher,
+        topic,
+        group,
+        consumer: _consumer,
+    } = coalescing(&url, "ack_flush_ms=600000", 100).await;
     publish_numbered(&publisher, &topic, 60).await;
     let deliveries = receive(&mut sub, 60).await;
     assert!(proxy.settlements().is_empty(), "nothing is settled yet");
@@ -320,20 +345,16 @@ async fn c7_a_run_of_contiguous_acks_is_one_frame_and_close_sends_it() {
 #[tokio::test]
 async fn c9_out_of_order_acks_never_cover_an_unsettled_delivery() {
     let Some(url) = url() else { return };
-    let proxy = FrameProxy::start(HOST).await;
-    let consumer = proxied(&proxy, "ack_flush_ms=600000").await;
-    let publisher = bus(&url).await;
-    let (topic, group) = (unique("coalesce."), unique("coalesce-"));
     // Prefetch 10: six unsettled are more than half of it, so a quiet stream
     // flushes; the batch (5) is not reached by the four acks.
-    let mut sub = consumer
-        .subscribe(
-            Subscription::new(topic.clone())
-                .group(group.clone())
-                .prefetch(10),
-        )
-        .await
-        .unwrap();
+    let Coalescing {
+        proxy,
+        mut sub,
+        publisher,
+        topic,
+        group,
+        consumer: _consumer,
+    } = coalescing(&url, "ack_flush_ms=600000", 10).await;
     publish_numbered(&publisher, &topic, 6).await;
     let mut deliveries: Vec<Option<polybus::Delivery>> =
         receive(&mut sub, 6).await.into_iter().map(Some).collect();
@@ -373,18 +394,14 @@ async fn c9_out_of_order_acks_never_cover_an_unsettled_delivery() {
 #[tokio::test]
 async fn c9_an_ack_not_yet_sent_when_the_connection_dies_is_redelivered() {
     let Some(url) = url() else { return };
-    let proxy = FrameProxy::start(HOST).await;
-    let consumer = proxied(&proxy, "ack_flush_ms=600000").await;
-    let publisher = bus(&url).await;
-    let (topic, group) = (unique("coalesce."), unique("coalesce-"));
-    let mut sub = consumer
-        .subscribe(
-            Subscription::new(topic.clone())
-                .group(group.clone())
-                .prefetch(100),
-        )
-        .await
-        .unwrap();
+    let Coalescing {
+        proxy,
+        mut sub,
+        publisher,
+        topic,
+        group,
+        consumer: _consumer,
+    } = coalescing(&url, "ack_flush_ms=600000", 100).await;
     publish_numbered(&publisher, &topic, 3).await;
     for d in receive(&mut sub, 3).await {
         d.ack().await.unwrap();
@@ -406,18 +423,14 @@ async fn c9_an_ack_not_yet_sent_when_the_connection_dies_is_redelivered() {
 #[tokio::test]
 async fn c7_a_waiting_ack_is_sent_after_the_flush_delay() {
     let Some(url) = url() else { return };
-    let proxy = FrameProxy::start(HOST).await;
-    let consumer = proxied(&proxy, "ack_flush_ms=100").await;
-    let publisher = bus(&url).await;
-    let (topic, group) = (unique("coalesce."), unique("coalesce-"));
-    let mut sub = consumer
-        .subscribe(
-            Subscription::new(topic.clone())
-                .group(group.clone())
-                .prefetch(100),
-        )
-        .await
-        .unwrap();
+    let Coalescing {
+        proxy,
+        mut sub,
+        publisher,
+        topic,
+        group,
+        consumer: _consumer,
+    } = coalescing(&url, "ack_flush_ms=100", 100).await;
     publish_numbered(&publisher, &topic, 2).await;
     let mut got = receive(&mut sub, 2).await;
     got.remove(0).ack().await.unwrap();
@@ -436,18 +449,14 @@ async fn c7_a_waiting_ack_is_sent_after_the_flush_delay() {
 #[tokio::test]
 async fn c7_ack_batch_1_sends_every_ack_at_once() {
     let Some(url) = url() else { return };
-    let proxy = FrameProxy::start(HOST).await;
-    let consumer = proxied(&proxy, "ack_batch=1&ack_flush_ms=600000").await;
-    let publisher = bus(&url).await;
-    let (topic, group) = (unique("coalesce."), unique("coalesce-"));
-    let mut sub = consumer
-        .subscribe(
-            Subscription::new(topic.clone())
-                .group(group.clone())
-                .prefetch(100),
-        )
-        .await
-        .unwrap();
+    let Coalescing {
+        proxy,
+        mut sub,
+        publisher,
+        topic,
+        group,
+        consumer: _consumer,
+    } = coalescing(&url, "ack_batch=1&ack_flush_ms=600000", 100).await;
     publish_numbered(&publisher, &topic, 3).await;
     for d in receive(&mut sub, 3).await {
         d.ack().await.unwrap();

@@ -308,21 +308,7 @@ async fn raw_stream(
         .await
         .unwrap();
     let mut consumer = raw.queue_on(&channel, &topic).await;
-    let payload = Bytes::from(vec![7u8; support::SUSTAINED_SIZE]);
-    let mut tasks = Vec::new();
-    for _ in 0..support::PRODUCERS {
-        let channel = raw.conn.create_channel().await.unwrap();
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
-        let (stream, topic, payload) = (stream.clone(), topic.clone(), payload.clone());
-        tasks.push(tokio::spawn(async move {
-            while stream.may_publish(support::IN_FLIGHT).await {
-                publish_on(&channel, &topic, &payload, support::IN_FLIGHT).await;
-            }
-        }));
-    }
+    let mut tasks = raw_producers(raw, &topic, &stream, false).await;
     tasks.push(tokio::spawn(async move {
         let mut n = 0u64;
         while let Some(d) = consumer.next().await {
@@ -338,6 +324,35 @@ async fn raw_stream(
             }
         }
     }));
+    tasks
+}
+
+/// Raw lapin's producers of a sustained stream, each on a confirm channel of
+/// its own; with `count`, each confirmed batch counts as done (publish only).
+async fn raw_producers(
+    raw: &Raw,
+    topic: &str,
+    stream: &support::Stream,
+    count: bool,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let payload = Bytes::from(vec![7u8; support::SUSTAINED_SIZE]);
+    let mut tasks = Vec::new();
+    for _ in 0..support::PRODUCERS {
+        let channel = raw.conn.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let (stream, topic, payload) = (stream.clone(), topic.to_owned(), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            while stream.may_publish(support::IN_FLIGHT).await {
+                publish_on(&channel, &topic, &payload, support::IN_FLIGHT).await;
+                if count {
+                    stream.done(support::IN_FLIGHT as u64);
+                }
+            }
+        }));
+    }
     tasks
 }
 
@@ -393,23 +408,7 @@ fn sustained(rt: &tokio::runtime::Runtime) {
             let topic = support::name("suspubraw");
             let queue = raw.declare(&raw.consume, &topic).await;
             queues_ref.lock().unwrap().push(queue);
-            let payload = Bytes::from(vec![7u8; support::SUSTAINED_SIZE]);
-            let mut tasks = Vec::new();
-            for _ in 0..support::PRODUCERS {
-                let channel = raw.conn.create_channel().await.unwrap();
-                channel
-                    .confirm_select(ConfirmSelectOptions::default())
-                    .await
-                    .unwrap();
-                let (stream, topic, payload) = (stream.clone(), topic.clone(), payload.clone());
-                tasks.push(tokio::spawn(async move {
-                    while stream.may_publish(support::IN_FLIGHT).await {
-                        publish_on(&channel, &topic, &payload, support::IN_FLIGHT).await;
-                        stream.done(support::IN_FLIGHT as u64);
-                    }
-                }));
-            }
-            tasks
+            raw_producers(raw, &topic, &stream, true).await
         })
     });
     rows.extend(rt.block_on(support::sustained(
