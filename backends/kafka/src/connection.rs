@@ -33,6 +33,14 @@ impl Connector {
         // librdkafka logs every refused connection at error level; the typed
         // errors polybus returns say the same once.
         config.set("log_level", "3");
+        // librdkafka 2.12 times out a record waiting in a broker's transmit
+        // queue only when that broker's thread wakes, and while the broker is
+        // down that is the next reconnect attempt (its back-off grows to
+        // `reconnect.backoff.max.ms`, 10 s by default). A 1 s cap, the Java
+        // client's default, keeps a publish's failure within a second of
+        // `publish_timeout` and lets every client notice a returned broker
+        // within a second (C11, C12; mock.rs has the test).
+        config.set("reconnect.backoff.max.ms", "1000");
         for (k, v) in own {
             config.set(*k, v);
         }

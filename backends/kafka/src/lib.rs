@@ -14,7 +14,7 @@
 //! | C8 poison | past `max_attempts` a message is dead-lettered; a crash counts as an attempt through the commit metadata (below) |
 //! | C9 crashes | only the lowest unsettled offset of each partition is committed, so an out-of-order ack skips nothing; the commit's metadata records the head record's attempt |
 //! | C10 shutdown | close stops handing out, waits for settlements up to the grace, commits what is settled and leaves the group; publisher close flushes |
-//! | C11 reconnect | librdkafka reconnects and rejoins by itself; publishes wait for their delivery report up to `publish_timeout_ms` |
+//! | C11 reconnect | librdkafka reconnects (back-off capped at 1 s) and rejoins by itself; publishes wait for their delivery report up to `publish_timeout_ms` |
 //! | C12 bad input | connect probes the cluster's metadata within `connect_timeout_ms`; the payload limit is checked before sending; a missing topic with `create_topics=false` is a `Refused` error |
 //! | C13 metadata | see `mapping`: ordinary records with native key, headers and timestamp |
 //!
