@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput};
+use futures::StreamExt;
 use polybus_core::{Bus, Message};
 use rdkafka::Message as _;
 use rdkafka::config::ClientConfig;
@@ -21,6 +22,10 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use ruststream::{Broker, IncomingMessage, OutgoingMessage, Publisher, Subscriber};
+use ruststream_rdkafka::{
+    Commit, ConnectedKafkaBroker, KafkaBroker, KafkaPublish, KafkaTopic, StartOffset,
+};
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 
 #[path = "../../../benches/support/mod.rs"]
@@ -55,17 +60,34 @@ async fn bus() -> Bus {
         .unwrap_or_else(|e| panic!("cannot reach kafka: {e}; {HINT}"))
 }
 
+/// The latency settings polybus sets by default (`KafkaOptions::fetch_wait`
+/// and `linger`); the raw clients and the peer get the same.
+const CLIENT_SETTINGS: &[(&str, &str)] = &[("fetch.wait.max.ms", "20"), ("linger.ms", "1")];
+
+/// polybus's latency settings before they were chosen by measurement (fetch
+/// wait 100 ms, librdkafka's linger of 5 ms): the `polybus-before` rows.
+const BEFORE: &[(&str, &str)] = &[("fetch.wait.max.ms", "100"), ("linger.ms", "5")];
+
+fn config_on(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("log_level", "3");
+    for (k, v) in CLIENT_SETTINGS {
+        config.set(*k, *v);
+    }
+    config
+}
+
 /// The raw producer, configured as polybus configures its own.
 fn raw_producer() -> FutureProducer {
     raw_producer_on(&brokers())
 }
 
 fn raw_producer_on(brokers: &str) -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    config_on(brokers)
         .set("acks", "all")
         .set("enable.idempotence", "true")
-        .set("log_level", "3")
         .create()
         .expect("raw producer")
 }
@@ -76,8 +98,7 @@ fn raw_consumer(topic: &str) -> StreamConsumer {
 }
 
 fn raw_consumer_on(brokers: &str, topic: &str) -> StreamConsumer {
-    let c: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let c: StreamConsumer = config_on(brokers)
         .set(
             "group.id",
             format!("raw-{}", polybus_core::testkit::unique_name()),
@@ -85,9 +106,7 @@ fn raw_consumer_on(brokers: &str, topic: &str) -> StreamConsumer {
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "latest")
-        .set("fetch.wait.max.ms", "100")
         .set("heartbeat.interval.ms", "500")
-        .set("log_level", "3")
         .create()
         .expect("raw consumer");
     c.subscribe(&[topic]).expect("subscribe");
@@ -207,17 +226,142 @@ fn end_to_end(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     group.finish();
 }
 
-/// Producers and a consumer group running continuously, polybus beside raw
-/// rdkafka, on the broker at `brokers` (`broker` names it in the results):
-/// end to end, then publish only. `topic` makes a topic ready for both.
-fn sustained_on(
+/// A Kafka-protocol broker the latency, allocation and sustained parts run
+/// on: tansu (the broker is the bottleneck) or librdkafka's in-process mock
+/// cluster (the clients are).
+struct Target<'a> {
+    /// `kafka` (tansu) or `kafka-mock`, as the results name it.
+    label: &'static str,
+    brokers: String,
+    /// polybus's options on this broker; the "before" bus starts from them.
+    options: polybus_kafka::KafkaOptions,
+    bus: Bus,
+    /// Makes a fresh topic, with the same partitions for every client.
+    topic: Box<dyn Fn(&'static str) -> futures::future::BoxFuture<'static, String> + 'a>,
+    /// The fixed rates of the latency runs.
+    rates: &'static [u64],
+}
+
+fn tansu(rt: &tokio::runtime::Runtime) -> Target<'static> {
+    let options = polybus_kafka::KafkaOptions::new(brokers());
+    let bus = rt
+        .block_on(polybus_kafka::connect_with(options.clone()))
+        .unwrap_or_else(|e| panic!("cannot reach kafka: {e}; {HINT}"));
+    let creator = bus.clone();
+    Target {
+        label: "kafka",
+        brokers: brokers(),
+        options,
+        bus,
+        topic: Box::new(move |prefix| {
+            let bus = creator.clone();
+            Box::pin(async move {
+                let topic = support::name(prefix);
+                // polybus creates its topics (3 partitions); the other clients use one made so.
+                bus.publish(&topic, Message::new("create"))
+                    .await
+                    .expect("create the topic");
+                topic
+            })
+        }),
+        rates: &support::KAFKA_RATES,
+    }
+}
+
+/// librdkafka's mock cluster: three brokers, topics of 3 partitions with
+/// replication factor 3 (it has no CreateTopics handler, so topics are made
+/// on the cluster).
+fn mock<'a>(
     rt: &tokio::runtime::Runtime,
-    broker: &str,
-    bus: &Bus,
-    brokers: &str,
-    topic: &dyn Fn(&'static str) -> futures::future::BoxFuture<'static, String>,
-) -> Vec<serde_json::Value> {
-    let producer = raw_producer_on(brokers);
+    cluster: &'a MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+) -> Target<'a> {
+    let options =
+        polybus_kafka::KafkaOptions::new(cluster.bootstrap_servers()).create_topics(false);
+    let bus = rt
+        .block_on(polybus_kafka::connect_with(options.clone()))
+        .expect("the mock cluster");
+    Target {
+        label: "kafka-mock",
+        brokers: cluster.bootstrap_servers(),
+        options,
+        bus,
+        topic: Box::new(move |prefix| {
+            let topic = support::name(prefix);
+            cluster.create_topic(&topic, 3, 3).expect("mock topic");
+            Box::pin(futures::future::ready(topic))
+        }),
+        rates: &support::RATES,
+    }
+}
+
+/// ruststream's Kafka adapter, set up as polybus is: idempotent producer
+/// (`acks=all` is librdkafka's default), the same fetch wait on the consumer.
+async fn ruststream_on(brokers: &str) -> ConnectedKafkaBroker {
+    let mut broker = KafkaBroker::new([brokers]).producer_config("enable.idempotence", "true");
+    for (k, v) in CLIENT_SETTINGS {
+        broker = broker.config(*k, *v);
+    }
+    broker.connect().await.expect("ruststream-rdkafka connect")
+}
+
+/// ruststream's stream: [`support::PRODUCERS`] publishers, each awaiting the
+/// delivery reports of [`support::IN_FLIGHT`] publishes together, and (end to
+/// end) a group member with `Commit::Tracked`, whose ack stores the offset for
+/// librdkafka's auto-commit, as the raw consumer does.
+async fn ruststream_stream(
+    connected: &ConnectedKafkaBroker,
+    topic: String,
+    stream: support::Stream,
+    count: bool,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    if !count {
+        let mut sub = connected
+            .subscribe_with(
+                KafkaTopic::new(topic.as_str())
+                    .group(format!("rs-{}", polybus_core::testkit::unique_name()))
+                    .start(StartOffset::Earliest)
+                    .commit(Commit::Tracked),
+            )
+            .await
+            .expect("ruststream subscribe");
+        let stream = stream.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut records = std::pin::pin!(sub.stream());
+            while let Some(m) = records.next().await {
+                let m = m.expect("ruststream delivery");
+                std::hint::black_box(m.payload());
+                m.ack().await.expect("ruststream ack");
+                stream.done(1);
+            }
+        }));
+    }
+    let payload = vec![7u8; support::SUSTAINED_SIZE];
+    for _ in 0..support::PRODUCERS {
+        let publisher = connected.publisher(KafkaPublish::default());
+        let (stream, topic, payload) = (stream.clone(), topic.clone(), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            while stream.may_publish(support::IN_FLIGHT).await {
+                let sends = (0..support::IN_FLIGHT)
+                    .map(|_| publisher.publish(OutgoingMessage::new(&topic, &payload), None));
+                for r in futures::future::join_all(sends).await {
+                    r.expect("ruststream publish");
+                }
+                if count {
+                    stream.done(support::IN_FLIGHT as u64);
+                }
+            }
+        }));
+    }
+    tasks
+}
+
+/// Producers and a consumer group running continuously on `target`: polybus,
+/// raw rdkafka and ruststream with the same settings, end to end, then
+/// publish only.
+fn sustained_on(rt: &tokio::runtime::Runtime, target: &Target<'_>) -> Vec<serde_json::Value> {
+    let producer = raw_producer_on(&target.brokers);
+    let (bus, topic) = (&target.bus, &target.topic);
     let polybus = |count: bool| -> support::Start<'_> {
         Box::new(move |stream| {
             Box::pin(async move {
@@ -232,7 +376,7 @@ fn sustained_on(
             })
         })
     };
-    let producer = &producer;
+    let (producer, brokers) = (&producer, target.brokers.as_str());
     let raw = |count: bool| -> support::Start<'_> {
         Box::new(move |stream| {
             Box::pin(async move {
@@ -272,117 +416,119 @@ fn sustained_on(
             })
         })
     };
+    let connected = rt.block_on(ruststream_on(brokers));
+    let connected = &connected;
+    let peer = |count: bool| -> support::Start<'_> {
+        Box::new(move |stream| {
+            Box::pin(async move {
+                let topic = topic("susrs").await;
+                ruststream_stream(connected, topic, stream, count).await
+            })
+        })
+    };
     let mut rows = rt.block_on(support::sustained(
-        broker,
+        target.label,
         "end_to_end",
         true,
-        &[("polybus", polybus(false)), ("raw", raw(false))],
+        &[
+            ("polybus", polybus(false)),
+            ("raw", raw(false)),
+            ("ruststream", peer(false)),
+        ],
     ));
     rows.extend(rt.block_on(support::sustained(
-        broker,
+        target.label,
         "publish",
         false,
-        &[("polybus", polybus(true)), ("raw", raw(true))],
+        &[
+            ("polybus", polybus(true)),
+            ("raw", raw(true)),
+            ("ruststream", peer(true)),
+        ],
     )));
     rows
 }
 
-/// The sustained streams on tansu, then on librdkafka's in-process mock
-/// cluster (three brokers, replication factor 3), where the broker is not the
-/// bottleneck and the figures show the clients.
+/// The sustained streams on tansu, then on the mock cluster.
 fn sustained(rt: &tokio::runtime::Runtime) {
-    let bus = rt.block_on(bus());
-    let on_tansu = |prefix: &'static str| -> futures::future::BoxFuture<'static, String> {
-        let bus = bus.clone();
-        Box::pin(async move {
-            let topic = support::name(prefix);
-            // polybus creates its topics (3 partitions); the raw side uses one made so.
-            bus.publish(&topic, Message::new("create"))
-                .await
-                .expect("create the topic");
-            topic
-        })
-    };
-    let mut rows = sustained_on(rt, "kafka", &bus, &brokers(), &on_tansu);
+    let mut rows = sustained_on(rt, &tansu(rt));
     let cluster = MockCluster::new(3).expect("librdkafka's mock cluster");
-    let mock_bus = rt
-        .block_on(polybus_kafka::connect_with(
-            polybus_kafka::KafkaOptions::new(cluster.bootstrap_servers()).create_topics(false),
-        ))
-        .expect("the mock cluster");
-    let on_mock = |prefix: &'static str| -> futures::future::BoxFuture<'static, String> {
-        let topic = support::name(prefix);
-        cluster.create_topic(&topic, 3, 3).expect("mock topic");
-        Box::pin(futures::future::ready(topic))
-    };
-    rows.extend(sustained_on(
-        rt,
-        "kafka-mock",
-        &mock_bus,
-        &cluster.bootstrap_servers(),
-        &on_mock,
-    ));
+    rows.extend(sustained_on(rt, &mock(rt, &cluster)));
     support::write_sustained("kafka", rows);
 }
 
-fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
-    let bus = rt.block_on(bus());
-    let producer = raw_producer();
-    let mut latency = Vec::new();
-    for rate in support::KAFKA_RATES {
-        let n = support::latency_count(rate);
-        let lat = rt.block_on(support::polybus_latency(
-            &bus,
-            &support::name("lat"),
-            1_000,
-            rate,
-            n,
-        ));
-        latency.push(lat.row("kafka", "polybus", rate));
-
-        let lat = Latencies::default();
-        rt.block_on(async {
-            let topic = support::name("latraw");
-            bus.publish(&topic, Message::new("create")).await.unwrap();
-            let consumer = raw_consumer(&topic);
-            raw_ready(&consumer, &producer, &topic).await;
-            let l = lat.clone();
-            let task = tokio::spawn(async move {
-                loop {
-                    let m = consumer.recv().await.expect("recv");
-                    l.record(m.payload().unwrap_or_default());
-                    consumer.store_offset_from_message(&m).unwrap();
-                }
-            });
-            support::at_rate(rate, n, &lat, |p| {
-                let (producer, topic) = (producer.clone(), topic.clone());
-                async move {
-                    let id = message_id();
-                    producer
-                        .send(raw_record(&topic, &p, &id), Duration::from_secs(30))
-                        .await
-                        .unwrap();
-                }
-            })
-            .await;
-            task.abort();
+/// Raw rdkafka's side of a latency run on `target`: a group consumer storing
+/// each offset, each publish awaited on its own task.
+fn raw_latency(rt: &tokio::runtime::Runtime, target: &Target<'_>, rate: u64, n: u64) -> Latencies {
+    let producer = raw_producer_on(&target.brokers);
+    let lat = Latencies::default();
+    rt.block_on(async {
+        let topic = (target.topic)("latraw").await;
+        let consumer = raw_consumer_on(&target.brokers, &topic);
+        raw_ready(&consumer, &producer, &topic).await;
+        let l = lat.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let m = consumer.recv().await.expect("recv");
+                l.record(m.payload().unwrap_or_default());
+                consumer.store_offset_from_message(&m).unwrap();
+            }
         });
-        latency.push(lat.row("kafka", "raw", rate));
+        support::at_rate(rate, n, &lat, |p| {
+            let (producer, topic) = (producer.clone(), topic.clone());
+            async move {
+                let id = message_id();
+                producer
+                    .send(raw_record(&topic, &p, &id), Duration::from_secs(30))
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+        task.abort();
+    });
+    lat
+}
+
+/// Latency at fixed rates on `target`: polybus with its defaults, polybus
+/// with the fetch and linger settings it had before (`polybus-before`), and
+/// raw rdkafka with polybus's defaults; then allocations per message.
+fn latency_and_allocations_on(
+    rt: &tokio::runtime::Runtime,
+    target: &Target<'_>,
+) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let mut before = target.options.clone();
+    for (k, v) in BEFORE {
+        before = before.native(*k, *v);
+    }
+    let before = rt
+        .block_on(polybus_kafka::connect_with(before))
+        .expect("the bus with the earlier settings");
+    let mut latency = Vec::new();
+    for &rate in target.rates {
+        let n = support::latency_count(rate);
+        for (imp, bus) in [("polybus", &target.bus), ("polybus-before", &before)] {
+            let lat = rt.block_on(async {
+                let topic = (target.topic)("lat").await;
+                support::polybus_latency(bus, &topic, 1_000, rate, n).await
+            });
+            latency.push(lat.row(target.label, imp, rate));
+        }
+        latency.push(raw_latency(rt, target, rate, n).row(target.label, "raw", rate));
     }
 
     let n: u64 = if support::quick() { 200 } else { 2_000 };
     let payload = Bytes::from_static(&[7u8; 16]);
-    let topic = support::name("alloc");
-    let mut sub = rt.block_on(support::own_group(&bus, &topic, 1_000));
+    let topic = rt.block_on((target.topic)("alloc"));
+    let mut sub = rt.block_on(support::own_group(&target.bus, &topic, 1_000));
     let polybus_allocs = support::allocations_per_message(ALLOC, n, || {
         rt.block_on(async {
-            support::polybus_round(&bus, &topic, &mut sub, &payload, n as usize).await;
+            support::polybus_round(&target.bus, &topic, &mut sub, &payload, n as usize).await;
         })
     });
-    let raw_topic = support::name("allocraw");
-    rt.block_on(bus.publish(&raw_topic, Message::new("create")))
-        .unwrap();
-    let consumer = raw_consumer(&raw_topic);
+    let producer = raw_producer_on(&target.brokers);
+    let raw_topic = rt.block_on((target.topic)("allocraw"));
+    let consumer = raw_consumer_on(&target.brokers, &raw_topic);
     rt.block_on(raw_ready(&consumer, &producer, &raw_topic));
     let raw_allocs = support::allocations_per_message(ALLOC, n, || {
         rt.block_on(async {
@@ -397,11 +543,20 @@ fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
             );
         })
     });
-    support::write_results(
-        "kafka",
+    (
         latency,
-        support::alloc_rows("kafka", polybus_allocs, raw_allocs),
-    );
+        support::alloc_rows(target.label, polybus_allocs, raw_allocs),
+    )
+}
+
+/// Latency and allocations on tansu, then on the mock cluster.
+fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
+    let (mut latency, mut allocs) = latency_and_allocations_on(rt, &tansu(rt));
+    let cluster = MockCluster::new(3).expect("librdkafka's mock cluster");
+    let (l, a) = latency_and_allocations_on(rt, &mock(rt, &cluster));
+    latency.extend(l);
+    allocs.extend(a);
+    support::write_results("kafka", latency, allocs);
 }
 
 fn main() {

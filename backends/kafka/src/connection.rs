@@ -60,6 +60,7 @@ impl Connector {
                 ("acks", "all".into()),
                 ("enable.idempotence", "true".into()),
                 ("compression.type", options.compression.as_str().into()),
+                ("linger.ms", options.linger.as_millis().to_string()),
                 (
                     "message.timeout.ms",
                     options.publish_timeout.as_millis().to_string(),

@@ -61,6 +61,8 @@ pub struct KafkaOptions {
     pub(crate) connect_timeout: Duration,
     pub(crate) publish_timeout: Duration,
     pub(crate) subscribe_timeout: Duration,
+    pub(crate) fetch_wait: Duration,
+    pub(crate) linger: Duration,
     pub(crate) native: Vec<(String, String)>,
 }
 
@@ -77,6 +79,8 @@ impl KafkaOptions {
             connect_timeout: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(30),
             subscribe_timeout: Duration::from_secs(30),
+            fetch_wait: Duration::from_millis(20),
+            linger: Duration::from_millis(1),
             native: Vec::new(),
         }
     }
@@ -99,6 +103,8 @@ impl KafkaOptions {
     /// | `connect_timeout_ms` | 10000 | how long `connect` waits for the cluster's metadata |
     /// | `publish_timeout_ms` | 30000 | how long a publish waits for its delivery report |
     /// | `subscribe_timeout_ms` | 30000 | how long `subscribe` waits for its partition assignment |
+    /// | `fetch_wait_ms` | 20 | the longest a consumer's fetch waits at the broker for records (librdkafka `fetch.wait.max.ms`) |
+    /// | `linger_ms` | 1 | how long the producer gathers records into a batch (librdkafka `linger.ms`) |
     ///
     /// Any other parameter is a native librdkafka setting passed through (decoded)
     /// to the producer and consumers, e.g. `?linger.ms=10&socket.keepalive.enable=true`.
@@ -152,6 +158,8 @@ impl KafkaOptions {
             "connect_timeout_ms" => self.connect_timeout = millis(v)?,
             "publish_timeout_ms" => self.publish_timeout = millis(v)?,
             "subscribe_timeout_ms" => self.subscribe_timeout = millis(v)?,
+            "fetch_wait_ms" => self.fetch_wait = millis(v)?,
+            "linger_ms" => self.linger = millis(v)?,
             _ => self.native.push((k.into(), v.into())),
         }
         Ok(())
@@ -208,6 +216,32 @@ impl KafkaOptions {
         self
     }
 
+    /// The longest a consumer's fetch waits at the broker when it has no
+    /// records (default 20 ms; librdkafka's own is 500).
+    ///
+    /// Kafka answers a fetch as soon as a record arrives, so there this only sets
+    /// how often an idle consumer asks again (50 times a second per broker at
+    /// 20 ms). Brokers that hold every fetch for the whole wait deliver a record
+    /// half a wait late on average: measured here at 1,000 msg/s, p50
+    /// publish-to-delivery on librdkafka's mock cluster was 54 ms with a 100 ms
+    /// wait and 12 ms with 20 ms; on tansu at 100 msg/s, 144 ms and 30 ms
+    /// (BENCHMARKS.md, latency rows). Raise it to spare a busy broker idle
+    /// requests; lower it for latency on such brokers.
+    pub fn fetch_wait(mut self, wait: Duration) -> Self {
+        self.fetch_wait = wait;
+        self
+    }
+
+    /// How long the producer waits to gather records into one batch (default
+    /// 1 ms; librdkafka's own is 5). Every publish awaits its delivery report, so
+    /// the linger is added to each publish's latency; records published while a
+    /// batch is in flight are batched anyway, so a longer linger buys little
+    /// throughput for publishes in a pipeline.
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
     /// The escape hatch: a native librdkafka setting, applied to the producer and
     /// every consumer after polybus's own, so it wins. Settings polybus relies on
     /// (`enable.auto.commit`, `group.id`, ...) can be broken this way; you own it.
@@ -260,6 +294,8 @@ impl fmt::Debug for KafkaOptions {
             .field("connect_timeout", &self.connect_timeout)
             .field("publish_timeout", &self.publish_timeout)
             .field("subscribe_timeout", &self.subscribe_timeout)
+            .field("fetch_wait", &self.fetch_wait)
+            .field("linger", &self.linger)
             .field("native", &native)
             .finish()
     }
@@ -280,6 +316,9 @@ mod tests {
         assert_eq!(o.compression, Compression::Lz4);
         assert!(!o.create_topics);
         assert_eq!(o.native, [("linger.ms".to_string(), "7".to_string())]);
+        let o = KafkaOptions::from_url("kafka://a:1?fetch_wait_ms=250&linger_ms=0").unwrap();
+        assert_eq!(o.fetch_wait, Duration::from_millis(250));
+        assert_eq!(o.linger, Duration::ZERO);
     }
 
     #[test]
@@ -291,6 +330,7 @@ mod tests {
             ("kafka://a:1?partitions=0", "partitions"),
             ("kafka://a:1?compression=snappy2", "compression"),
             ("kafka://a:1?publish_timeout_ms=soon", "publish_timeout_ms"),
+            ("kafka://a:1?fetch_wait_ms=-1", "fetch_wait_ms"),
         ] {
             let e = KafkaOptions::from_url(url).unwrap_err();
             assert!(e.is_invalid_input(), "{url}");

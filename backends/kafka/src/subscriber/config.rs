@@ -33,7 +33,11 @@ pub(super) fn consumer_config(options: &KafkaOptions, group: &str) -> ClientConf
             // rktp->rktp_started failed`). Seen here only in rebalance storms,
             // when many members of killed test processes expired at once.
             ("session.timeout.ms", "10000".into()),
-            ("fetch.wait.max.ms", "100".into()),
+            // See `KafkaOptions::fetch_wait` for the trade-off.
+            (
+                "fetch.wait.max.ms",
+                options.fetch_wait.as_millis().to_string(),
+            ),
         ],
     )
 }
