@@ -12,6 +12,7 @@
 //! and writes BENCHMARKS.md.
 
 use std::alloc::System;
+use std::num::NonZeroU16;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -23,7 +24,10 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use omniqueue::backends::rabbitmq as oq;
 use polybus_core::Bus;
+use ruststream::{Broker, IncomingMessage, OutgoingMessage, Publisher, Subscriber};
+use ruststream_lapin::{ConnectedLapinBroker, LapinBroker, LapinPublish, RabbitQuorumQueue};
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 
 #[path = "../../../benches/support/mod.rs"]
@@ -116,22 +120,7 @@ impl Raw {
     /// Declare the queue of `topic` and bind it; its name.
     async fn declare(&self, channel: &Channel, topic: &str) -> String {
         let queue = format!("raw-{topic}");
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                args,
-            )
-            .await
-            .unwrap();
+        declare_quorum(channel, &queue).await;
         channel
             .queue_bind(
                 queue.as_str().into(),
@@ -149,6 +138,26 @@ impl Raw {
     async fn publish_all(&self, topic: &str, payload: &[u8], n: usize) {
         publish_on(&self.publish, topic, payload, n).await
     }
+}
+
+/// Declare `queue` durable and quorum, as polybus makes a group's queue.
+async fn declare_quorum(channel: &Channel, queue: &str) {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
 }
 
 /// Publish `n` persistent messages on the confirm channel `channel`, all in
@@ -356,12 +365,157 @@ async fn raw_producers(
     tasks
 }
 
+/// ruststream's lapin adapter set up as polybus is: it declares the durable
+/// quorum queue it subscribes to, with the same prefetch.
+async fn ruststream_on() -> ConnectedLapinBroker {
+    LapinBroker::new(url())
+        .prefetch(NonZeroU16::new(PREFETCH).expect("non-zero prefetch"))
+        .declare_topology(true)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach RabbitMQ: {e}; {HINT}"))
+}
+
+/// ruststream's stream on a fresh quorum queue: [`support::PRODUCERS`]
+/// confirming publishers (each opens a confirm channel of its own), each
+/// awaiting the confirms of [`support::IN_FLIGHT`] persistent publishes to the
+/// default exchange together, and (end to end) a subscriber acking each
+/// delivery. Publish only subscribes just to declare the queue, then drops the
+/// subscription, as polybus does. Its queue is recorded in `queues`.
+async fn ruststream_stream(
+    connected: &ConnectedLapinBroker,
+    stream: support::Stream,
+    count: bool,
+    queues: &std::sync::Mutex<Vec<String>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let queue = support::name("susrs");
+    queues.lock().unwrap().push(queue.clone());
+    let mut sub = connected
+        .subscribe(RabbitQuorumQueue::new(queue.as_str()))
+        .await
+        .expect("ruststream subscribe");
+    let mut tasks = Vec::new();
+    if count {
+        drop(sub);
+    } else {
+        let stream = stream.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut deliveries = std::pin::pin!(sub.stream());
+            while let Some(m) = deliveries.next().await {
+                let m = m.expect("ruststream delivery");
+                std::hint::black_box(m.payload());
+                m.ack().await.expect("ruststream ack");
+                stream.done(1);
+            }
+        }));
+    }
+    let payload = vec![7u8; support::SUSTAINED_SIZE];
+    for _ in 0..support::PRODUCERS {
+        let publisher = connected.publisher(LapinPublish::default().confirms());
+        let (stream, queue, payload) = (stream.clone(), queue.clone(), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            while stream.may_publish(support::IN_FLIGHT).await {
+                let sends = (0..support::IN_FLIGHT).map(|_| {
+                    publisher.publish(OutgoingMessage::new(queue.as_str(), &payload), None)
+                });
+                for r in futures::future::join_all(sends).await {
+                    r.expect("ruststream publish");
+                }
+                if count {
+                    stream.done(support::IN_FLIGHT as u64);
+                }
+            }
+        }));
+    }
+    tasks
+}
+
+/// omniqueue's settings for `queue`: persistent messages to the default
+/// exchange, routed to `queue`, consumed with the same prefetch. It brings
+/// lapin 2, here on tokio, and never selects confirms on its channel.
+fn omniqueue_config(queue: &str) -> oq::RabbitMqConfig {
+    oq::RabbitMqConfig {
+        uri: url(),
+        connection_properties: oq::ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio),
+        publish_exchange: String::new(),
+        publish_routing_key: queue.to_owned(),
+        publish_options: oq::BasicPublishOptions::default(),
+        publish_properties: oq::BasicProperties::default().with_delivery_mode(2),
+        consume_queue: queue.to_owned(),
+        consumer_tag: String::new(),
+        consume_options: oq::BasicConsumeOptions::default(),
+        consume_arguments: oq::FieldTable::default(),
+        consume_prefetch_count: Some(PREFETCH),
+        requeue_on_nack: false,
+    }
+}
+
+/// omniqueue's stream on a fresh quorum queue, declared here since omniqueue
+/// declares nothing: [`support::PRODUCERS`] producers, each awaiting
+/// [`support::IN_FLIGHT`] sends together (a send waits only for lapin writing
+/// the frame: omniqueue cannot ask for a confirm), and (end to end) a consumer
+/// acking each delivery. Each build dials a connection of its own, and only
+/// `build_pair` shares one, so the consumer shares the first producer's; a
+/// producer has one channel and cannot be cloned, so each task has its own.
+async fn omniqueue_stream(
+    raw: &Raw,
+    stream: support::Stream,
+    count: bool,
+    queues: &std::sync::Mutex<Vec<String>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let queue = support::name("susoq");
+    declare_quorum(&raw.consume, &queue).await;
+    queues.lock().unwrap().push(queue.clone());
+    let builder = || oq::RabbitMqBackend::builder(omniqueue_config(&queue));
+    let (mut tasks, mut producers) = (Vec::new(), Vec::new());
+    if !count {
+        let (producer, mut consumer) = builder().build_pair().await.expect("omniqueue pair");
+        producers.push(producer);
+        let stream = stream.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Ok(d) = consumer.receive().await {
+                std::hint::black_box(d.borrow_payload());
+                d.ack().await.map_err(|(e, _)| e).expect("omniqueue ack");
+                stream.done(1);
+            }
+        }));
+    }
+    while producers.len() < support::PRODUCERS {
+        producers.push(
+            builder()
+                .build_producer()
+                .await
+                .expect("omniqueue producer"),
+        );
+    }
+    let payload = vec![7u8; support::SUSTAINED_SIZE];
+    for producer in producers {
+        let (stream, payload) = (stream.clone(), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            while stream.may_publish(support::IN_FLIGHT).await {
+                let sends = (0..support::IN_FLIGHT).map(|_| producer.send_raw(&payload));
+                for r in futures::future::join_all(sends).await {
+                    r.expect("omniqueue send");
+                }
+                if count {
+                    stream.done(support::IN_FLIGHT as u64);
+                }
+            }
+        }));
+    }
+    tasks
+}
+
 /// Producers and a consumer group running continuously: polybus (acks
 /// coalesced, its default), raw lapin acking each delivery, raw lapin acking
-/// with `multiple` every [`RAW_MULTI_ACK`]; then each publisher alone.
+/// with `multiple` every [`RAW_MULTI_ACK`], then the peers ruststream and
+/// omniqueue acking each; then each publisher alone.
 fn sustained(rt: &tokio::runtime::Runtime) {
     let bus = rt.block_on(bus());
     let raw = rt.block_on(raw());
+    let connected = rt.block_on(ruststream_on());
     let queues = std::sync::Mutex::new(Vec::new());
     let polybus = |count: bool| -> support::Start<'_> {
         let (bus, queues) = (&bus, &queues);
@@ -392,6 +546,13 @@ fn sustained(rt: &tokio::runtime::Runtime) {
     let raw_e2e = |multi: u64| -> support::Start<'_> {
         Box::new(move |stream| Box::pin(raw_stream(raw, stream, multi, queues_ref)))
     };
+    let connected = &connected;
+    let ruststream_peer = |count: bool| -> support::Start<'_> {
+        Box::new(move |stream| Box::pin(ruststream_stream(connected, stream, count, queues_ref)))
+    };
+    let omniqueue_peer = |count: bool| -> support::Start<'_> {
+        Box::new(move |stream| Box::pin(omniqueue_stream(raw, stream, count, queues_ref)))
+    };
     let mut rows = rt.block_on(support::sustained(
         "amqp",
         "end_to_end",
@@ -400,6 +561,8 @@ fn sustained(rt: &tokio::runtime::Runtime) {
             ("polybus", polybus(false)),
             ("raw", raw_e2e(1)),
             ("raw-multi-ack", raw_e2e(RAW_MULTI_ACK)),
+            ("ruststream", ruststream_peer(false)),
+            ("omniqueue", omniqueue_peer(false)),
         ],
     ));
     // Publish only: the same producers, bound to a group queue nobody consumes.
@@ -415,7 +578,12 @@ fn sustained(rt: &tokio::runtime::Runtime) {
         "amqp",
         "publish",
         false,
-        &[("polybus", polybus(true)), ("raw", raw_publish)],
+        &[
+            ("polybus", polybus(true)),
+            ("raw", raw_publish),
+            ("ruststream", ruststream_peer(true)),
+            ("omniqueue", omniqueue_peer(true)),
+        ],
     )));
     support::write_sustained("amqp", rows);
     let queues = std::mem::take(&mut *queues.lock().unwrap());
