@@ -10,131 +10,148 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::Criterion;
 use futures::StreamExt;
 use polybus::Message;
 
 #[path = "support/mod.rs"]
 mod support;
 
-use support::{Latencies, SIZES};
+use support::{Latencies, SIZES, Timed};
 
 /// Messages per measured iteration.
 const BATCH: usize = 1_000;
 /// The prefetch of the subscription, and the capacity of the mpsc baseline.
 const PREFETCH: u32 = 256;
 
-fn end_to_end(c: &mut Criterion) {
+/// One kind's implementations at one size.
+type Impls = for<'a> fn(&'a tokio::runtime::Runtime, usize) -> Vec<(&'static str, Timed<'a>)>;
+
+/// End to end and publish only at every size, polybus beside the mpsc, as
+/// criterion's groups and as interleaved rounds (`support::throughput`).
+fn throughput(c: &mut Criterion) {
     let rt = support::runtime();
-    let mut group = c.benchmark_group("memory/end_to_end");
-    group.throughput(Throughput::Elements(BATCH as u64));
-    group.measurement_time(Duration::from_secs(5));
-    for size in SIZES {
-        let payload = Bytes::from(vec![7u8; size]);
-
-        // polybus: publish -> deliver -> ack, a producer task beside the consumer.
-        let bus = rt.block_on(async { polybus::connect("memory://").await.expect("memory bus") });
-        let mut sub = rt.block_on(support::own_group(&bus, "bench.e2e", PREFETCH));
-        group.bench_function(BenchmarkId::new("polybus", format!("{size}B")), |b| {
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        let bus = bus.clone();
-                        let payload = payload.clone();
-                        let producer = tokio::spawn(async move {
-                            for _ in 0..BATCH {
-                                bus.publish("bench.e2e", Message::new(payload.clone()))
-                                    .await
-                                    .expect("publish");
-                            }
-                        });
-                        for _ in 0..BATCH {
-                            let d = sub.next().await.expect("open").expect("delivery");
-                            d.ack().await.expect("ack");
-                        }
-                        producer.await.expect("producer");
-                    }
-                    start.elapsed()
-                })
-            })
-        });
-
-        // Baseline: a bounded mpsc of Bytes, the least a hand-off can do.
-        group.bench_function(BenchmarkId::new("raw", format!("{size}B")), |b| {
-            b.to_async(&rt).iter(|| {
-                let payload = payload.clone();
-                async move {
-                    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PREFETCH as usize);
-                    let producer = tokio::spawn(async move {
-                        for _ in 0..BATCH {
-                            tx.send(payload.clone()).await.expect("send");
-                        }
-                    });
-                    for _ in 0..BATCH {
-                        std::hint::black_box(rx.recv().await.expect("recv"));
-                    }
-                    producer.await.expect("producer");
-                }
-            })
-        });
+    let mut rows = Vec::new();
+    for (kind, impls) in [
+        ("end_to_end", end_to_end as Impls),
+        ("publish", publish_only),
+    ] {
+        let group_name = format!("memory/{kind}");
+        if !support::wants(&group_name) {
+            continue;
+        }
+        let mut group = c.benchmark_group(group_name);
+        group.measurement_time(Duration::from_secs(5));
+        for size in SIZES {
+            let impls = impls(&rt, size);
+            rows.extend(support::throughput(
+                &mut group,
+                ("memory", kind),
+                size,
+                BATCH,
+                impls,
+            ));
+        }
+        group.finish();
     }
-    group.finish();
+    support::write_throughput("memory", rows);
 }
 
-fn publish_only(c: &mut Criterion) {
-    let rt = support::runtime();
-    let mut group = c.benchmark_group("memory/publish");
-    group.throughput(Throughput::Elements(BATCH as u64));
-    for size in SIZES {
-        let payload = Bytes::from(vec![7u8; size]);
-        let bus = rt.block_on(async { polybus::connect("memory://").await.expect("memory bus") });
-        // A bound group, drained between iterations, so publishing does real routing.
-        let mut sub = rt.block_on(support::own_group(&bus, "bench.pub", 65_535));
-        group.bench_function(BenchmarkId::new("polybus", format!("{size}B")), |b| {
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let mut measured = Duration::ZERO;
-                    for _ in 0..iters {
-                        let start = Instant::now();
-                        for _ in 0..BATCH {
-                            bus.publish("bench.pub", Message::new(payload.clone()))
-                                .await
-                                .expect("publish");
-                        }
-                        measured += start.elapsed();
-                        // Draining is not measured.
-                        for _ in 0..BATCH {
-                            let d = sub.next().await.expect("open").expect("delivery");
-                            d.ack().await.expect("ack");
-                        }
+/// polybus: publish -> deliver -> ack, a producer task beside the consumer;
+/// the baseline: a bounded mpsc of `Bytes`, the least a hand-off can do.
+fn end_to_end(rt: &tokio::runtime::Runtime, size: usize) -> Vec<(&'static str, Timed<'_>)> {
+    let payload = Bytes::from(vec![7u8; size]);
+    let bus = rt.block_on(async { polybus::connect("memory://").await.expect("memory bus") });
+    let mut sub = rt.block_on(support::own_group(&bus, "bench.e2e", PREFETCH));
+    let p = payload.clone();
+    let polybus: Timed<'_> = Box::new(move |iters| {
+        rt.block_on(async {
+            let start = Instant::now();
+            for _ in 0..iters {
+                let (bus, payload) = (bus.clone(), p.clone());
+                let producer = tokio::spawn(async move {
+                    for _ in 0..BATCH {
+                        bus.publish("bench.e2e", Message::new(payload.clone()))
+                            .await
+                            .expect("publish");
                     }
-                    measured
-                })
-            })
-        });
-        // Baseline: sending into an mpsc with room for the whole batch.
-        group.bench_function(BenchmarkId::new("raw", format!("{size}B")), |b| {
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let mut measured = Duration::ZERO;
-                    for _ in 0..iters {
-                        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(BATCH);
-                        let start = Instant::now();
-                        for _ in 0..BATCH {
-                            tx.send(payload.clone()).await.expect("send");
-                        }
-                        measured += start.elapsed();
-                        while let Ok(p) = rx.try_recv() {
-                            std::hint::black_box(p);
-                        }
+                });
+                for _ in 0..BATCH {
+                    let d = sub.next().await.expect("open").expect("delivery");
+                    d.ack().await.expect("ack");
+                }
+                producer.await.expect("producer");
+            }
+            start.elapsed()
+        })
+    });
+    let raw: Timed<'_> = Box::new(move |iters| {
+        rt.block_on(async {
+            let start = Instant::now();
+            for _ in 0..iters {
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PREFETCH as usize);
+                let payload = payload.clone();
+                let producer = tokio::spawn(async move {
+                    for _ in 0..BATCH {
+                        tx.send(payload.clone()).await.expect("send");
                     }
-                    measured
-                })
-            })
-        });
-    }
-    group.finish();
+                });
+                for _ in 0..BATCH {
+                    std::hint::black_box(rx.recv().await.expect("recv"));
+                }
+                producer.await.expect("producer");
+            }
+            start.elapsed()
+        })
+    });
+    vec![("polybus", polybus), ("raw", raw)]
+}
+
+/// Publishes alone into a bound group, drained between iterations unmeasured,
+/// so publishing does real routing; the baseline sends into an mpsc with room
+/// for the whole batch.
+fn publish_only(rt: &tokio::runtime::Runtime, size: usize) -> Vec<(&'static str, Timed<'_>)> {
+    let payload = Bytes::from(vec![7u8; size]);
+    let bus = rt.block_on(async { polybus::connect("memory://").await.expect("memory bus") });
+    let mut sub = rt.block_on(support::own_group(&bus, "bench.pub", 65_535));
+    let p = payload.clone();
+    let polybus: Timed<'_> = Box::new(move |iters| {
+        rt.block_on(async {
+            let mut measured = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                for _ in 0..BATCH {
+                    bus.publish("bench.pub", Message::new(p.clone()))
+                        .await
+                        .expect("publish");
+                }
+                measured += start.elapsed();
+                for _ in 0..BATCH {
+                    let d = sub.next().await.expect("open").expect("delivery");
+                    d.ack().await.expect("ack");
+                }
+            }
+            measured
+        })
+    });
+    let raw: Timed<'_> = Box::new(move |iters| {
+        rt.block_on(async {
+            let mut measured = Duration::ZERO;
+            for _ in 0..iters {
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(BATCH);
+                let start = Instant::now();
+                for _ in 0..BATCH {
+                    tx.send(payload.clone()).await.expect("send");
+                }
+                measured += start.elapsed();
+                while let Ok(p) = rx.try_recv() {
+                    std::hint::black_box(p);
+                }
+            }
+            measured
+        })
+    });
+    vec![("polybus", polybus), ("raw", raw)]
 }
 
 /// Publish-to-delivery latency at fixed rates.
@@ -238,8 +255,7 @@ fn latency() {
 
 fn main() {
     let mut c = Criterion::default().configure_from_args();
-    end_to_end(&mut c);
-    publish_only(&mut c);
+    throughput(&mut c);
     c.final_summary();
     if support::extras() {
         latency();

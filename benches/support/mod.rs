@@ -234,23 +234,26 @@ pub async fn polybus_round(
     });
 }
 
-/// The time of `iters` end-to-end rounds of polybus (see [`polybus_round`]),
-/// for criterion's `iter_custom`.
-pub fn time_rounds(
-    rt: &tokio::runtime::Runtime,
-    bus: &polybus_core::Bus,
-    topic: &str,
-    sub: &mut polybus_core::DeliveryStream,
-    payload: &Bytes,
+/// polybus end to end at one size as a [`Timed`]: a group subscription of its
+/// own (with `prefetch`) to a fresh topic made by `topic`; each iteration is
+/// one [`polybus_round`] of `n` messages.
+pub fn polybus_end_to_end<'a>(
+    rt: &'a tokio::runtime::Runtime,
+    bus: &'a polybus_core::Bus,
+    topic: String,
+    prefetch: u32,
+    payload: Bytes,
     n: usize,
-    iters: u64,
-) -> Duration {
-    rt.block_on(async {
-        let start = Instant::now();
-        for _ in 0..iters {
-            polybus_round(bus, topic, sub, payload, n).await;
-        }
-        start.elapsed()
+) -> Timed<'a> {
+    let mut sub = rt.block_on(own_group(bus, &topic, prefetch));
+    Box::new(move |iters| {
+        rt.block_on(async {
+            let start = Instant::now();
+            for _ in 0..iters {
+                polybus_round(bus, &topic, &mut sub, &payload, n).await;
+            }
+            start.elapsed()
+        })
     })
 }
 
@@ -389,22 +392,146 @@ pub type Start<'a> = Box<
         + 'a,
 >;
 
-/// How many interleaved rounds the sustained benches run
-/// (`POLYBUS_SUSTAINED_ROUNDS`, default 5; one in quick mode).
-pub fn sustained_rounds() -> usize {
+/// How many interleaved rounds the throughput and sustained benches run
+/// (`POLYBUS_BENCH_ROUNDS`, default 5; one in quick mode).
+pub fn rounds() -> usize {
     if quick() {
         return 1;
     }
-    std::env::var("POLYBUS_SUSTAINED_ROUNDS")
+    std::env::var("POLYBUS_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5)
 }
 
+/// One implementation's part of a throughput bench: run `iters` iterations and
+/// return the time that counts (criterion's `iter_custom` shape), so criterion
+/// and the interleaved rounds run the same code.
+pub type Timed<'a> = Box<dyn FnMut(u64) -> Duration + 'a>;
+
+/// Whether the throughput group `group` (`amqp/publish`) runs: criterion's
+/// filter, the first argument not starting with `-`, is a part of its name, or
+/// there is none (`cargo bench --bench amqp -- amqp/publish`). A filter no
+/// group matches, such as `sustained-only`, runs none of them.
+pub fn wants(group: &str) -> bool {
+    std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .is_none_or(|filter| group.contains(&filter))
+}
+
+/// Whether criterion measures the throughput groups too
+/// (`POLYBUS_BENCH_CRITERION=0` leaves that to the interleaved rounds alone,
+/// as `scripts/bench` does).
+pub fn criterion_wanted() -> bool {
+    std::env::var("POLYBUS_BENCH_CRITERION").map_or(true, |v| v != "0")
+}
+
+/// Whether to run the interleaved throughput rounds
+/// (`POLYBUS_BENCH_INTERLEAVED=0` leaves them out, for criterion alone).
+pub fn interleaved_wanted() -> bool {
+    std::env::var("POLYBUS_BENCH_INTERLEAVED").map_or(true, |v| v != "0")
+}
+
+/// Run the throughput implementations `impls` of `backend/kind` at `size`
+/// (each iteration `per_iter` messages): in criterion's `group` unless
+/// `POLYBUS_BENCH_CRITERION=0`, then as interleaved rounds unless
+/// `POLYBUS_BENCH_INTERLEAVED=0`, whose rows are returned.
+pub fn throughput<M: criterion::measurement::Measurement<Value = Duration>>(
+    group: &mut criterion::BenchmarkGroup<'_, M>,
+    (backend, kind): (&str, &str),
+    size: usize,
+    per_iter: usize,
+    mut impls: Vec<(&'static str, Timed<'_>)>,
+) -> Vec<serde_json::Value> {
+    if criterion_wanted() {
+        group.throughput(criterion::Throughput::Elements(per_iter as u64));
+        for (name, run) in impls.iter_mut() {
+            group.bench_function(
+                criterion::BenchmarkId::new(*name, format!("{size}B")),
+                |b| b.iter_custom(&mut *run),
+            );
+        }
+    }
+    if !interleaved_wanted() {
+        return Vec::new();
+    }
+    interleaved(backend, kind, size, per_iter, &mut impls)
+}
+
+/// Throughput as interleaved rounds: every implementation of `impls` runs once
+/// per round, in a rotating order, for [`rounds`] rounds, each time for about
+/// two seconds (as many iterations of `per_iter` messages as fit, sized by an
+/// untimed warm-up and one timed iteration). Machine noise that lasts seconds
+/// then falls on every implementation alike, which criterion's one-after-the-
+/// other samples cannot give. Returns one row per implementation with the rate
+/// of every round, in round order, for `scripts/benchmarks.py`.
+pub fn interleaved(
+    backend: &str,
+    kind: &str,
+    size: usize,
+    per_iter: usize,
+    impls: &mut [(&'static str, Timed<'_>)],
+) -> Vec<serde_json::Value> {
+    let target = Duration::from_secs(2);
+    let iters: Vec<u64> = impls
+        .iter_mut()
+        .map(|(_, run)| {
+            if quick() {
+                // Quick mode runs the code once, as criterion's `--test` does.
+                return 1;
+            }
+            run(1);
+            let one = run(1).as_secs_f64().max(1e-6);
+            ((target.as_secs_f64() / one).round() as u64).clamp(1, 1_000_000)
+        })
+        .collect();
+    let mut rates = vec![Vec::new(); impls.len()];
+    for round in 0..rounds() {
+        for k in 0..impls.len() {
+            let i = (round + k) % impls.len();
+            let took = (impls[i].1)(iters[i]);
+            let rate = (iters[i] * per_iter as u64) as f64 / took.as_secs_f64();
+            println!(
+                "{backend}/{kind}/{}/{size}B round {round}: {} msg/s",
+                impls[i].0,
+                rate.round()
+            );
+            rates[i].push(rate);
+        }
+    }
+    impls
+        .iter()
+        .zip(rates)
+        .map(|((name, _), rates)| {
+            serde_json::json!({
+                "backend": backend, "kind": kind, "impl": name, "size": size,
+                "per_iter": per_iter, "rates": rates,
+            })
+        })
+        .collect()
+}
+
+/// Write interleaved throughput rows as `target/polybus-bench/throughput-<name>.json`;
+/// nothing if there are none (a filtered run keeps the file of an earlier one).
+pub fn write_throughput(name: &str, rows: Vec<serde_json::Value>) {
+    if rows.is_empty() {
+        return;
+    }
+    write(
+        &format!("throughput-{name}"),
+        serde_json::json!({ "rows": rows }),
+    );
+}
+
+/// How long a sustained stream may take to do its first message (a group join
+/// on a slow broker) before the bench fails.
+const FIRST_DONE: Duration = Duration::from_secs(60);
+
 /// Run every implementation of `impls` as a sustained stream, one after the
-/// other in a rotating order, for [`sustained_rounds`] rounds: each warms up
-/// for 2 s, then its rate is what is done (acked, or confirmed for publish
-/// only) in the next 10 s, per second. Returns one row per implementation with
+/// other in a rotating order, for [`rounds`] rounds: each warms up for 2 s
+/// from its first done message, then its rate is what is done (acked, or
+/// confirmed for publish only) in the next 10 s, per second. Returns one row per implementation with
 /// the rate of every round, in round order, for `scripts/benchmarks.py`.
 pub async fn sustained(
     backend: &str,
@@ -418,15 +545,37 @@ pub async fn sustained(
         (Duration::from_secs(2), Duration::from_secs(10))
     };
     let mut rates = vec![Vec::new(); impls.len()];
-    for round in 0..sustained_rounds() {
+    for round in 0..rounds() {
         for k in 0..impls.len() {
             let i = (round + k) % impls.len();
             let (name, start) = &impls[i];
             let stream = Stream::new(consumed);
             let tasks = start(stream.clone()).await;
+            // A consumer that joins its group in the background (ruststream's
+            // subscribe returns before the assignment; a tansu group takes
+            // seconds) would spend the warm-up, or the window, joining: the
+            // warm-up starts when the stream has done its first message.
+            let flowing = Instant::now();
+            while stream.count() == 0 {
+                assert!(
+                    flowing.elapsed() < FIRST_DONE,
+                    "{backend} {kind} {name}: nothing done within {FIRST_DONE:?} of starting"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             tokio::time::sleep(warm_up).await;
             let (before, started) = (stream.count(), Instant::now());
             tokio::time::sleep(window).await;
+            // An aged broker (tansu after CI's tests) may do nothing in quick
+            // mode's one-second window: it then lasts until something is done.
+            while stream.count() == before {
+                assert!(
+                    started.elapsed() < window + FIRST_DONE,
+                    "{backend} {kind} {name}: nothing done within {:?} of the window's start",
+                    window + FIRST_DONE
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             let rate = (stream.count() - before) as f64 / started.elapsed().as_secs_f64();
             stream
                 .stop
@@ -437,10 +586,6 @@ pub async fn sustained(
             for t in tasks {
                 let _ = t.await;
             }
-            assert!(
-                rate > 0.0,
-                "{backend} {kind} {name}: nothing done in the window"
-            );
             println!(
                 "{backend}/{kind}/{name} round {round}: {} msg/s",
                 rate.round()

