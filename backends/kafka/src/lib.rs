@@ -9,7 +9,7 @@
 //! | C3 readiness | `subscribe` returns once the group has assigned this member its partitions; a partition the group has no offset for starts at its end, committed at once, so "now" holds for the group; topics created after the subscription are read from their start |
 //! | C4 publish | `acks=all`, idempotence on; each publish resolves on its own delivery report (partition and offset in the receipt); many in flight; close flushes |
 //! | C5 order | the key picks the partition; a partition is read in order by one member |
-//! | C6 prefetch | fetching pauses while buffered plus unsettled deliveries reach the prefetch |
+//! | C6 prefetch | the stream hands out no more than the prefetch unsettled; records read ahead of it (at most 10,000 or 16 MiB, then fetching pauses) are the member's own partitions', nobody else's to take |
 //! | C7 settlement | ack marks the offset settled; nack copies the message to the group's retry topic `polybus.retry.<group>` with `polybus-attempt` + 1 and a due time, and the partition moves on (private groups retry in memory); dead letters are produced to the group's dead-letter topic |
 //! | C8 poison | past `max_attempts` a message is dead-lettered; a crash counts as an attempt through the commit metadata (below) |
 //! | C9 crashes | only the lowest unsettled offset of each partition is committed, so an out-of-order ack skips nothing; the commit's metadata records the head record's attempt |

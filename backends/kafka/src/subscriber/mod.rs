@@ -6,9 +6,10 @@
 //! synchronous commit) before it hands the assignment back. A dedicated thread
 //! keeps those off the async runtime.
 //!
-//! The thread polls records into a small `ready` buffer; the stream hands them
-//! out. Fetching is paused whenever buffered plus unsettled deliveries reach the
-//! prefetch (C6), so nothing is buffered without bound. Each partition tracks its
+//! The thread polls records into a `ready` buffer, the read-ahead; the stream
+//! hands them out, never more than the prefetch unsettled (C6). Fetching is
+//! paused while the read-ahead is full (10,000 records or 16 MiB), so nothing is
+//! buffered without bound. Each partition tracks its
 //! unsettled offsets, and only the lowest unsettled offset is committed (C9).
 //! The commit's metadata records which record at that offset was handed out,
 //! and as which attempt, so the next owner of the partition counts a crash as an
@@ -44,7 +45,7 @@
 //! 4. `flow` commits each partition's lowest unsettled offset on the driver's
 //!    clock, and `rebalance` does when the partition goes.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -71,7 +72,7 @@ mod source;
 
 pub(crate) use open::open;
 
-use partitions::{Part, Pending};
+use partitions::{Part, Pending, Ready};
 
 /// Broker calls made inside the rebalance callback wait at most this long.
 const REBALANCE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -115,12 +116,14 @@ struct State {
     parts: HashMap<Tp, Part>,
     next_epoch: u64,
     /// Records due for delivery, not yet handed out.
-    ready: VecDeque<Pending>,
+    ready: Ready,
     /// Records waiting for their retry delay.
     held: Vec<Pending>,
     /// Handed out and not yet settled.
     outstanding: usize,
     paused: HashSet<Tp>,
+    /// Fetching is paused for want of room (see `flow::out_of_room`).
+    room_paused: bool,
     dirty: bool,
     waker: Option<Waker>,
     assigned: bool,
@@ -148,10 +151,11 @@ impl Shared {
             state: Mutex::new(State {
                 parts: HashMap::new(),
                 next_epoch: 1,
-                ready: VecDeque::new(),
+                ready: Ready::default(),
                 held: Vec::new(),
                 outstanding: 0,
                 paused: HashSet::new(),
+                room_paused: false,
                 dirty: false,
                 waker: None,
                 assigned: false,

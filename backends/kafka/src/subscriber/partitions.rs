@@ -1,7 +1,7 @@
 //! The bookkeeping of assigned partitions: unsettled offsets, epochs, and the
 //! records on their way to the subscriber.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,46 @@ pub(super) struct Pending {
     pub(super) due: Option<Instant>,
     /// Whether its partition is paused until it is due (retry-topic copies).
     pub(super) holds_partition: bool,
+}
+
+/// Records polled and not yet handed out: the subscription's read-ahead,
+/// bounded apart from the prefetch (see `flow::out_of_room`), with the bytes
+/// of their payloads counted.
+#[derive(Default)]
+pub(super) struct Ready {
+    queue: VecDeque<Pending>,
+    bytes: usize,
+}
+
+impl Ready {
+    pub(super) fn push_back(&mut self, p: Pending) {
+        self.bytes += p.record.message.payload().len();
+        self.queue.push_back(p);
+    }
+
+    pub(super) fn pop_front(&mut self) -> Option<Pending> {
+        let p = self.queue.pop_front()?;
+        self.bytes -= p.record.message.payload().len();
+        Some(p)
+    }
+
+    /// Drop the records of the partitions in `gone`.
+    pub(super) fn drop_partitions(&mut self, gone: &HashSet<Tp>) {
+        self.queue.retain(|p| !gone.contains(&p.record.tp));
+        self.bytes = self
+            .queue
+            .iter()
+            .map(|p| p.record.message.payload().len())
+            .sum();
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
 }
 
 impl Shared {

@@ -279,7 +279,7 @@ impl Shared {
             state.parts.remove(tp);
             state.paused.remove(tp);
         }
-        state.ready.retain(|p| !gone.contains(&p.record.tp));
+        state.ready.drop_partitions(&gone);
         state.held.retain(|p| !gone.contains(&p.record.tp));
         drop(state);
         if positions.count() > 0
