@@ -51,6 +51,27 @@ install() {
   cargo install "tansu@$version" --locked --features libsql --root "$cache" --quiet
 }
 
+# tansu 0.6's `header` table has no index (ddl/040-header.sql) and a fetch
+# reads each record's headers with a join on (topition, offset_id), so every
+# fetched record scans every header the broker has stored: polybus, raw
+# rdkafka and ruststream alike fell from about 17 k to 0.3 k msg/s end to end
+# within minutes, and consumers of an aged broker looked stalled. The index
+# takes the scan away and changes nothing else; POLYBUS_TANSU_HEADER_INDEX=0
+# leaves the broker as it ships, to see that behaviour.
+index_headers() {
+  [ "${POLYBUS_TANSU_HEADER_INDEX:-1}" = 0 ] && return
+  for _ in $(seq 1 50); do
+    if python3 - "$state/tansu.db" <<'PY' 2>/dev/null; then return; fi
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], timeout=5)
+db.execute("create index if not exists polybus_header_record on header (topition, offset_id)")
+db.commit()
+PY
+    sleep 0.1
+  done
+  log "could not index tansu's header table; fetches will slow as it grows" >&2
+}
+
 launch() {
   (
     cd "$state"
@@ -63,6 +84,7 @@ launch() {
   )
   for _ in $(seq 1 300); do
     if listening; then
+      index_headers
       log "ready on 127.0.0.1:$port (pid $(cat "$pidfile"))"
       return
     fi

@@ -216,9 +216,10 @@ fn throughput_on(
     if support::wants(&group_name) {
         let mut group = support::broker_group(c, &group_name);
         for size in SIZES {
-            // Left out until understood: on the mock cluster polybus's first
-            // 64 KiB end-to-end batch never completed (quick mode, 2026-12-05;
-            // publishing 64 KiB there runs). Possibly the stall of issue 13.
+            // Left out: librdkafka 2.12.1's mock cluster stalls consumers, raw
+            // rdkafka's as well as polybus's, in the middle of a burst of 64 KiB
+            // records (tests/mock.rs, the ignored
+            // `mock_cluster_delivers_a_burst_of_64_kib_records_to_raw_rdkafka`).
             if target.label == "kafka-mock" && size >= 64 * 1024 {
                 eprintln!("SKIPPED: kafka-mock/end_to_end at {size} B (see kafka.rs)");
                 continue;

@@ -218,3 +218,52 @@ async fn c3_a_private_subscription_starts_at_now_when_offset_reads_fail() {
     );
     d.ack().await.unwrap();
 }
+
+/// Not polybus's: librdkafka 2.12.1's mock cluster stalls a plain rdkafka
+/// consumer in the middle of a burst of 200 records of 64 KiB (three brokers,
+/// replication factor 3): it received 80, 110 and 140 of them and then nothing
+/// for 20 s in three of four runs on 2026-12-06, and a polybus subscription
+/// stalled the same way (65, 125, 140, 155 of 200). Run it with `--ignored`
+/// after a librdkafka upgrade; the benches leave out 64 KiB end to end on the
+/// mock cluster until it passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "librdkafka 2.12.1's mock cluster stalls consumers on 64 KiB bursts (see the doc comment)"]
+async fn mock_cluster_delivers_a_burst_of_64_kib_records_to_raw_rdkafka() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let cluster = MockCluster::new(3).unwrap();
+    cluster.create_topic("large", 3, 3).unwrap();
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("group.id", "raw-large")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "20")
+        .create()
+        .unwrap();
+    consumer.subscribe(&["large"]).unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "1")
+        .create()
+        .unwrap();
+    let payload = vec![7u8; 64 * 1024];
+    let sends = (0..200).map(|_| {
+        producer.send(
+            FutureRecord::<(), [u8]>::to("large").payload(&payload),
+            Duration::from_secs(30),
+        )
+    });
+    for r in futures::future::join_all(sends).await {
+        r.unwrap();
+    }
+    let mut n = 0;
+    while n < 200 {
+        tokio::time::timeout(Duration::from_secs(20), consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("raw received {n} of 200, then nothing for 20 s"))
+            .unwrap();
+        n += 1;
+    }
+}
