@@ -500,14 +500,29 @@ pub fn interleaved(
             rates[i].push(rate);
         }
     }
-    impls
-        .iter()
+    rows(
+        impls.iter().map(|(name, _)| *name),
+        rates,
+        serde_json::json!({
+            "backend": backend, "kind": kind, "size": size, "per_iter": per_iter,
+        }),
+    )
+}
+
+/// One row per implementation for `scripts/benchmarks.py`: `common` with the
+/// implementation's name and its rate in every round, in round order.
+fn rows<'a>(
+    names: impl Iterator<Item = &'a str>,
+    rates: Vec<Vec<f64>>,
+    common: serde_json::Value,
+) -> Vec<serde_json::Value> {
+    names
         .zip(rates)
-        .map(|((name, _), rates)| {
-            serde_json::json!({
-                "backend": backend, "kind": kind, "impl": name, "size": size,
-                "per_iter": per_iter, "rates": rates,
-            })
+        .map(|(name, rates)| {
+            let mut row = common.clone();
+            row["impl"] = name.into();
+            row["rates"] = rates.into();
+            row
         })
         .collect()
 }
@@ -593,19 +608,16 @@ pub async fn sustained(
             rates[i].push(rate);
         }
     }
-    impls
-        .iter()
-        .zip(rates)
-        .map(|((name, _), rates)| {
-            serde_json::json!({
-                "backend": backend, "kind": kind, "impl": name,
-                "size": SUSTAINED_SIZE, "rates": rates,
-                "warm_up_s": warm_up.as_secs_f64(), "window_s": window.as_secs_f64(),
-                "producers": PRODUCERS, "in_flight": IN_FLIGHT,
-                "backlog": if consumed { Some(BACKLOG) } else { None },
-            })
-        })
-        .collect()
+    rows(
+        impls.iter().map(|(name, _)| *name),
+        rates,
+        serde_json::json!({
+            "backend": backend, "kind": kind, "size": SUSTAINED_SIZE,
+            "warm_up_s": warm_up.as_secs_f64(), "window_s": window.as_secs_f64(),
+            "producers": PRODUCERS, "in_flight": IN_FLIGHT,
+            "backlog": if consumed { Some(BACKLOG) } else { None },
+        }),
+    )
 }
 
 /// Write sustained rows as `target/polybus-bench/sustained-<name>.json`.
@@ -644,6 +656,26 @@ pub fn polybus_producers(
             })
         })
         .collect()
+}
+
+/// ruststream's consumer of a sustained stream (any of its brokers): receive
+/// and ack each delivery.
+pub fn ruststream_consumer<S>(mut sub: S, stream: &Stream) -> tokio::task::JoinHandle<()>
+where
+    S: ruststream::Subscriber + 'static,
+{
+    use futures::StreamExt;
+    use ruststream::IncomingMessage;
+    let stream = stream.clone();
+    tokio::spawn(async move {
+        let mut deliveries = std::pin::pin!(sub.stream());
+        while let Some(m) = deliveries.next().await {
+            let m = m.expect("ruststream delivery");
+            std::hint::black_box(m.payload());
+            m.ack().await.expect("ruststream ack");
+            stream.done(1);
+        }
+    })
 }
 
 /// polybus's consumer of a sustained stream: receive and ack each delivery.

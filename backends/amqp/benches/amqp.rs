@@ -26,7 +26,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use omniqueue::backends::rabbitmq as oq;
 use polybus_core::Bus;
-use ruststream::{Broker, IncomingMessage, OutgoingMessage, Publisher, Subscriber};
+use ruststream::{Broker, OutgoingMessage, Publisher};
 use ruststream_lapin::{ConnectedLapinBroker, LapinBroker, LapinPublish, RabbitQuorumQueue};
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 
@@ -529,7 +529,7 @@ async fn ruststream_stream(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let queue = support::name("susrs");
     queues.lock().unwrap().push(queue.clone());
-    let mut sub = connected
+    let sub = connected
         .subscribe(RabbitQuorumQueue::new(queue.as_str()))
         .await
         .expect("ruststream subscribe");
@@ -537,16 +537,7 @@ async fn ruststream_stream(
     if count {
         drop(sub);
     } else {
-        let stream = stream.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut deliveries = std::pin::pin!(sub.stream());
-            while let Some(m) = deliveries.next().await {
-                let m = m.expect("ruststream delivery");
-                std::hint::black_box(m.payload());
-                m.ack().await.expect("ruststream ack");
-                stream.done(1);
-            }
-        }));
+        tasks.push(support::ruststream_consumer(sub, &stream));
     }
     let payload = vec![7u8; support::SUSTAINED_SIZE];
     for _ in 0..support::PRODUCERS {

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::Criterion;
-use futures::StreamExt;
 use polybus_core::{Bus, Message};
 use rdkafka::Message as _;
 use rdkafka::config::ClientConfig;
@@ -22,7 +21,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use ruststream::{Broker, HeaderMap, IncomingMessage, OutgoingMessage, Publisher, Subscriber};
+use ruststream::{Broker, HeaderMap, OutgoingMessage, Publisher};
 use ruststream_rdkafka::{
     Commit, ConnectedKafkaBroker, KafkaBroker, KafkaPublish, KafkaTopic, StartOffset,
 };
@@ -357,7 +356,7 @@ async fn ruststream_stream(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     if !count {
-        let mut sub = connected
+        let sub = connected
             .subscribe_with(
                 KafkaTopic::new(topic.as_str())
                     .group(format!("rs-{}", polybus_core::testkit::unique_name()))
@@ -366,16 +365,7 @@ async fn ruststream_stream(
             )
             .await
             .expect("ruststream subscribe");
-        let stream = stream.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut records = std::pin::pin!(sub.stream());
-            while let Some(m) = records.next().await {
-                let m = m.expect("ruststream delivery");
-                std::hint::black_box(m.payload());
-                m.ack().await.expect("ruststream ack");
-                stream.done(1);
-            }
-        }));
+        tasks.push(support::ruststream_consumer(sub, &stream));
     }
     let payload = vec![7u8; support::SUSTAINED_SIZE];
     for _ in 0..support::PRODUCERS {
