@@ -207,6 +207,9 @@ SUSTAINED_ACKS = {
 SUSTAINED_CONFIRMS = {
     ("amqp", "polybus"): "publisher confirm (broker `basic.ack`) of each message",
     ("amqp", "raw"): "publisher confirm of each message",
+    ("amqp", "raw-default-exchange"): "publisher confirm of each message; published to the "
+                                      "default exchange, straight to the queue (as ruststream "
+                                      "does), not through a topic exchange",
     ("amqp", "ruststream"): "publisher confirm of each message (`LapinPublish::confirms()`, "
                             "a confirm channel per publisher), default exchange",
     ("amqp", "omniqueue"): "**no confirm**: the frame written to the socket (omniqueue never "

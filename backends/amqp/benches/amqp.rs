@@ -136,7 +136,7 @@ impl Raw {
 
     /// Publish `n` persistent messages, all in flight, and wait for every confirm.
     async fn publish_all(&self, topic: &str, payload: &[u8], n: usize) {
-        publish_on(&self.publish, topic, payload, n).await
+        publish_on(&self.publish, (RAW_EXCHANGE, topic), payload, n).await
     }
 }
 
@@ -162,14 +162,19 @@ async fn declare_quorum(channel: &Channel, queue: &str) {
 
 /// Publish `n` persistent messages on the confirm channel `channel`, all in
 /// flight, and wait for every confirm.
-async fn publish_on(channel: &Channel, topic: &str, payload: &[u8], n: usize) {
+async fn publish_on(
+    channel: &Channel,
+    (exchange, routing_key): (&str, &str),
+    payload: &[u8],
+    n: usize,
+) {
     let mut confirms = Vec::with_capacity(n);
     for _ in 0..n {
         confirms.push(
             channel
                 .basic_publish(
-                    RAW_EXCHANGE.into(),
-                    topic.into(),
+                    exchange.into(),
+                    routing_key.into(),
                     BasicPublishOptions::default(),
                     payload,
                     raw_properties(),
@@ -456,7 +461,7 @@ async fn raw_stream(
         .await
         .unwrap();
     let mut consumer = raw.queue_on(&channel, &topic).await;
-    let mut tasks = raw_producers(raw, &topic, &stream, false).await;
+    let mut tasks = raw_producers(raw, (RAW_EXCHANGE, &topic), &stream, false).await;
     tasks.push(tokio::spawn(async move {
         let mut n = 0u64;
         while let Some(d) = consumer.next().await {
@@ -476,10 +481,11 @@ async fn raw_stream(
 }
 
 /// Raw lapin's producers of a sustained stream, each on a confirm channel of
-/// its own; with `count`, each confirmed batch counts as done (publish only).
+/// its own, publishing to `(exchange, routing key)`; with `count`, each
+/// confirmed batch counts as done (publish only).
 async fn raw_producers(
     raw: &Raw,
-    topic: &str,
+    (exchange, topic): (&'static str, &str),
     stream: &support::Stream,
     count: bool,
 ) -> Vec<tokio::task::JoinHandle<()>> {
@@ -494,7 +500,7 @@ async fn raw_producers(
         let (stream, topic, payload) = (stream.clone(), topic.to_owned(), payload.clone());
         tasks.push(tokio::spawn(async move {
             while stream.may_publish(support::IN_FLIGHT).await {
-                publish_on(&channel, &topic, &payload, support::IN_FLIGHT).await;
+                publish_on(&channel, (exchange, &topic), &payload, support::IN_FLIGHT).await;
                 if count {
                     stream.done(support::IN_FLIGHT as u64);
                 }
@@ -701,7 +707,17 @@ fn sustained(rt: &tokio::runtime::Runtime) {
             let topic = support::name("suspubraw");
             let queue = raw.declare(&raw.consume, &topic).await;
             queues_ref.lock().unwrap().push(queue);
-            raw_producers(raw, &topic, &stream, true).await
+            raw_producers(raw, (RAW_EXCHANGE, &topic), &stream, true).await
+        })
+    });
+    // Raw lapin straight to the queue through the default exchange, as
+    // ruststream publishes: what the topic exchange's routing costs the broker.
+    let raw_direct: support::Start<'_> = Box::new(move |stream| {
+        Box::pin(async move {
+            let topic = support::name("suspubdirect");
+            let queue = raw.declare(&raw.consume, &topic).await;
+            queues_ref.lock().unwrap().push(queue.clone());
+            raw_producers(raw, ("", &queue), &stream, true).await
         })
     });
     rows.extend(rt.block_on(support::sustained(
@@ -711,6 +727,7 @@ fn sustained(rt: &tokio::runtime::Runtime) {
         &[
             ("polybus", polybus(true)),
             ("raw", raw_publish),
+            ("raw-default-exchange", raw_direct),
             ("ruststream", ruststream_peer(true)),
             ("omniqueue", omniqueue_peer(true)),
         ],
