@@ -302,9 +302,8 @@ def throughput_section(w):
       f"the median of the per-round ratios (min–max). **indistinguishable**: the two "
       f"implementations' rates overlap across rounds, so neither met nor missed can be told "
       f"on this machine. `kafka-mock` is librdkafka's in-process mock cluster (3 brokers, "
-      f"replication factor 3); on tansu each end-to-end batch waits for the broker's fetch "
-      f"cycle, so those rows measure the broker (the sustained streams below measure "
-      f"throughput).\n\n")
+      f"replication factor 3); on tansu (sqlite) the broker is the bottleneck, so those "
+      f"rows measure it as much as the clients.\n\n")
     w("| backend | bench | size | impl | msg/s median (min–max) | MB/s | polybus / impl (min–max) "
       "| target |\n|---|---|---|---|---|---|---|---|\n")
     polys = {(r["backend"], r["kind"], r["size"]): r for r in rows if r["impl"] == "polybus"}
