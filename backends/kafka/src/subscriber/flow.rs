@@ -188,8 +188,8 @@ fn out_of_room((records, bytes): (usize, usize), paused: bool) -> bool {
 /// of room), at most until the next commit while settlements wait to be
 /// committed (`dirty`), and at most until the next held record is due.
 fn next_wait(starved: bool, dirty: bool, next_due: Option<Instant>, now: Instant) -> Duration {
-    // Paused for want of room: resumption waits on a settlement, which
-    // does not wake `poll`, so poll briefly.
+    // Paused for want of room: resumption waits on the stream taking records
+    // out of the read-ahead, which does not wake `poll`, so poll briefly.
     let mut wait = if starved {
         Duration::from_millis(5)
     } else {
