@@ -17,6 +17,8 @@ pub(super) fn drive(
     shared: Arc<Shared>,
     done: oneshot::Sender<()>,
 ) {
+    // Shared with the periodic commits on the blocking pool (`flow`).
+    let consumer = Arc::new(consumer);
     let mut last_commit = Instant::now();
     let mut wait = Duration::from_millis(100);
     loop {
@@ -32,6 +34,7 @@ pub(super) fn drive(
     }
     // Dropping the consumer closes it: the revocation callback commits, and the
     // member leaves the group, so the others rebalance at once.
+    shared.await_commit();
     drop(consumer);
     shared.lock().phase = Phase::Stopped;
     shared.changed.notify_waiters();

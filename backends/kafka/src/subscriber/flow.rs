@@ -1,22 +1,25 @@
 //! The driver's chores between polls: flow control (C6) and commits (C9).
 
 use std::collections::HashSet;
-use std::sync::MutexGuard;
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
+use polybus_core::Topic;
+use polybus_core::backend::TopicExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaResult;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::rebalance::SubContext;
-use super::{COMMIT_INTERVAL, Phase, Shared, State, Tp};
+use super::{COMMIT_INTERVAL, Phase, REBALANCE_CALL_TIMEOUT, Shared, State, Tp};
 
 impl Shared {
     /// The driver's chores between polls: release due retries, pause or resume
     /// fetching, commit. Returns how long the next poll may block, or `None` when
     /// the driver should stop.
     pub(super) fn chores(
-        &self,
-        consumer: &BaseConsumer<SubContext>,
+        self: &Arc<Self>,
+        consumer: &Arc<BaseConsumer<SubContext>>,
         last_commit: &mut Instant,
     ) -> Option<Duration> {
         let mut state = self.lock();
@@ -103,27 +106,77 @@ impl Shared {
         (pause, resume)
     }
 
-    /// Commit what is settled, at most every `COMMIT_INTERVAL`, without holding
-    /// the lock meanwhile.
+    /// Commit what is settled, at most every `COMMIT_INTERVAL` and one commit
+    /// at a time, on a thread of its own: librdkafka reports the result of a
+    /// manual asynchronous commit to nobody (no `offset_commit_cb` is set, so
+    /// rdkafka's `commit_callback` hears only automatic commits), and a
+    /// synchronous one in the driver would stall fetching and the resume an ack
+    /// allows for a round trip to a slow broker.
     fn commit_if_due<'a>(
-        &'a self,
+        self: &'a Arc<Self>,
         mut state: MutexGuard<'a, State>,
-        consumer: &BaseConsumer<SubContext>,
+        consumer: &Arc<BaseConsumer<SubContext>>,
         last_commit: &mut Instant,
     ) -> MutexGuard<'a, State> {
-        if !(state.dirty && last_commit.elapsed() >= COMMIT_INTERVAL) {
+        if !(state.dirty && !state.committing && last_commit.elapsed() >= COMMIT_INTERVAL) {
             return state;
         }
         let positions = Self::positions(&mut state, None);
         state.dirty = false;
         *last_commit = Instant::now();
+        if positions.count() == 0 {
+            return state;
+        }
+        state.committing = true;
         drop(state);
-        if positions.count() > 0
-            && let Err(e) = consumer.commit(&positions, CommitMode::Async)
-        {
-            tracing::debug!(error = %e, "committing offsets failed; retried at the next commit");
+        let (shared, consumer, list) = (self.clone(), consumer.clone(), positions.clone());
+        // A thread of its own, not the runtime's blocking pool: a runtime that
+        // shuts down never runs queued jobs, and the driver waits for this one.
+        let spawned = std::thread::Builder::new()
+            .name("polybus-kafka-commit".into())
+            .spawn(move || {
+                let result = consumer.commit(&list, CommitMode::Sync);
+                // The driver drops the last reference, so the member leaves the
+                // group from the driver thread (see `drive`).
+                drop(consumer);
+                shared.commit_done(&list, result);
+            });
+        if spawned.is_err() {
+            self.commit_done(
+                &positions,
+                Err(rdkafka::error::KafkaError::Canceled),
+            );
         }
         self.lock()
+    }
+
+    /// A periodic commit's result: a failed one is sent again at the next
+    /// commit (its positions no longer count as committed).
+    fn commit_done(&self, positions: &TopicPartitionList, result: KafkaResult<()>) {
+        let mut state = self.lock();
+        state.committing = false;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "committing offsets failed; sent again at the next commit");
+            for e in positions.elements() {
+                let tp = (Topic::from_broker(e.topic()), e.partition());
+                if let Some(part) = state.parts.get_mut(&tp) {
+                    part.committed = (UNKNOWN, String::new());
+                    state.dirty = true;
+                }
+            }
+        }
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    /// Block until no periodic commit is in flight (driver thread only), so a
+    /// revocation's commit, or the member's leaving, comes after it; at most
+    /// `REBALANCE_CALL_TIMEOUT`.
+    pub(super) fn await_commit(&self) {
+        let started = Instant::now();
+        while self.lock().committing && started.elapsed() < REBALANCE_CALL_TIMEOUT {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// The positions to commit, for `only` these partitions or all, with the
@@ -156,6 +209,9 @@ fn tpl(tps: &[Tp]) -> TopicPartitionList {
     }
     list
 }
+
+/// A committed position no offset equals: the next commit sends the partition.
+const UNKNOWN: i64 = i64::MIN;
 
 /// The read-ahead: records polled and not yet handed out, at most this many…
 const READ_AHEAD_RECORDS: usize = 10_000;

@@ -125,6 +125,8 @@ struct State {
     /// Fetching is paused for want of room (see `flow::out_of_room`).
     room_paused: bool,
     dirty: bool,
+    /// A periodic commit is in flight (see `flow::commit_if_due`).
+    committing: bool,
     waker: Option<Waker>,
     assigned: bool,
     phase: Phase,
@@ -157,6 +159,7 @@ impl Shared {
                 paused: HashSet::new(),
                 room_paused: false,
                 dirty: false,
+                committing: false,
                 waker: None,
                 assigned: false,
                 phase: Phase::Running,

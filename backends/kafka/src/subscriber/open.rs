@@ -159,18 +159,43 @@ fn start_driver(
 }
 
 /// Wait until the group has assigned this member its partitions, at most
-/// `timeout`.
+/// `timeout`; past it, the error says what the group coordinator reports.
 async fn await_assignment(shared: &Shared, timeout: Duration) -> Result<()> {
     let deadline = polybus_core::retry::deadline_after(timeout);
     if wait_until(&shared.changed, Some(deadline), || shared.lock().assigned).await {
         return Ok(());
     }
+    let group = &shared.sub.group;
+    let reported = describe_group(&shared.connector, group).await;
     Err(Error::new(
         Kind::Timeout,
         format!(
-            "group `{}` assigned no partitions within {} ms",
-            shared.sub.group,
+            "group `{group}` assigned no partitions within {} ms; the coordinator reports {reported}",
             timeout.as_millis()
         ),
     ))
+}
+
+/// What the group coordinator says of `group` (DescribeGroups), for an error:
+/// a rebalance that never completes shows here as a group stuck in
+/// `PreparingRebalance` or `CompletingRebalance`.
+async fn describe_group(connector: &Connector, group: &str) -> String {
+    let client = connector.producer.clone();
+    let (name, timeout) = (group.to_owned(), connector.options.connect_timeout);
+    let described = tokio::task::spawn_blocking(move || {
+        match rdkafka::producer::Producer::client(&client).fetch_group_list(Some(&name), timeout) {
+            Ok(list) => match list.groups().first() {
+                Some(g) => format!(
+                    "it in state {} with {} member(s), protocol `{}`: its rebalance has not completed",
+                    g.state(),
+                    g.members().len(),
+                    g.protocol()
+                ),
+                None => "no such group".to_owned(),
+            },
+            Err(e) => format!("nothing (describing the group failed: {e})"),
+        }
+    })
+    .await;
+    described.unwrap_or_else(|e| format!("nothing (describing the group panicked: {e})"))
 }

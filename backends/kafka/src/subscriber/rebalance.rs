@@ -273,6 +273,8 @@ impl Shared {
             .map(|e| (Topic::from_broker(e.topic()), e.partition()))
             .collect();
         self.hand_back(&gone, consumer.assignment_lost());
+        // A periodic commit still in flight must not land after this one.
+        self.await_commit();
         let mut state = self.lock();
         let positions = Self::positions(&mut state, Some(&gone));
         for tp in &gone {
