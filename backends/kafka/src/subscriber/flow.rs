@@ -142,10 +142,7 @@ impl Shared {
                 shared.commit_done(&list, result);
             });
         if spawned.is_err() {
-            self.commit_done(
-                &positions,
-                Err(rdkafka::error::KafkaError::Canceled),
-            );
+            self.commit_done(&positions, Err(rdkafka::error::KafkaError::Canceled));
         }
         self.lock()
     }

@@ -43,7 +43,9 @@
 //!    letter, or a durable group's retry, first produces a copy; a private
 //!    group's retry stays unsettled, back in `held`);
 //! 4. `flow` commits each partition's lowest unsettled offset on the driver's
-//!    clock, and `rebalance` does when the partition goes.
+//!    clock (synchronously, on a short-lived thread, one commit at a time, so a
+//!    failure is seen and sent again), and `rebalance` does when the partition
+//!    goes.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};

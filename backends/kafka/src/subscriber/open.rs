@@ -182,19 +182,21 @@ async fn await_assignment(shared: &Shared, timeout: Duration) -> Result<()> {
 async fn describe_group(connector: &Connector, group: &str) -> String {
     let client = connector.producer.clone();
     let (name, timeout) = (group.to_owned(), connector.options.connect_timeout);
-    let described = tokio::task::spawn_blocking(move || {
-        match rdkafka::producer::Producer::client(&client).fetch_group_list(Some(&name), timeout) {
-            Ok(list) => match list.groups().first() {
-                Some(g) => format!(
-                    "it in state {} with {} member(s), protocol `{}`: its rebalance has not completed",
-                    g.state(),
-                    g.members().len(),
-                    g.protocol()
-                ),
-                None => "no such group".to_owned(),
-            },
-            Err(e) => format!("nothing (describing the group failed: {e})"),
-        }
+    let described = tokio::task::spawn_blocking(move || match rdkafka::producer::Producer::client(
+        &client,
+    )
+    .fetch_group_list(Some(&name), timeout)
+    {
+        Ok(list) => match list.groups().first() {
+            Some(g) => format!(
+                "it in state {} with {} member(s), protocol `{}`: its rebalance has not completed",
+                g.state(),
+                g.members().len(),
+                g.protocol()
+            ),
+            None => "no such group".to_owned(),
+        },
+        Err(e) => format!("nothing (describing the group failed: {e})"),
     })
     .await;
     described.unwrap_or_else(|e| format!("nothing (describing the group panicked: {e})"))
