@@ -17,7 +17,7 @@ pub(super) fn drive(
     shared: Arc<Shared>,
     done: oneshot::Sender<()>,
 ) {
-    // Shared with the periodic commits on the blocking pool (`flow`).
+    // Shared with the periodic commits, each on a thread of its own (`flow`).
     let consumer = Arc::new(consumer);
     let mut last_commit = Instant::now();
     let mut wait = Duration::from_millis(100);
