@@ -2,12 +2,14 @@
 """Write BENCHMARKS.md from a real run: the interleaved throughput rounds the
 benches write to target/polybus-bench/throughput-*.json, the latency and
 allocation rows of target/polybus-bench/<backend>.json, the sustained streams'
-target/polybus-bench/sustained-<backend>.json, and the peers bench's
-target/polybus-bench/peers.json. Nothing in the tables is typed by hand.
+target/polybus-bench/sustained-<backend>.json, the peers bench's
+target/polybus-bench/peers.json, and the group joins of
+target/polybus-bench/joins.json. Nothing in the tables is typed by hand.
 
     python3 scripts/benchmarks.py > BENCHMARKS.md     (scripts/bench does this)
     python3 scripts/benchmarks.py --peers             the peers section alone
     python3 scripts/benchmarks.py --sustained         the sustained streams alone
+    python3 scripts/benchmarks.py --joins             the group joins alone
 """
 import datetime
 import glob
@@ -287,6 +289,60 @@ def sustained_section(w):
         w(f"| {label} | {m:.2f}× ({lo:.2f}–{hi:.2f}) | {verdict(m, least, overlap)} |\n")
 
 
+# Issue 13: a join within 1.2x of raw rdkafka's, on the median per-join time.
+JOIN_TARGET = 1.2
+
+
+def joins_section(w):
+    """Joins to a consumer group, polybus beside raw rdkafka, from joins.json."""
+    w("\n## Joining a Kafka consumer group\n\n")
+    path = os.path.join(RESULTS, "joins.json")
+    if not os.path.exists(path):
+        w("Not run: no target/polybus-bench/joins.json (`cargo bench -p polybus-kafka "
+          "--bench joins`).\n")
+        return
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    r0 = rows[0]
+    w(f"Members join a new group one after another, each timed from subscribe to its first "
+      f"assignment, {r0['members']} per round and client, every member polling until the "
+      f"round ends (so each join rebalances all the members before it); a round's first join "
+      f"makes the group and is not counted. polybus subscribes a durable group (its topic and "
+      f"its retry topic); raw is an rdkafka `BaseConsumer` of the topic with polybus's group "
+      f"settings (heartbeat 500 ms; session 10 s on tansu, 3 s on the mock cluster). Each "
+      f"client runs once per round in a rotating order, {len(r0['joins_ms'])} rounds. ms per "
+      f"join is the median of every counted join (min–max); polybus / raw is the median of the "
+      f"per-round ratios of median joins (min–max), **indistinguishable** when the two "
+      f"clients' joins overlap. tansu 0.6 holds every member but the leader of a rebalancing "
+      f"group for a fixed 3 s, and the mock cluster waits the session time-out less a second "
+      f"(`backends/kafka/tests/groups.rs` says where): both clients meet the broker's wait.\n\n")
+    w("| broker | impl | ms per join, median (min–max) | first join ms (median) | polybus / raw (min–max) | target ≤1.2× |\n")
+    w("|---|---|---|---|---|---|\n")
+    by = {}
+    for r in rows:
+        by.setdefault(r["broker"], {})[r["impl"]] = r
+    for broker, imps in by.items():
+        poly, raw = imps.get("polybus"), imps.get("raw")
+        for name, r in imps.items():
+            later = [t for rnd in r["joins_ms"] for t in rnd[1:]]
+            first = median([rnd[0] for rnd in r["joins_ms"]])
+            ratio, v = "—", ""
+            if r is poly and raw is not None:
+                pm = [median(rnd[1:]) for rnd in poly["joins_ms"]]
+                rm = [median(rnd[1:]) for rnd in raw["joins_ms"]]
+                q = [a / b for a, b in zip(pm, rm)]
+                p_all = [t for rnd in poly["joins_ms"] for t in rnd[1:]]
+                r_all = [t for rnd in raw["joins_ms"] for t in rnd[1:]]
+                overlap = min(p_all) <= max(r_all) and min(r_all) <= max(p_all)
+                m = median(q)
+                ratio = f"{m:.2f}× ({min(q):.2f}–{max(q):.2f})"
+                v = "met" if m <= JOIN_TARGET else "missed"
+                if overlap:
+                    v = f"indistinguishable (the joins overlap; the median ratio has it {v})"
+            w(f"| {broker} | {name} | {median(later):.0f} ({min(later):.0f}–{max(later):.0f}) | "
+              f"{first:.0f} | {ratio} | {v} |\n")
+
+
 def throughput_section(w):
     """Batches at every size, from the interleaved rounds."""
     rows = throughput_rows()
@@ -438,6 +494,7 @@ def main():
           f"polybus {mem.get('polybus', float('nan')):.2f}, {listed} per message "
           f"(issue 15's target for polybus: ≤ 1).\n")
     sustained_section(w)
+    joins_section(w)
     peers_section(w)
     notes = os.path.join(ROOT, "benches", "NOTES.md")
     if os.path.exists(notes):
@@ -451,5 +508,7 @@ if __name__ == "__main__":
         peers_section(sys.stdout.write)
     elif sys.argv[1:] == ["--sustained"]:
         sustained_section(sys.stdout.write)
+    elif sys.argv[1:] == ["--joins"]:
+        joins_section(sys.stdout.write)
     else:
         main()

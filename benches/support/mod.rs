@@ -628,6 +628,12 @@ pub fn write_sustained(name: &str, rows: Vec<serde_json::Value>) {
     );
 }
 
+/// Write group-join rows (`backends/kafka/benches/joins.rs`) as
+/// `target/polybus-bench/joins.json`.
+pub fn write_joins(rows: Vec<serde_json::Value>) {
+    write("joins", serde_json::json!({ "rows": rows }));
+}
+
 /// polybus's producers of a sustained stream: [`PRODUCERS`] tasks, each
 /// publishing batches of [`IN_FLIGHT`] and awaiting every confirm; with
 /// `count`, each confirmed batch counts as done (publish only).

@@ -1,10 +1,11 @@
 //! Consumer groups under real conditions: ten members that close at once and a
-//! new one that joins, a wave of restarts while traffic flows, and twenty joins
-//! in a row. Each runs on librdkafka's mock cluster (three brokers) and on
-//! tansu (`scripts/brokers/tansu.sh start`; `POLYBUS_SKIP_KAFKA=1` opts out).
+//! new one that joins, a wave of restarts while traffic flows, twenty joins in
+//! a row, and a member at its prefetch on a slow broker. Each runs on
+//! librdkafka's mock cluster (three brokers) and on tansu
+//! (`scripts/brokers/tansu.sh start`; `POLYBUS_SKIP_KAFKA=1` opts out).
 //!
-//! What each broker does to a group, found with raw rdkafka beside polybus
-//! (the tests print each join's time; no bench measures it yet):
+//! What each broker does to a group, found with raw rdkafka beside polybus (the
+//! tests print each join's time; `benches/joins.rs` measures it beside raw):
 //! - tansu 0.6 makes every member but the leader wait a fixed 3 s in each
 //!   JoinGroup (`PAUSE_MS` in its `coordinator/group/administrator.rs`), so a
 //!   join, and every rebalance, takes about 3 s, for raw rdkafka as for polybus.
@@ -14,9 +15,23 @@
 //!   its SyncGroup answers REBALANCE_IN_PROGRESS, round after round, until the
 //!   broker reloads the group from storage (a restart). Raw rdkafka is stuck the
 //!   same way (`tansu_assigns_a_raw_consumer_after_ten_members_left_at_once`).
+//! - tansu 0.6 has no rejoin barrier. When the leader leaves, the next member
+//!   to join skips the pause, becomes leader of a new generation with the
+//!   stale member list, and its SyncGroup completes alone, a few milliseconds
+//!   after it asked; the members that held the partitions keep them until
+//!   their next heartbeat is answered REBALANCE_IN_PROGRESS (at most 500 ms,
+//!   polybus's heartbeat) and they revoke. For that while two members own a
+//!   partition, so a message can be in two members' hands at once (in one of
+//!   five runs of the wave on tansu). Raw rdkafka members meet it alike
+//!   (`a_wave_of_raw_restarts_never_gives_a_partition_two_owners_tansu`); its
+//!   `Forming` `join` and `sync` in `coordinator/group/administrator.rs` say
+//!   why. Under a coordinator with the barrier (the mock cluster, Apache
+//!   Kafka), eager rebalancing revokes before anyone is assigned.
 //! - The mock cluster waits for the members to rejoin for the session time-out
 //!   less a second (`rd_kafka_mock_cgrp_classic_rebalance`), so each join
 //!   takes that long; these tests set the session time-out to 3 s there.
+
+mod support;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,71 +40,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use polybus_core::{Bus, Kind, Message, Subscription};
-use polybus_kafka::KafkaOptions;
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::mocking::MockCluster;
-
-const HINT: &str = "start tansu with `scripts/brokers/tansu.sh start`, or set POLYBUS_SKIP_KAFKA=1";
-/// The mock cluster's session time-out (see the module docs).
-const MOCK_SESSION_MS: &str = "3000";
-
-/// Where a scenario runs.
-enum Broker {
-    Tansu(String),
-    Mock(MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
-}
-
-impl Broker {
-    fn tansu() -> Option<Self> {
-        if std::env::var_os("POLYBUS_SKIP_KAFKA").is_some() {
-            eprintln!("SKIPPED: POLYBUS_SKIP_KAFKA is set");
-            return None;
-        }
-        let url =
-            std::env::var("POLYBUS_KAFKA_URL").unwrap_or_else(|_| "kafka://127.0.0.1:9092".into());
-        let brokers = KafkaOptions::from_url(&url).unwrap().brokers().to_owned();
-        Some(Broker::Tansu(brokers))
-    }
-
-    fn mock() -> Self {
-        Broker::Mock(MockCluster::new(3).unwrap())
-    }
-
-    fn brokers(&self) -> String {
-        match self {
-            Broker::Tansu(b) => b.clone(),
-            Broker::Mock(c) => c.bootstrap_servers(),
-        }
-    }
-
-    /// A new topic of three partitions.
-    fn topic(&self, prefix: &str) -> String {
-        let topic = format!("{prefix}.{}", polybus_core::testkit::unique_name());
-        if let Broker::Mock(c) = self {
-            c.create_topic(&topic, 3, 3).unwrap();
-        }
-        topic
-    }
-
-    fn options(&self) -> KafkaOptions {
-        let options = KafkaOptions::new(self.brokers());
-        match self {
-            // The mock cluster has no CreateTopics handler: it makes topics on first use.
-            Broker::Mock(_) => options
-                .create_topics(false)
-                .native("allow.auto.create.topics", "true")
-                .native("session.timeout.ms", MOCK_SESSION_MS),
-            Broker::Tansu(_) => options,
-        }
-    }
-
-    async fn bus(&self) -> Bus {
-        polybus_kafka::connect_with(self.options())
-            .await
-            .unwrap_or_else(|e| panic!("cannot reach kafka: {e}; {HINT}"))
-    }
-}
+use support::{Broker, Ownership, RawMember};
 
 /// The independent oracle: what was published, what each member handled, and
 /// whether two members ever held the same message at the same time.
@@ -133,6 +84,12 @@ impl Oracle {
 
     /// Waits until everything sent was handled; then checks the rest.
     async fn all_handled(&self, within: Duration) {
+        self.all_handled_by(within, |_| false).await;
+    }
+
+    /// `all_handled`, but overlaps that `excused` says are the broker's (it
+    /// gets them all) are printed rather than failed.
+    async fn all_handled_by(&self, within: Duration, excused: impl FnOnce(&[String]) -> bool) {
         let deadline = Instant::now() + within;
         while self.missing() > 0 {
             let sent = self.0.lock().unwrap().sent.len();
@@ -144,11 +101,18 @@ impl Oracle {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let l = self.0.lock().unwrap();
-        assert!(
-            l.overlaps.is_empty(),
-            "handled by two members at once: {:?}",
-            l.overlaps
-        );
+        if !l.overlaps.is_empty() && excused(&l.overlaps) {
+            println!(
+                "the broker's: {} messages handled by two members at once",
+                l.overlaps.len()
+            );
+        } else {
+            assert!(
+                l.overlaps.is_empty(),
+                "handled by two members at once: {:?}",
+                l.overlaps
+            );
+        }
         let unexpected = l.handled.len() - l.sent.len();
         assert_eq!(unexpected, 0, "{unexpected} messages nobody published");
     }
@@ -236,6 +200,7 @@ async fn ten_close_at_once_then_one_joins(broker: &Broker) -> polybus_core::Resu
     }
     publish(&bus, &topic, 500, &oracle).await;
     oracle.all_handled(Duration::from_secs(60)).await;
+    let before = oracle.redelivered();
     futures::future::join_all(members.into_iter().map(Member::close)).await;
     let started = Instant::now();
     let mut last = bus
@@ -261,7 +226,7 @@ async fn ten_close_at_once_then_one_joins(broker: &Broker) -> polybus_core::Resu
     oracle.all_handled(Duration::ZERO).await;
     last.close(Duration::from_secs(5)).await.unwrap();
     println!(
-        "ten closed at once: the new member joined in {took:?}; {} redelivered",
+        "ten closed at once: the new member joined in {took:?}; {} redelivered ({before} before the close)",
         oracle.redelivered()
     );
     Ok(took)
@@ -321,17 +286,26 @@ async fn a_wave_of_restarts_under_traffic(broker: &Broker) {
         })
     };
     // Half of them, one after another.
+    let mut fastest = Duration::MAX;
     for (n, slot) in members.iter_mut().take(3).enumerate() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         slot.take().unwrap().close().await;
         let (m, took) = Member::join(&bus, &topic, &group, 10 + n, &oracle).await;
         println!("wave: member {n} back in {took:?}");
+        fastest = fastest.min(took);
         *slot = Some(m);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     flowing.store(false, Ordering::SeqCst);
     traffic.await.unwrap();
-    oracle.all_handled(Duration::from_secs(60)).await;
+    // tansu 0.6 lets a member that replaces the departed leader lead a new
+    // generation at once, without its 3 s pause and before the others have
+    // given up their partitions (module docs): then, and only then, two
+    // members may hold a message at once there.
+    let leader_replaced = matches!(broker, Broker::Tansu(_)) && fastest < Duration::from_secs(1);
+    oracle
+        .all_handled_by(Duration::from_secs(60), |_| leader_replaced)
+        .await;
     let sent = oracle.0.lock().unwrap().sent.len();
     println!(
         "wave: {sent} published, {} redelivered",
@@ -353,8 +327,74 @@ async fn a_wave_of_restarts_under_traffic_loses_nothing_tansu() {
     a_wave_of_restarts_under_traffic(&broker).await;
 }
 
-/// Twenty members join one after another; then every message is handled once
-/// by some member. Each join's time is printed, not asserted (a timed test
+/// A member at its prefetch resumes however slow the broker's answers: one
+/// member (prefetch 200, acking each delivery at once) handles 5,000 messages
+/// that 20 tasks publish together. Flow control pauses fetching only when the
+/// read-ahead is full and no blocking broker call stands between an ack and
+/// the resume it allows (`subscriber/flow.rs`); a stall would leave the member
+/// at exactly its prefetch.
+async fn a_member_at_its_prefetch_resumes(broker: &Broker) {
+    let bus = broker.bus().await;
+    let topic = broker.topic("prefetch");
+    let group = format!("prefetch-{}", polybus_core::testkit::unique_name());
+    let mut stream = bus
+        .subscribe(
+            Subscription::new(topic.as_str())
+                .group(group.as_str())
+                .prefetch(200),
+        )
+        .await
+        .unwrap();
+    let oracle = Oracle::default();
+    let consumer = {
+        let oracle = oracle.clone();
+        tokio::spawn(async move {
+            while let Some(d) = stream.next().await {
+                let d = d.expect("delivery");
+                oracle.begin(0, d.message().id());
+                oracle.end(d.message().id());
+                d.ack().await.expect("ack");
+            }
+        })
+    };
+    let started = Instant::now();
+    futures::future::join_all((0..20).map(|t| {
+        let (bus, topic, oracle) = (&bus, &topic, &oracle);
+        async move {
+            for i in 0..250 {
+                let m = Message::new(format!("p{t}-{i}")).with_key(format!("k{t}"));
+                let id = m.id().to_owned();
+                bus.publish(topic, m).await.unwrap();
+                oracle.sent(id);
+            }
+        }
+    }))
+    .await;
+    oracle.all_handled(Duration::from_secs(120)).await;
+    println!(
+        "prefetch 200: 5,000 handled {:?} after publishing began, {} redelivered",
+        started.elapsed(),
+        oracle.redelivered()
+    );
+    consumer.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_at_its_prefetch_resumes_on_a_slow_broker_mock() {
+    // Every request of every client, fetches and commits among them, 50 ms late.
+    a_member_at_its_prefetch_resumes(&Broker::slow_mock(Duration::from_millis(50))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_at_its_prefetch_resumes_tansu() {
+    let Some(broker) = Broker::tansu() else {
+        return;
+    };
+    a_member_at_its_prefetch_resumes(&broker).await;
+}
+
+/// Twenty members (prefetch 10) join one after another; then 2,000 messages
+/// are each handled by some member. Each join's time is printed, not asserted (a timed test
 /// would measure the machine).
 async fn twenty_join_one_after_another(broker: &Broker) {
     let bus = broker.bus().await;
@@ -368,7 +408,7 @@ async fn twenty_join_one_after_another(broker: &Broker) {
         members.push(m);
         took.push(t);
     }
-    publish(&bus, &topic, 200, &oracle).await;
+    publish(&bus, &topic, 2_000, &oracle).await;
     oracle.all_handled(Duration::from_secs(60)).await;
     println!("twenty joins: {took:?}");
     futures::future::join_all(members.into_iter().map(Member::close)).await;
@@ -387,49 +427,6 @@ async fn twenty_members_join_one_after_another_tansu() {
     twenty_join_one_after_another(&broker).await;
 }
 
-/// Hears a raw consumer's assignments.
-#[derive(Default)]
-struct RawContext {
-    assigned: AtomicBool,
-}
-
-impl rdkafka::ClientContext for RawContext {}
-
-impl ConsumerContext for RawContext {
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, r: &Rebalance<'_>) {
-        if matches!(r, Rebalance::Assign(_)) {
-            self.assigned.store(true, Ordering::SeqCst);
-        }
-    }
-}
-
-/// A raw rdkafka consumer of `group` with polybus's group settings, polled
-/// until its first assignment: `None` if none came `within`.
-fn raw_join(
-    brokers: &str,
-    topic: &str,
-    group: &str,
-    within: Duration,
-) -> Option<BaseConsumer<RawContext>> {
-    let c: BaseConsumer<RawContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("heartbeat.interval.ms", "500")
-        .set("session.timeout.ms", "10000")
-        .create_with_context(RawContext::default())
-        .unwrap();
-    c.subscribe(&[topic]).unwrap();
-    let started = Instant::now();
-    while !c.context().assigned.load(Ordering::SeqCst) {
-        let _ = c.poll(Duration::from_millis(20));
-        if started.elapsed() > within {
-            return None;
-        }
-    }
-    Some(c)
-}
-
 /// The broker's, not polybus's: ten raw rdkafka members close at the same
 /// moment, and a new raw member is then given no assignment for a minute on
 /// tansu 0.6 (module docs). Run it with `--ignored` after a tansu upgrade.
@@ -445,29 +442,80 @@ async fn tansu_assigns_a_raw_consumer_after_ten_members_left_at_once() {
         .await
         .unwrap();
     let group = format!("rolling-raw-{}", polybus_core::testkit::unique_name());
-    let brokers = broker.brokers();
+    let (config, within) = (broker.raw_config(&group), Duration::from_secs(60));
     tokio::task::spawn_blocking(move || {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        for _ in 0..10 {
-            let c = raw_join(&brokers, &topic, &group, Duration::from_secs(60)).expect("joined");
-            let stop = stop.clone();
-            threads.push(std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    let _ = c.poll(Duration::from_millis(20));
-                }
-                drop(c); // closes: leaves the group
-            }));
-        }
-        stop.store(true, Ordering::SeqCst);
-        for t in threads {
-            t.join().unwrap();
-        }
+        let members: Vec<RawMember> = (0..10)
+            .map(|_| {
+                RawMember::join(config.clone(), &topic, within)
+                    .expect("joined")
+                    .0
+            })
+            .collect();
+        RawMember::close_all(members);
         assert!(
-            raw_join(&brokers, &topic, &group, Duration::from_secs(60)).is_some(),
+            RawMember::join(config.clone(), &topic, within).is_some(),
             "a raw rdkafka consumer was given no assignment within 60 s"
         );
     })
     .await
     .unwrap();
+}
+
+/// The same wave of restarts as `a_wave_of_restarts_under_traffic` with raw
+/// rdkafka members, each recording when it owned which partition: no
+/// partition may have two owners at once.
+fn raw_wave(config: rdkafka::ClientConfig, topic: &str) -> Vec<String> {
+    let within = Duration::from_secs(60);
+    let log = Ownership::default();
+    let since = Instant::now();
+    let join = |n: usize| {
+        RawMember::join_logged(config.clone(), topic, within, Some((log.clone(), n)))
+            .unwrap_or_else(|| panic!("raw member {n} was not assigned within {within:?}"))
+    };
+    let mut members: Vec<Option<RawMember>> = (0..6).map(|n| Some(join(n).0)).collect();
+    for (n, slot) in members.iter_mut().take(3).enumerate() {
+        std::thread::sleep(Duration::from_millis(500));
+        slot.take().unwrap().close();
+        let (m, took) = join(10 + n);
+        println!("raw wave: member {n} back in {took:?}");
+        *slot = Some(m);
+    }
+    // The last rebalance settles.
+    std::thread::sleep(Duration::from_secs(5));
+    RawMember::close_all(members.into_iter().flatten().collect());
+    log.overlaps(since)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wave_of_raw_restarts_never_gives_a_partition_two_owners_mock() {
+    let broker = Broker::mock();
+    let topic = broker.topic("wave-raw");
+    let group = format!("wave-raw-{}", polybus_core::testkit::unique_name());
+    let config = broker.raw_config(&group);
+    let overlaps = tokio::task::spawn_blocking(move || raw_wave(config, &topic))
+        .await
+        .unwrap();
+    assert!(overlaps.is_empty(), "{overlaps:#?}");
+}
+
+/// The broker's, not polybus's: when the member that leaves leads the group,
+/// tansu 0.6 gives its replacement partitions that others still hold (module
+/// docs). Run it with `--ignored` after a tansu upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "tansu 0.6 has no rejoin barrier: a new leader syncs alone (see the module docs)"]
+async fn a_wave_of_raw_restarts_never_gives_a_partition_two_owners_tansu() {
+    let Some(broker) = Broker::tansu() else {
+        return;
+    };
+    let bus = broker.bus().await;
+    let topic = broker.topic("wave-raw");
+    bus.publish(&topic, Message::new("the topic exists"))
+        .await
+        .unwrap();
+    let group = format!("wave-raw-{}", polybus_core::testkit::unique_name());
+    let config = broker.raw_config(&group);
+    let overlaps = tokio::task::spawn_blocking(move || raw_wave(config, &topic))
+        .await
+        .unwrap();
+    assert!(overlaps.is_empty(), "{overlaps:#?}");
 }
