@@ -18,6 +18,26 @@
 //! | C12 bad input | connect probes the cluster's metadata within `connect_timeout_ms`; the payload limit is checked before sending; a missing topic with `create_topics=false` is a `Refused` error |
 //! | C13 metadata | see `mapping`: ordinary records with native key, headers and timestamp |
 //!
+//! # Consumer groups
+//!
+//! A member joins with librdkafka's eager rebalance protocol (range, then
+//! roundrobin): every join or leave revokes every member's partitions, each
+//! member commits what it has settled in its revocation, and the group is
+//! assigned anew. The cooperative-sticky protocol was tried and left: it
+//! balances partition counts across all of a group's topics together, and gave
+//! one member every partition of the group's topic and another only the retry
+//! topic. `subscribe` returns once this member is assigned; past
+//! `subscribe_timeout_ms` it fails with a `Timeout` that says what the member
+//! waits for (librdkafka's join state, from its statistics) and what the group
+//! coordinator reports of the group (DescribeGroups), when it answers.
+//!
+//! How long a join takes is the broker's: Apache Kafka finishes a rebalance
+//! once every member has rejoined, tansu 0.6 pauses every member but the leader
+//! for 3 s, librdkafka's mock cluster waits the session time-out less a second.
+//! polybus's periodic commits run on a thread of their own, one at a time, and
+//! a failed one is sent again, so a slow broker never stands between an ack and
+//! the fetching it allows.
+//!
 //! ```no_run
 //! # async fn demo() -> polybus_core::Result<()> {
 //! let bus = polybus_kafka::connect("kafka://127.0.0.1:9092").await?;

@@ -193,6 +193,41 @@ async fn c2_a_failed_offset_read_at_assignment_skips_no_backlog() {
     }
 }
 
+/// C3/C12: a subscribe whose group never completes a rebalance fails within
+/// its time-out with a `Timeout` that says what this member is waiting for,
+/// in librdkafka's words, whether or not the coordinator answers
+/// DescribeGroups (tansu 0.6 does not; `tests/groups.rs` has the broker fault
+/// this stands for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c3_a_join_that_never_completes_says_what_the_member_waits_for() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let cluster = MockCluster::new(1).unwrap();
+    let bus = polybus_kafka::connect_with(
+        mock_bus_options(&cluster).subscribe_timeout(Duration::from_secs(6)),
+    )
+    .await
+    .unwrap();
+    cluster.create_topic("stuck", 1, 1).unwrap();
+    // Every SyncGroup is answered as tansu answers a group with a departed leader.
+    cluster.request_errors(
+        RDKafkaApiKey::SyncGroup,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 500],
+    );
+    let started = std::time::Instant::now();
+    let Err(e) = bus
+        .subscribe(Subscription::new("stuck").group("stuck-readers"))
+        .await
+    else {
+        panic!("no assignment can complete");
+    };
+    assert_eq!(e.kind(), Kind::Timeout, "{e}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{e}");
+    let text = e.to_string();
+    assert!(text.contains("join state `wait-"), "{text}");
+    assert!(text.contains("rebalance"), "{text}");
+    println!("{text}");
+}
+
 /// C7: an acked message is not delivered to its group again because a commit
 /// failed. Found with ten members on the mock cluster (490 of 500 acked
 /// messages came again after a rolling restart): a failed periodic commit was

@@ -33,6 +33,11 @@ pub(super) fn consumer_config(options: &KafkaOptions, group: &str) -> ClientConf
             // rktp->rktp_started failed`). Seen here only in rebalance storms,
             // when many members of killed test processes expired at once.
             ("session.timeout.ms", "10000".into()),
+            // librdkafka's statistics carry its group handler's state (join
+            // state, rebalances and why): read until the first assignment, so
+            // a subscribe that times out says what the member waits for
+            // (`open::GroupView`), and ignored afterwards.
+            ("statistics.interval.ms", "1000".into()),
             // See `KafkaOptions::fetch_wait` for the trade-off.
             (
                 "fetch.wait.max.ms",

@@ -131,6 +131,8 @@ struct State {
     committing: bool,
     waker: Option<Waker>,
     assigned: bool,
+    /// What librdkafka last reported of this member's group, until assigned.
+    group_view: Option<open::GroupView>,
     phase: Phase,
     /// Names of the topics records come from.
     topics: TopicCache,
@@ -164,6 +166,7 @@ impl Shared {
                 committing: false,
                 waker: None,
                 assigned: false,
+                group_view: None,
                 phase: Phase::Running,
                 topics: TopicCache::default(),
                 origins: TopicCache::default(),

@@ -166,14 +166,68 @@ async fn await_assignment(shared: &Shared, timeout: Duration) -> Result<()> {
         return Ok(());
     }
     let group = &shared.sub.group;
+    let member = match &shared.lock().group_view {
+        Some(view) => view.to_string(),
+        None => "this member's client has reported no group state yet".to_owned(),
+    };
     let reported = describe_group(&shared.connector, group).await;
     Err(Error::new(
         Kind::Timeout,
         format!(
-            "group `{group}` assigned no partitions within {} ms; the coordinator reports {reported}",
+            "group `{group}` assigned no partitions within {} ms; {member}; the coordinator reports {reported}",
             timeout.as_millis()
         ),
     ))
+}
+
+/// What librdkafka's group handler of a member waiting for its first
+/// assignment last reported (its statistics' `cgrp`), in words.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct GroupView {
+    /// The coordinator connection's state (`up` once it is known).
+    state: String,
+    join_state: String,
+    rebalances: i64,
+    reason: String,
+}
+
+impl From<&rdkafka::statistics::ConsumerGroup> for GroupView {
+    fn from(g: &rdkafka::statistics::ConsumerGroup) -> Self {
+        GroupView {
+            state: g.state.clone(),
+            join_state: g.join_state.clone(),
+            rebalances: g.rebalance_cnt,
+            reason: g.rebalance_reason.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for GroupView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let waits = if self.state != "up" {
+            "waits for the group's coordinator"
+        } else {
+            match self.join_state.as_str() {
+                "init" => "has not asked to join yet",
+                "wait-join" => {
+                    "waits for the coordinator to answer its JoinGroup (the group is rebalancing)"
+                }
+                "wait-metadata" => "waits for the metadata of the topics it joins for",
+                "wait-sync" => "waits for its share from the group's leader (SyncGroup)",
+                "steady" => "is in the group and was given no partitions",
+                _ => "is applying an assignment",
+            }
+        };
+        write!(
+            f,
+            "this member {waits} (librdkafka: coordinator `{}`, join state `{}`, {} rebalance(s)",
+            self.state, self.join_state, self.rebalances
+        )?;
+        if !self.reason.is_empty() {
+            write!(f, ", the last: {}", self.reason)?;
+        }
+        write!(f, ")")
+    }
 }
 
 /// What the group coordinator says of `group` (DescribeGroups), for an error:
@@ -200,4 +254,34 @@ async fn describe_group(connector: &Connector, group: &str) -> String {
     })
     .await;
     described.unwrap_or_else(|e| format!("nothing (describing the group panicked: {e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GroupView;
+
+    fn view(state: &str, join_state: &str, reason: &str) -> String {
+        GroupView {
+            state: state.into(),
+            join_state: join_state.into(),
+            rebalances: 3,
+            reason: reason.into(),
+        }
+        .to_string()
+    }
+
+    #[test]
+    fn a_waiting_member_says_what_it_waits_for() {
+        assert_eq!(
+            view("up", "wait-sync", "group rebalanced (memberid x)"),
+            "this member waits for its share from the group's leader (SyncGroup) \
+             (librdkafka: coordinator `up`, join state `wait-sync`, 3 rebalance(s), \
+             the last: group rebalanced (memberid x))"
+        );
+        assert!(
+            view("wait-coord", "init", "")
+                .starts_with("this member waits for the group's coordinator")
+        );
+        assert!(view("up", "wait-join", "").contains("the group is rebalancing"));
+    }
 }

@@ -13,6 +13,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 
 use super::offsets::{self, Prior};
+use super::open::GroupView;
 use super::partitions::Part;
 use super::{REBALANCE_CALL_TIMEOUT, Shared, Tp, millis_from_now};
 use crate::mapping;
@@ -27,7 +28,21 @@ pub(crate) struct SubContext {
     pub(super) shared: Arc<Shared>,
 }
 
-impl ClientContext for SubContext {}
+impl ClientContext for SubContext {
+    /// librdkafka's statistics, decoded only while the member awaits its first
+    /// assignment: what its group handler waits for (`open::GroupView`).
+    fn stats_raw(&self, raw: &[u8]) {
+        if self.shared.lock().assigned {
+            return;
+        }
+        if let Ok(rdkafka::Statistics {
+            cgrp: Some(group), ..
+        }) = serde_json::from_slice(raw)
+        {
+            self.shared.lock().group_view = Some(GroupView::from(&group));
+        }
+    }
+}
 
 impl ConsumerContext for SubContext {
     fn rebalance(
