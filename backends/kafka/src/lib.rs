@@ -32,8 +32,10 @@
 //! coordinator reports of the group (DescribeGroups), when it answers.
 //!
 //! How long a join takes is the broker's: Apache Kafka finishes a rebalance
-//! once every member has rejoined, tansu 0.6 pauses every member but the leader
-//! for 3 s, librdkafka's mock cluster waits the session time-out less a second.
+//! once every member has rejoined (and holds the first join to an empty group
+//! for `group.initial.rebalance.delay.ms`, 3 s by default), tansu 0.6 pauses
+//! every member but the leader for 3 s, librdkafka's mock cluster waits the
+//! session time-out less a second.
 //! polybus's periodic commits run on a thread of their own, one at a time, and
 //! a failed one is sent again, so a slow broker never stands between an ack and
 //! the fetching it allows.

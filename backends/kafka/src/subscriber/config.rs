@@ -34,9 +34,10 @@ pub(super) fn consumer_config(options: &KafkaOptions, group: &str) -> ClientConf
             // when many members of killed test processes expired at once.
             ("session.timeout.ms", "10000".into()),
             // librdkafka's statistics carry its group handler's state (join
-            // state, rebalances and why): read until the first assignment, so
-            // a subscribe that times out says what the member waits for
-            // (`open::GroupView`), and ignored afterwards.
+            // state, rebalances and why): decoded until the first assignment,
+            // so a subscribe that times out says what the member waits for
+            // (`open::GroupView`). librdkafka keeps emitting them every second
+            // for the consumer's life; polybus ignores them once assigned.
             ("statistics.interval.ms", "1000".into()),
             // See `KafkaOptions::fetch_wait` for the trade-off.
             (

@@ -215,7 +215,8 @@ impl std::fmt::Display for GroupView {
                 "wait-metadata" => "waits for the metadata of the topics it joins for",
                 "wait-sync" => "waits for its share from the group's leader (SyncGroup)",
                 "steady" => "is in the group and was given no partitions",
-                _ => "is applying an assignment",
+                "wait-assign-call" => "is taking up an assignment",
+                _ => "is giving up partitions (a rebalance)",
             }
         };
         write!(

@@ -35,10 +35,13 @@ impl ClientContext for SubContext {
         if self.shared.lock().assigned {
             return;
         }
-        if let Ok(rdkafka::Statistics {
-            cgrp: Some(group), ..
-        }) = serde_json::from_slice(raw)
-        {
+        // Only the group handler's part: the rest of the document (brokers,
+        // topics, partitions) is neither decoded nor held to rdkafka's schema.
+        #[derive(serde::Deserialize)]
+        struct Stats {
+            cgrp: Option<rdkafka::statistics::ConsumerGroup>,
+        }
+        if let Ok(Stats { cgrp: Some(group) }) = serde_json::from_slice(raw) {
             self.shared.lock().group_view = Some(GroupView::from(&group));
         }
     }

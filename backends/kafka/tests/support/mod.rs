@@ -99,6 +99,16 @@ impl Broker {
         }
     }
 
+    /// Make sure `topic` exists before a raw client uses it: on tansu polybus
+    /// makes it (three partitions) when it first publishes to it.
+    pub async fn ensure_topic(&self, bus: &Bus, topic: &str) {
+        if let Broker::Tansu(_) = self {
+            bus.publish(topic, polybus_core::Message::new("the topic exists"))
+                .await
+                .unwrap_or_else(|e| panic!("cannot make topic `{topic}`: {}", e.error()));
+        }
+    }
+
     pub async fn bus(&self) -> Bus {
         polybus_kafka::connect_with(self.options())
             .await
