@@ -29,6 +29,8 @@
 //! | `kafka` | no | Kafka through rdkafka, bundled librdkafka (crate `polybus-kafka`, as `polybus::kafka`) | `kafka://host:9092[,host2:9092][?partitions=3&compression=lz4&…]` |
 //! | `msgpack` | no | the MessagePack codec (`polybus::MsgPack`) | |
 //! | `testing` | no | `polybus::testing`: a recording test bus for services' tests (needs `memory`) | |
+//! | `otel` | no | OpenTelemetry spans, W3C trace context in message headers, and metrics ([`telemetry`]); the OpenTelemetry API only, no SDK | |
+//! | `otel-testkit` | no | the conformance suite's telemetry cases, recorded with the OpenTelemetry SDK's in-memory exporters (tests only) | |
 //! | `full` | no | every backend (memory, amqp, kafka), msgpack and testing | |
 //!
 //! No broker client is compiled by default.
@@ -55,6 +57,9 @@ use polybus_core::backend::url::redact;
 
 #[cfg(feature = "msgpack")]
 pub use polybus_core::MsgPack;
+
+#[cfg(feature = "otel")]
+pub use polybus_core::telemetry;
 
 #[cfg(feature = "memory")]
 pub use polybus_memory as memory;

@@ -52,6 +52,8 @@ struct Inner {
     capabilities: Capabilities,
     max_payload: usize,
     gate: Gate,
+    #[cfg(feature = "otel")]
+    telemetry: Arc<crate::telemetry::Instruments>,
 }
 
 impl Bus {
@@ -63,6 +65,8 @@ impl Bus {
                 name: backend.name(),
                 max_payload: capabilities.max_payload().unwrap_or(usize::MAX),
                 capabilities,
+                #[cfg(feature = "otel")]
+                telemetry: crate::telemetry::Instruments::new(backend.endpoint()),
                 backend: Box::new(backend),
                 gate: Gate::default(),
             }),
@@ -77,7 +81,10 @@ impl Bus {
             Err(e) => return PublishFuture::ready(Err(PublishError::not_delivered(e, message))),
         };
         match prepare_publish(topic, message, inner.max_payload) {
+            #[cfg(not(feature = "otel"))]
             Ok(message) => inner.backend.publish(topic, message).guarded(guard),
+            #[cfg(feature = "otel")]
+            Ok(message) => inner.publish_traced(topic, message, guard),
             Err(e) => PublishFuture::ready(Err(e)),
         }
     }
@@ -107,11 +114,15 @@ impl Bus {
                 Err(e) => results.push(Some(Err(e))),
             }
         }
-        let mut outcomes = inner
-            .backend
-            .publish_batch(topic, accepted)
-            .await
-            .into_iter();
+        #[cfg(feature = "otel")]
+        let send =
+            (!accepted.is_empty()).then(|| inner.telemetry.start_send(topic, &mut accepted, true));
+        let outcomes = inner.backend.publish_batch(topic, accepted).await;
+        #[cfg(feature = "otel")]
+        if let Some(send) = send {
+            send.finish(&outcomes);
+        }
+        let mut outcomes = outcomes.into_iter();
         results
             .into_iter()
             .map(|r| match r {
@@ -133,7 +144,12 @@ impl Bus {
         let inner = &*self.inner;
         let checked = validate_for(&subscription, inner.name, &inner.capabilities)?;
         let _guard = inner.gate.enter("subscribe", inner.name)?;
-        Ok(DeliveryStream::new(inner.backend.subscribe(checked).await?))
+        #[cfg(feature = "otel")]
+        let group: Arc<str> = checked.group.as_str().into();
+        let stream = DeliveryStream::new(inner.backend.subscribe(checked).await?);
+        #[cfg(feature = "otel")]
+        let stream = stream.traced(inner.telemetry.clone(), group);
+        Ok(stream)
     }
 
     /// What the backend offers beyond the contract.
@@ -162,6 +178,35 @@ impl Bus {
     /// The bus as a subscriber trait object.
     pub fn as_subscriber(&self) -> Arc<dyn Subscriber> {
         Arc::new(self.clone())
+    }
+}
+
+#[cfg(feature = "otel")]
+impl Inner {
+    /// A publish within its `send` span. A backend that answered at once (the
+    /// in-memory broker) is answered at once, so the future is not counted in
+    /// the gate (see [`BackendFuture::guarded`](crate::backend::BackendFuture)).
+    fn publish_traced<'a>(
+        &'a self,
+        topic: &'a str,
+        message: Message,
+        guard: crate::backend::gate::InFlightGuard<'a>,
+    ) -> PublishFuture<'a> {
+        let mut one = [message];
+        let send = self.telemetry.start_send(topic, &mut one, false);
+        let [message] = one;
+        match self.backend.publish(topic, message).into_ready() {
+            Ok(result) => {
+                send.finish([&result]);
+                PublishFuture::ready(result)
+            }
+            Err(publishing) => PublishFuture::boxed(async move {
+                let result = publishing.await;
+                send.finish([&result]);
+                result
+            })
+            .guarded(guard),
+        }
     }
 }
 

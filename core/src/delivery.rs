@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
+#[cfg(not(feature = "otel"))]
+use crate::backend::settle::SettleFuture;
 use crate::backend::settle::{Acker, AckerRef, DeadLetter, Settlement, nack_settlement};
 use crate::error::Result;
 use crate::message::{Codec, Message};
@@ -20,6 +22,11 @@ pub struct Delivery {
     attempt: u32,
     redelivered: bool,
     acker: Option<AckerRef>,
+    #[cfg(feature = "otel")]
+    wire: crate::backend::Wire,
+    /// The `process` span, from hand-out to settlement.
+    #[cfg(feature = "otel")]
+    process: Option<Box<crate::telemetry::Process>>,
 }
 
 impl Delivery {
@@ -37,6 +44,53 @@ impl Delivery {
             attempt: attempt.max(1),
             redelivered,
             acker: Some(acker),
+            #[cfg(feature = "otel")]
+            wire: crate::backend::Wire::default(),
+            #[cfg(feature = "otel")]
+            process: None,
+        }
+    }
+
+    /// See [`DeliveryExt::with_wire`](crate::backend::DeliveryExt::with_wire).
+    #[cfg_attr(not(feature = "otel"), allow(unused_variables, unused_mut))]
+    pub(crate) fn with_wire(mut self, wire: crate::backend::Wire) -> Self {
+        #[cfg(feature = "otel")]
+        {
+            self.wire = wire;
+        }
+        self
+    }
+
+    /// Start the `process` span: the delivery is being handed out.
+    #[cfg(feature = "otel")]
+    pub(crate) fn start_process(
+        &mut self,
+        instruments: &std::sync::Arc<crate::telemetry::Instruments>,
+        group: &std::sync::Arc<str>,
+        batched: bool,
+    ) {
+        if self.process.is_none() {
+            let process = instruments.start_process(
+                group,
+                &self.message,
+                self.topic.as_str(),
+                self.attempt,
+                &self.wire,
+                batched,
+            );
+            self.process = Some(Box::new(process));
+        }
+    }
+
+    /// The OpenTelemetry context of this delivery's `process` span (feature
+    /// `otel`): the parent for spans of the work it causes. The handler runtime
+    /// runs each handler inside it already. Without a `process` span (a
+    /// delivery not handed out by a stream), the current context.
+    #[cfg(feature = "otel")]
+    pub fn otel_context(&self) -> opentelemetry::Context {
+        match &self.process {
+            Some(p) => p.context().clone(),
+            None => opentelemetry::Context::current(),
         }
     }
 
@@ -72,7 +126,8 @@ impl Delivery {
 
     /// Done with it: it is never delivered to this group again.
     pub async fn ack(mut self) -> Result<()> {
-        self.take_acker().settle(Settlement::Ack).await
+        let acker = self.take_acker();
+        self.settle(acker, Settlement::Ack).await
     }
 
     /// Failed: deliver it again after the retry policy's delay, or dead-letter it if
@@ -80,7 +135,7 @@ impl Delivery {
     pub async fn nack(mut self) -> Result<()> {
         let acker = self.take_acker();
         let settlement = nack_settlement(acker.retry_policy(), self.attempt);
-        acker.settle(settlement).await
+        self.settle(acker, settlement).await
     }
 
     /// As [`nack`](Self::nack), and if this was the last attempt, the dead letter
@@ -99,14 +154,40 @@ impl Delivery {
             }
             retry => retry,
         };
-        acker.settle(settlement).await
+        self.settle(acker, settlement).await
     }
 
     /// Hopeless: move it to the group's dead-letter topic with `reason`.
     pub async fn dead_letter(mut self, reason: impl Into<String>) -> Result<()> {
-        self.take_acker()
-            .settle(Settlement::DeadLetter(DeadLetter::because(reason)))
-            .await
+        let acker = self.take_acker();
+        let settlement = Settlement::DeadLetter(DeadLetter::because(reason));
+        self.settle(acker, settlement).await
+    }
+
+    /// Carry out `settlement` through `acker`.
+    #[cfg(not(feature = "otel"))]
+    #[allow(clippy::unused_self)]
+    fn settle(&mut self, acker: AckerRef, settlement: Settlement) -> SettleFuture {
+        acker.settle(settlement)
+    }
+
+    /// Carry out `settlement` through `acker`, within its span if the delivery
+    /// has a `process` span.
+    #[cfg(feature = "otel")]
+    fn settle(
+        &mut self,
+        acker: AckerRef,
+        settlement: Settlement,
+    ) -> impl Future<Output = Result<()>> + use<> {
+        let span = self.process.take().map(|p| p.start_settle(&settlement));
+        let settled = acker.settle(settlement);
+        async move {
+            let outcome = settled.await;
+            if let Some(span) = span {
+                span.finish(Some(&outcome));
+            }
+            outcome
+        }
     }
 
     /// A shared handle to the message, to keep it after the delivery is settled;
@@ -142,6 +223,11 @@ impl Drop for Delivery {
                 "delivery dropped unsettled; nacking it"
             );
             let settlement = nack_settlement(acker.retry_policy(), self.attempt);
+            #[cfg(feature = "otel")]
+            if let Some(process) = self.process.take() {
+                // Settled in the background: the outcome is not known here.
+                process.start_settle(&settlement).finish(None);
+            }
             acker.settle_on_drop(settlement);
         }
     }

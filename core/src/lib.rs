@@ -23,6 +23,7 @@
 //! | [`rpc`] | request-reply: [`rpc::Requester`] and [`rpc::respond`] |
 //! | [`middleware`] | publisher middleware: timeout, retry, circuit breaker |
 //! | [`backend`] | for backend authors only: the SPI and a guide to writing a backend |
+//! | `telemetry` | OpenTelemetry spans, trace context and metrics (feature `otel`) |
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -40,6 +41,8 @@ pub mod retry;
 pub mod rpc;
 pub mod stream;
 pub mod subscription;
+#[cfg(feature = "otel")]
+pub mod telemetry;
 pub mod topic;
 
 #[cfg(feature = "testkit")]

@@ -19,6 +19,12 @@ pub struct DeliveryStream {
     source: Box<dyn DeliverySource>,
     /// An error met while a batch was being filled, reported by the next call.
     deferred: Option<Error>,
+    /// The bus's instruments and the group, to start each `process` span.
+    #[cfg(feature = "otel")]
+    telemetry: Option<(
+        std::sync::Arc<crate::telemetry::Instruments>,
+        std::sync::Arc<str>,
+    )>,
 }
 
 impl DeliveryStream {
@@ -27,7 +33,20 @@ impl DeliveryStream {
         DeliveryStream {
             source,
             deferred: None,
+            #[cfg(feature = "otel")]
+            telemetry: None,
         }
+    }
+
+    /// Start a `process` span for each delivery handed out.
+    #[cfg(feature = "otel")]
+    pub(crate) fn traced(
+        mut self,
+        instruments: std::sync::Arc<crate::telemetry::Instruments>,
+        group: std::sync::Arc<str>,
+    ) -> Self {
+        self.telemetry = Some((instruments, group));
+        self
     }
 
     /// Up to `max` deliveries, gathered for at most `timeout`: returns as soon as
@@ -37,15 +56,16 @@ impl DeliveryStream {
     /// some deliveries were gathered is returned by the next call; a stream that
     /// has ended is a [`Closed`](crate::Kind::Closed) error once nothing is left.
     pub async fn next_batch(&mut self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
-        use futures::StreamExt;
-
         if let Some(e) = self.deferred.take() {
             return Err(e);
         }
         let mut batch = Vec::with_capacity(max.min(1024));
         let deadline = crate::retry::deadline_after(timeout);
         while batch.len() < max {
-            match tokio::time::timeout_at(deadline, self.next()).await {
+            // Batched: each delivery's `process` span links to its creation
+            // context rather than being its child.
+            let next = futures::future::poll_fn(|cx| self.poll_delivery(cx, true));
+            match tokio::time::timeout_at(deadline, next).await {
                 Err(_) => break,
                 Ok(Some(Ok(d))) => batch.push(d),
                 Ok(Some(Err(e))) if batch.is_empty() => return Err(e),
@@ -62,6 +82,28 @@ impl DeliveryStream {
         Ok(batch)
     }
 
+    /// The next delivery from the source: the one place deliveries are handed
+    /// out, so the one place their `process` span starts.
+    #[cfg_attr(not(feature = "otel"), allow(unused_variables))]
+    fn poll_delivery(
+        &mut self,
+        cx: &mut Context<'_>,
+        batched: bool,
+    ) -> Poll<Option<Result<Delivery>>> {
+        #[cfg(not(feature = "otel"))]
+        return self.source.poll_next(cx);
+        #[cfg(feature = "otel")]
+        {
+            let mut next = self.source.poll_next(cx);
+            if let (Poll::Ready(Some(Ok(delivery))), Some((instruments, group))) =
+                (&mut next, &self.telemetry)
+            {
+                delivery.start_process(instruments, group, batched);
+            }
+            next
+        }
+    }
+
     /// Stop fetching, let in-flight deliveries be settled for up to `grace`, then
     /// leave the rest to be redelivered.
     pub async fn close(mut self, grace: Duration) -> Result<()> {
@@ -73,7 +115,7 @@ impl Stream for DeliveryStream {
     type Item = Result<Delivery>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.get_mut().source.poll_next(cx)
+        self.get_mut().poll_delivery(cx, false)
     }
 }
 

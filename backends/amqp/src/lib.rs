@@ -35,7 +35,8 @@ mod subscriber;
 use std::fmt;
 use std::sync::Arc;
 
-use polybus_core::backend::{Backend, DeliverySource, ValidSubscription};
+use polybus_core::backend::url::BrokerUrl;
+use polybus_core::backend::{Backend, DeliverySource, Endpoint, ValidSubscription};
 use polybus_core::{
     Bus, Capabilities, Capability, Message, PublishError, PublishFuture, Receipt, Result,
     async_trait,
@@ -125,6 +126,22 @@ impl Backend for AmqpBus {
                 Err(failure) => Err(failure.hand_back(message)),
             })
             .collect()
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        let options = &self.connector.options;
+        let endpoint = Endpoint::new("rabbitmq").with_exchange(options.exchange.clone());
+        // The first broker of the URL: the one a connection tries first.
+        let first = options.uris.first().and_then(|uri| {
+            let url = BrokerUrl::parse(uri, "amqp", &["amqp", "amqps"]).ok()?;
+            let tls = uri.starts_with("amqps:");
+            let (host, port) = url.hosts.into_iter().next()?;
+            Some((host, port.unwrap_or(if tls { 5671 } else { 5672 })))
+        });
+        match first {
+            Some((host, port)) => endpoint.with_server(host, port),
+            None => endpoint,
+        }
     }
 
     async fn subscribe(&self, sub: ValidSubscription) -> Result<Box<dyn DeliverySource>> {

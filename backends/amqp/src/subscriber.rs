@@ -28,7 +28,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 use polybus_core::backend::{
     Acker, DeliveryExt, DeliverySource, MessageExt, SettleFuture, Settlement, TopicCache,
-    ValidSubscription, exhausted_dead_letter, is_exhausted_on_receipt, spawn_settlement,
+    ValidSubscription, Wire, exhausted_dead_letter, is_exhausted_on_receipt, spawn_settlement,
     wait_until,
 };
 use polybus_core::{
@@ -253,13 +253,17 @@ impl AmqpSource {
         }
         let message = acker.message.clone();
         let topic = acker.topic.clone();
-        Some(Delivery::new(
-            message,
-            topic,
-            attempt,
-            redelivered || attempt > 1,
-            Box::new(acker),
-        ))
+        let wire = Wire::delivery_tag(acker.tag);
+        Some(
+            Delivery::new(
+                message,
+                topic,
+                attempt,
+                redelivered || attempt > 1,
+                Box::new(acker),
+            )
+            .with_wire(wire),
+        )
     }
 }
 

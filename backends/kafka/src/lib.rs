@@ -56,7 +56,7 @@ mod subscriber;
 use std::fmt;
 use std::sync::Arc;
 
-use polybus_core::backend::{Backend, DeliverySource, ValidSubscription};
+use polybus_core::backend::{Backend, DeliverySource, Endpoint, ValidSubscription};
 use polybus_core::{Bus, Capabilities, Capability, Message, PublishFuture, Result, async_trait};
 
 use crate::connection::Connector;
@@ -115,6 +115,24 @@ impl Backend for KafkaBus {
                 Err(failure) => Err(failure.hand_back(message)),
             }
         })
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        // The first bootstrap broker: the one the client asks first.
+        let first = self
+            .connector
+            .options
+            .brokers
+            .split(',')
+            .next()
+            .and_then(|b| {
+                let (host, port) = b.trim().rsplit_once(':')?;
+                Some((host.to_owned(), port.parse().ok()?))
+            });
+        match first {
+            Some((host, port)) => Endpoint::new("kafka").with_server(host, port),
+            None => Endpoint::new("kafka"),
+        }
     }
 
     async fn subscribe(&self, sub: ValidSubscription) -> Result<Box<dyn DeliverySource>> {

@@ -69,7 +69,7 @@ mod subscriber;
 use std::fmt;
 use std::sync::Arc;
 
-use polybus_core::backend::{Backend, DeliverySource, ValidSubscription};
+use polybus_core::backend::{Backend, DeliverySource, Endpoint, ValidSubscription};
 use polybus_core::{
     Bus, Capabilities, Capability, Error, Kind, Message, Overflow, PublishError, PublishFuture,
     Receipt, Result, async_trait,
@@ -211,6 +211,12 @@ fn refused(full: Full) -> PublishError {
 impl Backend for MemoryBus {
     fn name(&self) -> &'static str {
         "memory"
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        // Not a system the conventions list: named after the library, as they
+        // ask for systems they do not know.
+        Endpoint::new("polybus_memory")
     }
 
     fn capabilities(&self) -> Capabilities {

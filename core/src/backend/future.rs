@@ -45,6 +45,15 @@ impl<'a, T> BackendFuture<'a, T> {
         }
     }
 
+    /// The output, if the operation is already done; the future otherwise.
+    #[cfg(feature = "otel")]
+    pub(crate) fn into_ready(self) -> Result<T, Self> {
+        match self.inner {
+            Either::Left(ready) => Ok(ready.into_inner()),
+            inner => Err(BackendFuture { inner, ..self }),
+        }
+    }
+
     /// Count the operation as in flight until it finishes or is dropped. An
     /// operation already done is not counted: a future that is ready but not
     /// awaited yet must not hold up `close`.

@@ -107,7 +107,7 @@ pub mod valid;
 pub use checks::{Failure, MAX_SHORT_STRING};
 pub use future::BackendFuture;
 pub use gate::wait_until;
-pub use parts::{DeliveryExt, MessageExt, TopicCache, TopicExt};
+pub use parts::{DeliveryExt, MessageExt, TopicCache, TopicExt, Wire};
 pub use settle::{
     Acker, DeadLetter, SettleFuture, Settlement, TaggedAcker, exhausted_dead_letter,
     is_exhausted_on_receipt, spawn_settlement,
@@ -160,6 +160,55 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     async fn close(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Where the broker is, for telemetry (feature `otel`). Read once, when
+    /// the [`Bus`](crate::Bus) is made. The default names the system after
+    /// [`name`](Self::name) and no server.
+    fn endpoint(&self) -> Endpoint {
+        Endpoint::new(self.name())
+    }
+}
+
+/// Where a backend's broker is, as telemetry names it: OpenTelemetry's
+/// `messaging.system`, `server.address` and `server.port`, and the exchange a
+/// topic is routed through, if any (RabbitMQ: the destination of a topic is
+/// then `{exchange}:{topic}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Endpoint {
+    /// `messaging.system`: `rabbitmq`, `kafka`, … as the conventions list them.
+    pub system: &'static str,
+    /// `server.address`: the broker's host, as the URL named it.
+    pub address: Option<String>,
+    /// `server.port`.
+    pub port: Option<u16>,
+    /// The exchange every topic is published through, if the broker has one.
+    pub exchange: Option<String>,
+}
+
+impl Endpoint {
+    /// A broker of `system`, with no server known.
+    pub fn new(system: &'static str) -> Self {
+        Endpoint {
+            system,
+            address: None,
+            port: None,
+            exchange: None,
+        }
+    }
+
+    /// The broker's host and port.
+    pub fn with_server(mut self, address: impl Into<String>, port: u16) -> Self {
+        self.address = Some(address.into());
+        self.port = Some(port);
+        self
+    }
+
+    /// The exchange every topic is published through.
+    pub fn with_exchange(mut self, exchange: impl Into<String>) -> Self {
+        self.exchange = Some(exchange.into());
+        self
+    }
 }
 
 // A boxed backend is a backend, so a backend that wraps another (a recorder,
@@ -192,6 +241,10 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 
     async fn close(&self) -> Result<()> {
         (**self).close().await
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        (**self).endpoint()
     }
 }
 

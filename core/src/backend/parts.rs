@@ -35,6 +35,43 @@ pub trait DeliveryExt: Sized {
     /// The same delivery, settled through `wrap(acker)`: for a backend that wraps
     /// another (recording, tracing), to see each settlement on its way.
     fn wrap_acker(self, wrap: impl FnOnce(Box<dyn Acker>) -> Box<dyn Acker>) -> Self;
+
+    /// The same delivery, with where it sits on the wire, for telemetry
+    /// (feature `otel`: the `process` span's partition, offset or delivery
+    /// tag). Without the feature this does nothing and costs nothing.
+    fn with_wire(self, wire: Wire) -> Self;
+}
+
+/// Where a delivery sits on the wire: what a backend knows of it beyond the
+/// message, for the `process` span (feature `otel`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Wire {
+    /// Kafka: the record's partition.
+    pub partition: Option<i32>,
+    /// Kafka: the record's offset.
+    pub offset: Option<i64>,
+    /// RabbitMQ: the channel's delivery tag.
+    pub delivery_tag: Option<u64>,
+}
+
+impl Wire {
+    /// A Kafka record's place.
+    pub fn record(partition: i32, offset: i64) -> Self {
+        Wire {
+            partition: Some(partition),
+            offset: Some(offset),
+            delivery_tag: None,
+        }
+    }
+
+    /// An AMQP delivery's tag.
+    pub fn delivery_tag(tag: u64) -> Self {
+        Wire {
+            delivery_tag: Some(tag),
+            ..Wire::default()
+        }
+    }
 }
 
 impl DeliveryExt for Delivery {
@@ -62,6 +99,11 @@ impl DeliveryExt for Delivery {
 
     fn wrap_acker(self, wrap: impl FnOnce(Box<dyn Acker>) -> Box<dyn Acker>) -> Self {
         Delivery::wrap_acker(self, wrap)
+    }
+
+    #[inline]
+    fn with_wire(self, wire: Wire) -> Self {
+        Delivery::with_wire(self, wire)
     }
 }
 

@@ -95,7 +95,13 @@ impl<H> Run<H> {
         } else {
             None
         };
+        // The handler runs inside the delivery's `process` span, so its own
+        // spans (and a publish it makes) belong to the message's trace.
+        #[cfg(feature = "otel")]
+        let cx = delivery.otel_context();
         let fut = handle(delivery, self.handler.clone(), self.handler_timeout);
+        #[cfg(feature = "otel")]
+        let fut = opentelemetry::context::FutureExt::with_context(fut, cx);
         self.tasks.spawn(async move {
             // A panic unwinds through `handle`, dropping (so nacking) the
             // delivery; catching it here keeps the lane's key.

@@ -27,6 +27,8 @@
 //! which `scripts/test` sums up as ran and skipped counts, by name and reason.
 
 pub mod cases;
+#[cfg(feature = "otel-testkit")]
+pub mod otel;
 
 use std::fmt;
 use std::future::Future;

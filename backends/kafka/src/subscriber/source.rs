@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use polybus_core::backend::{DeliveryExt, DeliverySource, wait_until};
+use polybus_core::backend::{DeliveryExt, DeliverySource, Wire, wait_until};
 use polybus_core::{Delivery, Result, async_trait};
 use tokio::sync::oneshot;
 
@@ -95,17 +95,13 @@ impl Shared {
             // The commit metadata now records this hand-out (see `offsets::Prior`).
             state.dirty = true;
             let (message, topic, attempt) = (p.message.clone(), p.topic.clone(), p.attempt);
+            let wire = Wire::record(p.tp.1, p.offset);
             let acker = KafkaAcker {
                 shared: self.clone(),
                 record: p,
             };
-            return Poll::Ready(Some(Ok(Delivery::new(
-                message,
-                topic,
-                attempt,
-                redelivered,
-                Box::new(acker),
-            ))));
+            let delivery = Delivery::new(message, topic, attempt, redelivered, Box::new(acker));
+            return Poll::Ready(Some(Ok(delivery.with_wire(wire))));
         }
         state.waker = Some(cx.waker().clone());
         Poll::Pending

@@ -1,5 +1,5 @@
 //! The cases, one module per clause of the delivery contract (C1–C13), each
-//! named after the clause it proves. Each case is an `async fn(Ctx) -> CaseResult`
+//! named after the clause it proves, and the telemetry cases (`otel`). Each case is an `async fn(Ctx) -> CaseResult`
 //! and takes a fresh [`Ctx`](super::Ctx).
 //!
 //! The list below is the only list of the cases: it makes the tests of
@@ -28,6 +28,7 @@ pub mod c6_prefetch;
 pub mod c7_settlement;
 pub mod c8_poison;
 pub mod c9_crashes;
+pub mod otel;
 mod support;
 
 /// The list of the cases, by module: `$crate::__conformance_case_list!([mode])`
@@ -120,6 +121,14 @@ macro_rules! __conformance_case_list {
                 c13_metadata_round_trips,
                 c13_library_headers_are_stripped_on_publish,
                 c13_metadata_survives_redelivery,
+            }
+            otel {
+                otel_send_process_ack_are_one_trace,
+                otel_a_batch_is_one_send_span_and_its_deliveries_link_to_it,
+                otel_a_redelivery_keeps_the_creation_context,
+                otel_a_dead_letter_carries_the_creation_context,
+                otel_a_failed_settlement_has_its_error_type,
+                otel_metrics_count_each_message_once,
             }
         }
     };
