@@ -57,7 +57,11 @@ fn check_continued(topic: &str, system: &str, trace: &str, span: &str) {
         .iter()
         .find(|p| p.trace_id().to_string() == trace)
         .unwrap_or_else(|| panic!("no process span in trace {trace}: {processes:#?}"));
-    assert_eq!(continued.parent_span_id.to_string(), span, "a child of the foreign span");
+    assert_eq!(
+        continued.parent_span_id.to_string(),
+        span,
+        "a child of the foreign span"
+    );
     assert!(continued.parent_span_is_remote);
     let foreign = processes
         .iter()
@@ -134,9 +138,19 @@ p.flush(30)
 p.produce(topic, value=b"untraced")
 assert p.flush(30) == 0
 "#;
-    let brokers = url.trim_start_matches("kafka://").split('?').next().unwrap();
+    let brokers = url
+        .trim_start_matches("kafka://")
+        .split('?')
+        .next()
+        .unwrap();
     let out = tokio::process::Command::new("python3")
-        .args(["-c", script, brokers, &topic, &format!("00-{trace}-{span}-01")])
+        .args([
+            "-c",
+            script,
+            brokers,
+            &topic,
+            &format!("00-{trace}-{span}-01"),
+        ])
         .output()
         .await
         .expect("python3");
@@ -197,5 +211,140 @@ async fn otel_a_handler_runs_inside_its_process_span() {
         .find(|s| s.name == format!("charge {topic}"))
         .expect("the handler's span");
     assert_eq!(own.trace_id(), send.trace_id(), "one trace");
-    assert_eq!(own.parent_span_id, process.span_id(), "the handler's span is process's child");
+    assert_eq!(
+        own.parent_span_id,
+        process.span_id(),
+        "the handler's span is process's child"
+    );
+}
+
+/// `cargo run --example observability` prints one message's spans as a tree
+/// and serves the metrics: scraped here over HTTP and parsed as Prometheus's
+/// text format. Runs the example binary that `cargo test` builds beside the
+/// tests (`cargo build --example observability --features otel` makes it).
+#[cfg(feature = "memory")]
+#[tokio::test]
+async fn otel_the_observability_example_prints_a_tree_and_serves_metrics() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+    let exe = std::env::current_exe().unwrap();
+    let example = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("examples").join("observability"))
+        .unwrap();
+    assert!(
+        example.exists(),
+        "{} is missing: build it with `cargo build --example observability --features otel`",
+        example.display()
+    );
+    let mut child = tokio::process::Command::new(&example)
+        .env("POLYBUS_METRICS_ADDR", "127.0.0.1:0")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut tree, mut in_tree) = (Vec::new(), false);
+    let addr = loop {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the example prints within 30 s")
+            .unwrap()
+            .expect("the example prints its metrics address");
+        if line.starts_with("the spans of message") {
+            in_tree = true;
+        } else if let Some(rest) = line.strip_prefix("metrics: http://") {
+            break rest.split('/').next().unwrap().to_owned();
+        } else if in_tree && !line.trim().is_empty() {
+            tree.push(line);
+        }
+    };
+    // The tree: send at the root, the retries linked, the dead letter's process.
+    assert!(
+        tree[0]
+            .trim_start()
+            .starts_with("send user.created [Producer]"),
+        "{tree:#?}"
+    );
+    assert_eq!(
+        tree.iter()
+            .filter(|l| l.contains("linked: process"))
+            .count(),
+        2,
+        "{tree:#?}"
+    );
+    assert!(
+        tree.iter()
+            .any(|l| l.contains("dead_letter user.created [Client]")),
+        "{tree:#?}"
+    );
+    assert!(
+        tree.iter()
+            .any(|l| l.contains("process polybus.dead-letter.welcome-email")),
+        "{tree:#?}"
+    );
+
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Prometheus's text format: `# TYPE name kind`, then `series value` lines.
+    let mut types = std::collections::HashMap::new();
+    let mut samples = Vec::new();
+    for line in body.lines() {
+        if let Some(t) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = t.split_once(' ').unwrap();
+            types.insert(name.to_owned(), kind.to_owned());
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let (series, value) = line.rsplit_once(' ').expect("`series value`");
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("a number: {line}"));
+            samples.push((series.to_owned(), value));
+        }
+    }
+    let sum = |name: &str, having: &str| -> f64 {
+        samples
+            .iter()
+            .filter(|(s, _)| s.starts_with(&format!("{name}{{")) && s.contains(having))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    for (name, kind) in [
+        ("messaging_client_sent_messages_total", "counter"),
+        ("messaging_client_consumed_messages_total", "counter"),
+        ("messaging_client_operation_duration_seconds", "histogram"),
+        ("messaging_process_duration_seconds", "histogram"),
+        ("polybus_dead_letters_total", "counter"),
+        ("polybus_redeliveries_total", "counter"),
+    ] {
+        assert_eq!(
+            types.get(name).map(String::as_str),
+            Some(kind),
+            "{name} in {body}"
+        );
+    }
+    assert_eq!(
+        sum(
+            "messaging_client_sent_messages_total",
+            "messaging_system=\"polybus_memory\""
+        ),
+        2.0
+    );
+    let welcome = "messaging_consumer_group_name=\"welcome-email\"";
+    assert_eq!(
+        sum("messaging_client_consumed_messages_total", welcome),
+        4.0,
+        "2 + 2 retries"
+    );
+    assert_eq!(sum("polybus_redeliveries_total", welcome), 2.0);
+    assert_eq!(sum("polybus_dead_letters_total", welcome), 1.0);
+    assert_eq!(
+        sum("messaging_process_duration_seconds_count", welcome),
+        4.0
+    );
+    child.kill().await.unwrap();
 }
