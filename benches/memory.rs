@@ -5,7 +5,8 @@
 //! allocator's shared counters would slow this bench's hot path.
 //!
 //! `cargo bench --bench memory` (`scripts/bench` runs every bench and writes
-//! BENCHMARKS.md)
+//! BENCHMARKS.md); with `--features otel` (and `POLYBUS_BENCH_OTEL_SDK=1`) the
+//! throughput rows are those of a telemetry variant (`support/otel.rs`).
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,8 @@ use polybus::Message;
 
 #[path = "support/mod.rs"]
 mod support;
+#[path = "support/otel.rs"]
+mod otel;
 
 use support::{Latencies, SIZES, Timed};
 
@@ -46,7 +49,7 @@ fn throughput(c: &mut Criterion) {
             let impls = impls(&rt, size);
             rows.extend(support::throughput(
                 &mut group,
-                ("memory", kind),
+                (otel::label(), kind),
                 size,
                 BATCH,
                 impls,
@@ -54,7 +57,7 @@ fn throughput(c: &mut Criterion) {
         }
         group.finish();
     }
-    support::write_throughput("memory", rows);
+    support::write_throughput(otel::label(), rows);
 }
 
 /// polybus: publish -> deliver -> ack, a producer task beside the consumer;
@@ -254,10 +257,12 @@ fn latency() {
 }
 
 fn main() {
+    otel::install();
     let mut c = Criterion::default().configure_from_args();
     throughput(&mut c);
     c.final_summary();
-    if support::extras() {
+    // Latency is measured without telemetry only: its rows would replace them.
+    if support::extras() && otel::label() == "memory" {
         latency();
     }
 }

@@ -2,7 +2,8 @@
 //! hand-off of the same payloads, counted by a counting global allocator. Apart
 //! from the `memory` bench, whose throughput the counters would slow.
 //!
-//! `cargo bench --bench memory_allocations`
+//! `cargo bench --bench memory_allocations`; with `--features otel` (and
+//! `POLYBUS_BENCH_OTEL_SDK=1`), a telemetry variant's (`support/otel.rs`).
 
 use std::alloc::System;
 
@@ -13,6 +14,8 @@ use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 
 #[path = "support/mod.rs"]
 mod support;
+#[path = "support/otel.rs"]
+mod otel;
 
 #[global_allocator]
 static ALLOC: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -20,6 +23,7 @@ static ALLOC: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 const PREFETCH: u32 = 256;
 
 fn main() {
+    otel::install();
     let rt = support::runtime();
     let n: u64 = if support::quick() { 1_000 } else { 20_000 };
     let payload = Bytes::from_static(&[7u8; 16]);
@@ -110,7 +114,13 @@ fn main() {
             producer.await.unwrap();
         })
     });
-    let mut rows = support::alloc_rows("memory", polybus_allocs, raw_allocs);
+    let label = otel::label();
+    let mut rows = support::alloc_rows(label, polybus_allocs, raw_allocs);
+    if label != "memory" {
+        // A telemetry variant: polybus and the mpsc only.
+        support::write_allocations(label, rows);
+        return;
+    }
     for (imp, per_message) in [
         ("ruststream", ruststream_allocs),
         ("omniqueue", omniqueue_allocs),

@@ -21,7 +21,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "target", "polybus-bench")
-BACKENDS = ["memory", "amqp", "kafka"]
+BACKENDS = ["memory", "memory+otel", "memory+otel+sdk", "amqp", "kafka"]
 PEERS = os.path.join(RESULTS, "peers.json")
 # The peers bench's targets, as median ratios polybus / peer:
 # (kind, size in bytes, peer, layouts, at least).
@@ -360,11 +360,16 @@ def throughput_section(w):
       f"implementations' rates overlap across rounds, so neither met nor missed can be told "
       f"on this machine. `kafka-mock` is librdkafka's in-process mock cluster (3 brokers, "
       f"replication factor 3); on tansu (sqlite) the broker is the bottleneck, so those "
-      f"rows measure it as much as the clients.\n\n")
+      f"rows measure it as much as the clients. `memory+otel` is the in-memory broker built "
+      f"with feature `otel` and no OpenTelemetry SDK installed (the API's no-op providers); "
+      f"`memory+otel+sdk` with the SDK sampling every span into a batch processor that drops "
+      f"them and a meter provider aggregating every metric (`benches/support/otel.rs`); each "
+      f"variant is its own run, so compare its polybus / raw ratio with `memory`'s.\n\n")
     w("| backend | bench | size | impl | msg/s median (min–max) | MB/s | polybus / impl (min–max) "
       "| target |\n|---|---|---|---|---|---|---|---|\n")
     polys = {(r["backend"], r["kind"], r["size"]): r for r in rows if r["impl"] == "polybus"}
-    order = {b: i for i, b in enumerate(["memory", "amqp", "kafka", "kafka-mock"])}
+    order = {b: i for i, b in enumerate(
+        ["memory", "memory+otel", "memory+otel+sdk", "amqp", "kafka", "kafka-mock"])}
     rows.sort(key=lambda r: (order.get(r["backend"], 9), r["kind"] != "publish", r["size"]))
     for r in rows:
         rates = r["rates"]
