@@ -15,10 +15,10 @@ use criterion::Criterion;
 use futures::StreamExt;
 use polybus::Message;
 
-#[path = "support/mod.rs"]
-mod support;
 #[path = "support/otel.rs"]
 mod otel;
+#[path = "support/mod.rs"]
+mod support;
 
 use support::{Latencies, SIZES, Timed};
 

@@ -12,10 +12,10 @@ use futures::StreamExt;
 use polybus::Message;
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 
-#[path = "support/mod.rs"]
-mod support;
 #[path = "support/otel.rs"]
 mod otel;
+#[path = "support/mod.rs"]
+mod support;
 
 #[global_allocator]
 static ALLOC: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;

@@ -348,3 +348,119 @@ async fn otel_the_observability_example_prints_a_tree_and_serves_metrics() {
     );
     child.kill().await.unwrap();
 }
+
+/// The value of the counter `metric` summed over the points whose attributes
+/// include every `(key, value)` of `having`.
+fn counted(metric: &str, having: &[(&str, &str)]) -> f64 {
+    recorder()
+        .metrics()
+        .into_iter()
+        .filter(|p| p.metric == metric)
+        .filter(|p| {
+            having
+                .iter()
+                .all(|(k, v)| p.attribute(k).as_deref() == Some(*v))
+        })
+        .map(|p| p.value)
+        .sum()
+}
+
+/// A circuit breaker's state changes are counted by the state entered.
+#[tokio::test(start_paused = true)]
+async fn otel_circuit_breaker_transitions_are_counted() {
+    use polybus::middleware::CircuitBreaker;
+    recorder();
+    let state = |s: &str| {
+        counted(
+            "polybus.circuit_breaker.transitions",
+            &[("polybus.circuit_breaker.state", s)],
+        )
+    };
+    let before = (state("open"), state("half_open"), state("closed"));
+    let breaker = CircuitBreaker::new()
+        .failure_threshold(2)
+        .recovery_timeout(Duration::from_secs(1));
+    for _ in 0..2 {
+        breaker.acquire().unwrap().failure();
+    }
+    tokio::time::advance(Duration::from_secs(2)).await;
+    breaker.acquire().unwrap().success(); // the half-open trial
+    let after = (state("open"), state("half_open"), state("closed"));
+    // Other tests of this binary may move breakers too: at least ours.
+    assert!(after.0 >= before.0 + 1.0, "{before:?} -> {after:?}");
+    assert!(after.1 >= before.1 + 1.0, "{before:?} -> {after:?}");
+    assert!(after.2 >= before.2 + 1.0, "{before:?} -> {after:?}");
+}
+
+/// A relay on a loopback port that can drop every connection it carries and
+/// goes on accepting new ones: a connection lost, not a broker gone.
+#[cfg(feature = "amqp")]
+struct Relay {
+    port: u16,
+    drop_all: tokio::sync::watch::Sender<u64>,
+}
+
+#[cfg(feature = "amqp")]
+impl Relay {
+    async fn start(upstream: &'static str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (drop_all, watch) = tokio::sync::watch::channel(0u64);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut watch = watch.clone();
+                watch.mark_unchanged();
+                tokio::spawn(async move {
+                    let mut server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = watch.changed() => {}
+                    }
+                });
+            }
+        });
+        Relay { port, drop_all }
+    }
+
+    fn drop_connections(&self) {
+        self.drop_all.send_modify(|n| *n += 1);
+    }
+}
+
+/// A RabbitMQ connection lost and made again is counted in `polybus.reconnects`,
+/// with the broker it reached.
+#[cfg(feature = "amqp")]
+#[tokio::test]
+async fn otel_a_rabbitmq_reconnect_is_counted() {
+    use common::{HOST, VHOST, url};
+    if url().is_none() {
+        return;
+    }
+    recorder();
+    let relay = Relay::start(HOST).await;
+    let port = relay.port.to_string();
+    let bus = common::bus(&format!("amqp://guest:guest@127.0.0.1:{port}/{VHOST}")).await;
+    let topic = common::unique("otel.reconnect.");
+    bus.publish(&topic, Message::new("before")).await.unwrap();
+    let having = [
+        ("messaging.system", "rabbitmq"),
+        ("server.port", port.as_str()),
+    ];
+    assert_eq!(counted("polybus.reconnects", &having), 0.0);
+    relay.drop_connections();
+    // The next publish finds the connection gone and makes another.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if bus.publish(&topic, Message::new("after")).await.is_ok()
+            && counted("polybus.reconnects", &having) >= 1.0
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reconnect counted within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(counted("polybus.reconnects", &having), 1.0, "one reconnect");
+}

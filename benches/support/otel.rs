@@ -37,7 +37,10 @@ pub fn install() {
         struct Discard;
 
         impl SpanExporter for Discard {
-            async fn export(&self, batch: Vec<SpanData>) -> opentelemetry_sdk::error::OTelSdkResult {
+            async fn export(
+                &self,
+                batch: Vec<SpanData>,
+            ) -> opentelemetry_sdk::error::OTelSdkResult {
                 drop(batch);
                 Ok(())
             }

@@ -146,9 +146,14 @@ impl Bus {
         let _guard = inner.gate.enter("subscribe", inner.name)?;
         #[cfg(feature = "otel")]
         let group: Arc<str> = checked.group.as_str().into();
-        let stream = DeliveryStream::new(inner.backend.subscribe(checked).await?);
+        let source = inner.backend.subscribe(checked).await?;
         #[cfg(feature = "otel")]
-        let stream = stream.traced(inner.telemetry.clone(), group);
+        let depth = source
+            .depth_probe()
+            .map(|probe| inner.telemetry.watch_depth(&group, probe));
+        let stream = DeliveryStream::new(source);
+        #[cfg(feature = "otel")]
+        let stream = stream.traced(inner.telemetry.clone(), group, depth);
         Ok(stream)
     }
 

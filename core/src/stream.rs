@@ -25,6 +25,9 @@ pub struct DeliveryStream {
         std::sync::Arc<crate::telemetry::Instruments>,
         std::sync::Arc<str>,
     )>,
+    /// The group's depth, reported while the stream lives.
+    #[cfg(feature = "otel")]
+    _depth: Option<crate::telemetry::DepthWatch>,
 }
 
 impl DeliveryStream {
@@ -35,6 +38,8 @@ impl DeliveryStream {
             deferred: None,
             #[cfg(feature = "otel")]
             telemetry: None,
+            #[cfg(feature = "otel")]
+            _depth: None,
         }
     }
 
@@ -44,8 +49,10 @@ impl DeliveryStream {
         mut self,
         instruments: std::sync::Arc<crate::telemetry::Instruments>,
         group: std::sync::Arc<str>,
+        depth: Option<crate::telemetry::DepthWatch>,
     ) -> Self {
         self.telemetry = Some((instruments, group));
+        self._depth = depth;
         self
     }
 

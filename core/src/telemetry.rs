@@ -66,6 +66,9 @@
 //! | `polybus.dead_letters` | counter | `{message}` | dead letters the broker took |
 //! | `polybus.deliveries.in_flight` | up-down counter | `{message}` | handed out, not yet settled, per destination and group |
 //! | `polybus.publishes.in_flight` | up-down counter | `{message}` | published, not yet answered |
+//! | `polybus.group.depth` | gauge | `{message}` | what waits for a group, as last known: the in-memory group's queue, RabbitMQ's ready count (a passive `queue.declare` every 2 s), or each Kafka partition's lag behind the committed offset (librdkafka's statistics, every second; with `messaging.destination.name` and `messaging.destination.partition.id`; the high watermark is the one of the member's last fetch, so a member paused at its prefetch under-reports) |
+//! | `polybus.reconnects` | counter | `{event}` | connections to the broker opened again after a loss (RabbitMQ; librdkafka reconnects on its own, unseen) |
+//! | `polybus.circuit_breaker.transitions` | counter | `{event}` | circuit-breaker state changes, by `polybus.circuit_breaker.state` (`open`, `half_open`, `closed`) |
 //!
 //! Every metric carries `messaging.system`, `messaging.operation.name`,
 //! `messaging.destination.name` and, where known, `server.address`,
@@ -84,7 +87,12 @@ use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::{Link, SpanBuilder, SpanKind, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, InstrumentationScope, KeyValue, global};
 
-use crate::backend::{Endpoint, Settlement, Wire};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use opentelemetry::metrics::ObservableGauge;
+
+use crate::backend::{DepthProbe, Endpoint, Settlement, Wire, lock};
 use crate::error::{Error, Kind, PublishError};
 use crate::message::{Headers, Message};
 use crate::names::CORRELATION_ID;
@@ -111,6 +119,12 @@ pub mod metric {
     pub const DELIVERIES_IN_FLIGHT: &str = "polybus.deliveries.in_flight";
     /// `polybus.publishes.in_flight`
     pub const PUBLISHES_IN_FLIGHT: &str = "polybus.publishes.in_flight";
+    /// `polybus.group.depth`
+    pub const GROUP_DEPTH: &str = "polybus.group.depth";
+    /// `polybus.reconnects`
+    pub const RECONNECTS: &str = "polybus.reconnects";
+    /// `polybus.circuit_breaker.transitions`
+    pub const BREAKER_TRANSITIONS: &str = "polybus.circuit_breaker.transitions";
 }
 
 /// The conventions' advice for duration histograms, in seconds.
@@ -150,6 +164,100 @@ pub(crate) struct Instruments {
     dead_letters: Counter<u64>,
     deliveries_in_flight: UpDownCounter<i64>,
     publishes_in_flight: UpDownCounter<i64>,
+    /// The subscriptions whose group depth the gauge reads.
+    depths: Arc<Mutex<Vec<Watched>>>,
+    next_watch: AtomicU64,
+    /// Kept so its callback stays registered while the bus lives.
+    _depth_gauge: ObservableGauge<u64>,
+}
+
+/// A subscription the depth gauge reads.
+struct Watched {
+    id: u64,
+    attributes: Vec<KeyValue>,
+    probe: DepthProbe,
+}
+
+/// Reports one subscription's group depth until dropped (with its stream).
+pub(crate) struct DepthWatch {
+    depths: Arc<Mutex<Vec<Watched>>>,
+    id: u64,
+}
+
+impl Drop for DepthWatch {
+    fn drop(&mut self) {
+        lock(&self.depths).retain(|w| w.id != self.id);
+    }
+}
+
+/// The `polybus.group.depth` gauge of a bus: each watched subscription's
+/// probe, read at collection.
+fn depth_gauge(meter: &Meter, depths: Arc<Mutex<Vec<Watched>>>) -> ObservableGauge<u64> {
+    meter
+        .u64_observable_gauge(metric::GROUP_DEPTH)
+        .with_unit("{message}")
+        .with_description("Messages waiting for a group (per partition on Kafka), as last known.")
+        .with_callback(move |observer| {
+            for w in lock(&depths).iter() {
+                for depth in (w.probe)() {
+                    match &depth.partition {
+                        None => observer.observe(depth.messages, &w.attributes),
+                        Some((topic, partition)) => {
+                            let mut attributes = w.attributes.clone();
+                            attributes.push(KeyValue::new(
+                                "messaging.destination.name",
+                                topic.as_str().to_owned(),
+                            ));
+                            attributes.push(KeyValue::new(
+                                "messaging.destination.partition.id",
+                                partition.to_string(),
+                            ));
+                            observer.observe(depth.messages, &attributes);
+                        }
+                    }
+                }
+            }
+        })
+        .build()
+}
+
+/// A counter of rare events, made when one happens: the global meter then is
+/// the application's, whenever it installed it.
+fn rare_counter(name: &'static str, what: &'static str) -> Counter<u64> {
+    global::meter_with_scope(scope())
+        .u64_counter(name)
+        .with_unit("{event}")
+        .with_description(what)
+        .build()
+}
+
+/// See [`record_reconnect`](crate::backend::record_reconnect).
+pub(crate) fn record_reconnect(endpoint: &Endpoint) {
+    rare_counter(
+        metric::RECONNECTS,
+        "Connections or channels to the broker opened again after a loss.",
+    )
+    .add(1, &common_attributes(endpoint));
+}
+
+/// A circuit breaker moved to `state` (`open`, `half_open`, `closed`).
+pub(crate) fn record_breaker_transition(state: &'static str) {
+    rare_counter(
+        metric::BREAKER_TRANSITIONS,
+        "Circuit-breaker state changes.",
+    )
+    .add(1, &[KeyValue::new("polybus.circuit_breaker.state", state)]);
+}
+
+fn common_attributes(endpoint: &Endpoint) -> Vec<KeyValue> {
+    let mut common = vec![KeyValue::new("messaging.system", endpoint.system)];
+    if let Some(address) = &endpoint.address {
+        common.push(KeyValue::new("server.address", address.clone()));
+    }
+    if let Some(port) = endpoint.port {
+        common.push(KeyValue::new("server.port", i64::from(port)));
+    }
+    common
 }
 
 fn scope() -> InstrumentationScope {
@@ -161,13 +269,8 @@ fn scope() -> InstrumentationScope {
 impl Instruments {
     pub(crate) fn new(endpoint: Endpoint) -> Arc<Self> {
         let meter: Meter = global::meter_with_scope(scope());
-        let mut common = vec![KeyValue::new("messaging.system", endpoint.system)];
-        if let Some(address) = &endpoint.address {
-            common.push(KeyValue::new("server.address", address.clone()));
-        }
-        if let Some(port) = endpoint.port {
-            common.push(KeyValue::new("server.port", i64::from(port)));
-        }
+        let common = common_attributes(&endpoint);
+        let depths = Arc::new(Mutex::new(Vec::new()));
         let duration = |name: &'static str, what: &'static str| {
             meter
                 .f64_histogram(name)
@@ -216,9 +319,31 @@ impl Instruments {
                 .with_unit("{message}")
                 .with_description("Messages published and not yet answered by the broker.")
                 .build(),
+            _depth_gauge: depth_gauge(&meter, depths.clone()),
+            depths,
+            next_watch: AtomicU64::new(0),
             common,
             endpoint,
         })
+    }
+
+    /// Report `group`'s depth through `probe` until the returned watch drops.
+    pub(crate) fn watch_depth(&self, group: &str, probe: DepthProbe) -> DepthWatch {
+        let id = self.next_watch.fetch_add(1, Ordering::Relaxed);
+        let mut attributes = self.common.clone();
+        attributes.push(KeyValue::new(
+            "messaging.consumer.group.name",
+            group.to_owned(),
+        ));
+        lock(&self.depths).push(Watched {
+            id,
+            attributes,
+            probe,
+        });
+        DepthWatch {
+            depths: self.depths.clone(),
+            id,
+        }
     }
 
     /// The destination name of `topic`: on RabbitMQ `{exchange}:{routing key}`.

@@ -267,12 +267,17 @@ impl Connector {
         {
             return Ok(live.clone());
         }
+        // A connection made before and lost: this is a reconnect.
+        let lost = slot.is_some();
         let mut backoff = reconnect_backoff();
         loop {
             let e = match tokio::time::timeout_at(deadline, self.open()).await {
                 Ok(Ok(live)) => {
                     let live = Arc::new(live);
                     *slot = Some(live.clone());
+                    if lost {
+                        polybus_core::backend::record_reconnect(&crate::endpoint(&self.options));
+                    }
                     return Ok(live);
                 }
                 Ok(Err(e)) => e,

@@ -82,6 +82,22 @@ impl fmt::Debug for AmqpBus {
     }
 }
 
+/// The broker as telemetry names it: the first broker of the URL (the one a
+/// connection tries first) and the exchange every topic goes through.
+pub(crate) fn endpoint(options: &AmqpOptions) -> Endpoint {
+    let endpoint = Endpoint::new("rabbitmq").with_exchange(options.exchange.clone());
+    let first = options.uris.first().and_then(|uri| {
+        let url = BrokerUrl::parse(uri, "amqp", &["amqp", "amqps"]).ok()?;
+        let tls = uri.starts_with("amqps:");
+        let (host, port) = url.hosts.into_iter().next()?;
+        Some((host, port.unwrap_or(if tls { 5671 } else { 5672 })))
+    });
+    match first {
+        Some((host, port)) => endpoint.with_server(host, port),
+        None => endpoint,
+    }
+}
+
 #[async_trait]
 impl Backend for AmqpBus {
     fn name(&self) -> &'static str {
@@ -129,19 +145,7 @@ impl Backend for AmqpBus {
     }
 
     fn endpoint(&self) -> Endpoint {
-        let options = &self.connector.options;
-        let endpoint = Endpoint::new("rabbitmq").with_exchange(options.exchange.clone());
-        // The first broker of the URL: the one a connection tries first.
-        let first = options.uris.first().and_then(|uri| {
-            let url = BrokerUrl::parse(uri, "amqp", &["amqp", "amqps"]).ok()?;
-            let tls = uri.starts_with("amqps:");
-            let (host, port) = url.hosts.into_iter().next()?;
-            Some((host, port.unwrap_or(if tls { 5671 } else { 5672 })))
-        });
-        match first {
-            Some((host, port)) => endpoint.with_server(host, port),
-            None => endpoint,
-        }
+        endpoint(&self.connector.options)
     }
 
     async fn subscribe(&self, sub: ValidSubscription) -> Result<Box<dyn DeliverySource>> {

@@ -16,20 +16,21 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 use polybus_core::backend::{
-    Acker, DeliveryExt, DeliverySource, MessageExt, SettleFuture, Settlement, TopicCache,
-    ValidSubscription, Wire, exhausted_dead_letter, is_exhausted_on_receipt, spawn_settlement,
-    wait_until,
+    Acker, DeliveryExt, DeliverySource, Depth, DepthProbe, MessageExt, SettleFuture, Settlement,
+    TopicCache, ValidSubscription, Wire, exhausted_dead_letter, is_exhausted_on_receipt,
+    spawn_settlement, wait_until,
 };
 use polybus_core::{
     Delivery, Error, Kind, Message, Result, RetryPolicy, Topic, async_trait, header,
@@ -84,6 +85,9 @@ pub(crate) struct AmqpSource {
 
 /// How often a quiet subscription checks that its channel is still open.
 const WATCHDOG_PERIOD: Duration = Duration::from_secs(1);
+
+/// How often the group's depth is asked of the broker, while telemetry reads it.
+const DEPTH_PERIOD: Duration = Duration::from_secs(2);
 
 impl Shared {
     pub(crate) fn new(connector: Arc<Connector>, sub: ValidSubscription) -> Arc<Self> {
@@ -190,6 +194,42 @@ async fn reopen(shared: Arc<Shared>) -> Result<(Channel, Consumer)> {
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Keep `depth` at the group queue's count of ready messages while the
+/// subscription lives: RabbitMQ answers a passive `queue.declare` with it.
+async fn refresh_depth(shared: std::sync::Weak<Shared>, depth: Arc<AtomicU64>) {
+    let mut channel: Option<Channel> = None;
+    let mut tick = tokio::time::interval(DEPTH_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(s) = shared.upgrade() else { break };
+        if s.closing.load(Ordering::Acquire) || s.gone.load(Ordering::Acquire) {
+            break;
+        }
+        if channel.as_ref().is_none_or(|c| !c.status().connected()) {
+            let deadline = Connector::deadline_in(CLOSE_RPC_TIMEOUT);
+            channel = match s.connector.live(deadline).await {
+                Ok(live) => live.conn.create_channel().await.ok(),
+                Err(_) => None,
+            };
+        }
+        let Some(ch) = &channel else { continue };
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let asked = ch.queue_declare(s.sub.group.as_str().into(), passive, FieldTable::default());
+        match tokio::time::timeout(CLOSE_RPC_TIMEOUT, asked).await {
+            Ok(Ok(queue)) => depth.store(u64::from(queue.message_count()), Ordering::Relaxed),
+            // A failed declare closes the channel: open another next time.
+            _ => channel = None,
+        }
+    }
+    if let Some(ch) = channel {
+        let _ = tokio::time::timeout(CLOSE_RPC_TIMEOUT, ch.close(200, "done".into())).await;
     }
 }
 
@@ -331,6 +371,19 @@ impl DeliverySource for AmqpSource {
                 },
             }
         }
+    }
+
+    /// The group queue's ready messages, from a passive `queue.declare` every
+    /// [`DEPTH_PERIOD`] on a channel of its own (the probe itself does no I/O).
+    fn depth_probe(&self) -> Option<DepthProbe> {
+        let depth = Arc::new(AtomicU64::new(u64::MAX));
+        self.shared
+            .rt
+            .spawn(refresh_depth(Arc::downgrade(&self.shared), depth.clone()));
+        Some(Arc::new(move || match depth.load(Ordering::Relaxed) {
+            u64::MAX => Vec::new(),
+            known => vec![Depth::group(known)],
+        }))
     }
 
     async fn close(&mut self, grace: Duration) -> Result<()> {

@@ -6,8 +6,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use polybus_core::backend::{
-    DeadLetter, DeliveryExt, DeliverySource, MessageExt, SettleFuture, Settlement, TaggedAcker,
-    exhausted_dead_letter, wait_until,
+    DeadLetter, DeliveryExt, DeliverySource, Depth, DepthProbe, MessageExt, SettleFuture,
+    Settlement, TaggedAcker, exhausted_dead_letter, wait_until,
 };
 use polybus_core::{Delivery, Error, Result, RetryPolicy, Topic, async_trait};
 use tokio::sync::Notify;
@@ -168,6 +168,18 @@ impl DeliverySource for MemorySource {
         }
         self.leave();
         Ok(())
+    }
+
+    /// The group's waiting messages: ready, and held back for a retry delay.
+    fn depth_probe(&self) -> Option<DepthProbe> {
+        let group = Arc::downgrade(&self.member.group);
+        Some(Arc::new(move || match group.upgrade() {
+            Some(group) => {
+                let (ready, delayed, _) = group.depth();
+                vec![Depth::group((ready + delayed) as u64)]
+            }
+            None => Vec::new(),
+        }))
     }
 }
 

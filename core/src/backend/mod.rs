@@ -21,6 +21,7 @@
 //! | `nack` after the last attempt becomes a dead letter, with its reason | C7, C8 | [`settle`] |
 //! | a dropped delivery is nacked | C7 | [`Delivery`](crate::Delivery) |
 //! | broker URLs parsed and percent-decoded; secrets redacted in every message | C12 | [`url`] |
+//! | OpenTelemetry spans, trace context in headers, metrics (feature `otel`) | | `telemetry` |
 //!
 //! # What a backend does
 //!
@@ -38,6 +39,11 @@
 //!    keeps only its wire-specific names.
 //! 5. URLs: parse with [`url::BrokerUrl`], and show any URL, option or client
 //!    message through [`url::redact`] / [`url::scrub`], so no secret is echoed.
+//! 6. Telemetry, optional: [`Backend::endpoint`] names the system and server,
+//!    [`DeliveryExt::with_wire`] a delivery's partition, offset or tag,
+//!    [`DeliverySource::depth_probe`] what waits for the group, and
+//!    [`record_reconnect`] counts reconnections. Each costs nothing without
+//!    the core's `otel` feature; the spans themselves are the core's.
 //!
 //! # Proving it
 //!
@@ -112,7 +118,7 @@ pub use settle::{
     Acker, DeadLetter, SettleFuture, Settlement, TaggedAcker, exhausted_dead_letter,
     is_exhausted_on_receipt, spawn_settlement,
 };
-pub use source::DeliverySource;
+pub use source::{DeliverySource, Depth, DepthProbe};
 pub use valid::ValidSubscription;
 
 /// Lock `mutex`, recovering it if a thread panicked while holding it: the one
@@ -167,6 +173,14 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     fn endpoint(&self) -> Endpoint {
         Endpoint::new(self.name())
     }
+}
+
+/// Count a reconnection to the broker at `endpoint`: the `polybus.reconnects`
+/// counter (feature `otel`). Without the feature it does nothing.
+#[cfg_attr(not(feature = "otel"), allow(unused_variables))]
+pub fn record_reconnect(endpoint: &Endpoint) {
+    #[cfg(feature = "otel")]
+    crate::telemetry::record_reconnect(endpoint);
 }
 
 /// Where a backend's broker is, as telemetry names it: OpenTelemetry's

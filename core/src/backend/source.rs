@@ -1,5 +1,6 @@
 //! [`DeliverySource`]: what a backend's subscription feeds its stream from.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -7,6 +8,7 @@ use async_trait::async_trait;
 
 use crate::delivery::Delivery;
 use crate::error::Result;
+use crate::topic::Topic;
 
 /// The backend's half of a subscription's stream.
 #[async_trait]
@@ -18,4 +20,46 @@ pub trait DeliverySource: Send + 'static {
     /// Stop fetching, wait up to `grace` for unsettled deliveries to be settled,
     /// then give the rest back to the broker for redelivery (C10).
     async fn close(&mut self, grace: Duration) -> Result<()>;
+
+    /// How to read what waits for this subscription's group, for the
+    /// `polybus.group.depth` gauge (feature `otel`). Asked once, when the
+    /// subscription opens, and only with the feature; the probe is then read
+    /// from the metrics' collection, on any thread, so it must answer from
+    /// what the backend already knows, without I/O. `None` (the default) where
+    /// the backend cannot know.
+    fn depth_probe(&self) -> Option<DepthProbe> {
+        None
+    }
+}
+
+/// Reads what waits for a group; see [`DeliverySource::depth_probe`].
+pub type DepthProbe = Arc<dyn Fn() -> Vec<Depth> + Send + Sync>;
+
+/// Messages waiting for a group: not yet handed out (retries waiting for
+/// their delay included), as the backend last knew.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Depth {
+    /// A partition's lag (Kafka), or `None` for the whole group's queue.
+    pub partition: Option<(Topic, i32)>,
+    /// How many messages.
+    pub messages: u64,
+}
+
+impl Depth {
+    /// The whole group's queue holds `messages`.
+    pub fn group(messages: u64) -> Self {
+        Depth {
+            partition: None,
+            messages,
+        }
+    }
+
+    /// Partition `partition` of `topic` lags by `messages`.
+    pub fn partition(topic: Topic, partition: i32, messages: u64) -> Self {
+        Depth {
+            partition: Some((topic, partition)),
+            messages,
+        }
+    }
 }

@@ -115,6 +115,8 @@ impl CircuitBreaker {
                 *state = State::HalfOpen {
                     trial_running: true,
                 };
+                #[cfg(feature = "otel")]
+                crate::telemetry::record_breaker_transition("half_open");
                 return Ok(self.permit(true));
             }
             State::HalfOpen { trial_running } => {
@@ -160,6 +162,14 @@ impl CircuitBreaker {
             (State::HalfOpen { .. }, false) if trial => self.open_state(),
             (State::HalfOpen { .. }, false) | (State::Open { .. }, false) => return,
         };
+        #[cfg(feature = "otel")]
+        if std::mem::discriminant(&*state) != std::mem::discriminant(&next) {
+            crate::telemetry::record_breaker_transition(match next {
+                State::Closed { .. } => "closed",
+                State::Open { .. } => "open",
+                State::HalfOpen { .. } => "half_open",
+            });
+        }
         *state = next;
     }
 

@@ -73,8 +73,8 @@ impl Recorder {
     }
 }
 
-/// One data point of a metric: its attributes and value (a sum's value, or a
-/// histogram's count).
+/// One data point of a metric: its attributes and value (a sum's or gauge's
+/// value, or a histogram's count).
 #[derive(Debug, Clone)]
 pub struct Point {
     /// The metric's name.
@@ -114,6 +114,11 @@ fn points(resource: &ResourceMetrics) -> Vec<Point> {
                 }
                 AggregatedMetrics::I64(MetricData::Sum(sum)) => {
                     for p in sum.data_points() {
+                        push(p.attributes().cloned().collect(), p.value() as f64);
+                    }
+                }
+                AggregatedMetrics::U64(MetricData::Gauge(gauge)) => {
+                    for p in gauge.data_points() {
                         push(p.attributes().cloned().collect(), p.value() as f64);
                     }
                 }

@@ -102,6 +102,10 @@ pub(crate) struct Shared {
     /// Signalled on every settlement and when the driver stops.
     changed: Notify,
     rt: Handle,
+    /// Telemetry reads the partitions' lag: decode it from the statistics.
+    pub(crate) lag_wanted: std::sync::atomic::AtomicBool,
+    /// Each assigned partition's lag, from the last statistics.
+    pub(crate) lags: std::sync::Mutex<Vec<polybus_core::backend::Depth>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +177,8 @@ impl Shared {
             }),
             changed: Notify::new(),
             rt: Handle::current(),
+            lag_wanted: std::sync::atomic::AtomicBool::new(false),
+            lags: std::sync::Mutex::new(Vec::new()),
         })
     }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use polybus_core::backend::{DeliveryExt, DeliverySource, Wire, wait_until};
+use polybus_core::backend::{DeliveryExt, DeliverySource, DepthProbe, Wire, wait_until};
 use polybus_core::{Delivery, Result, async_trait};
 use tokio::sync::oneshot;
 
@@ -23,6 +23,19 @@ pub(crate) struct KafkaSource {
 impl DeliverySource for KafkaSource {
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Delivery>>> {
         self.shared.poll_delivery(cx)
+    }
+
+    /// Each assigned partition's lag, from librdkafka's statistics (every
+    /// second), which are decoded for it from now on.
+    fn depth_probe(&self) -> Option<DepthProbe> {
+        self.shared
+            .lag_wanted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let shared = Arc::downgrade(&self.shared);
+        Some(Arc::new(move || match shared.upgrade() {
+            Some(shared) => polybus_core::backend::lock(&shared.lags).clone(),
+            None => Vec::new(),
+        }))
     }
 
     async fn close(&mut self, grace: Duration) -> Result<()> {

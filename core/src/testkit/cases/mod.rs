@@ -129,6 +129,7 @@ macro_rules! __conformance_case_list {
                 otel_a_dead_letter_carries_the_creation_context,
                 otel_a_failed_settlement_has_its_error_type,
                 otel_metrics_count_each_message_once,
+                otel_group_depth_follows_what_waits,
             }
         }
     };

@@ -75,6 +75,15 @@ otel_case!(
     metrics_count_once
 );
 
+otel_case!(
+    /// `polybus.group.depth` reports what waits for a group while it waits
+    /// (memory and RabbitMQ: the group's queue; Kafka: each partition's lag
+    /// behind the committed offset), and falls to zero once all is acked;
+    /// deliveries fetched ahead have no `process` span until handed out.
+    otel_group_depth_follows_what_waits,
+    group_depth
+);
+
 #[cfg(feature = "otel-testkit")]
 mod on {
     use std::time::Duration;
@@ -484,6 +493,75 @@ mod on {
             })
             .map(|p| p.value)
             .sum()
+    }
+
+    /// The group's depth as last collected: the sum of its points.
+    fn depth(group: &str) -> (f64, Vec<Point>) {
+        let points: Vec<Point> = recorder()
+            .metrics()
+            .into_iter()
+            .filter(|p| p.metric == metric::GROUP_DEPTH)
+            .filter(|p| p.attribute("messaging.consumer.group.name").as_deref() == Some(group))
+            .collect();
+        (points.iter().map(|p| p.value).sum(), points)
+    }
+
+    /// Wait until the group's depth satisfies `wanted`; fail with what was seen.
+    async fn depth_until(ctx: &Ctx, group: &str, what: &str, wanted: impl Fn(f64) -> bool) {
+        let deadline = tokio::time::Instant::now() + ctx.target().patience();
+        loop {
+            let (depth, points) = depth(group);
+            if !points.is_empty() && wanted(depth) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: the depth of `{group}` never became {what}: {points:#?}",
+                ctx.label
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub(super) async fn group_depth(ctx: Ctx) -> CaseResult {
+        let bus = traced_bus(&ctx).await?;
+        let topic = ctx.topic("deep");
+        let group = ctx.group("g");
+        let mut s = bus
+            .subscribe(Subscription::new(topic.clone()).group(&group).prefetch(1))
+            .await?;
+        for i in 0..5 {
+            bus.publish(&topic, Message::new(format!("m{i}"))).await?;
+        }
+        // One acked, so Kafka has a committed offset to count the lag from.
+        // Four wait; what a backend reports of them is what it last knew (a
+        // Kafka member paused at its prefetch knows the high watermark of its
+        // last fetch), so the case asks for some, not for four.
+        ctx.recv(&mut s).await.ack().await?;
+        depth_until(&ctx, &group, "at least 1", |d| d >= 1.0).await;
+        // Whatever the backend fetched ahead, only what was handed out has a span.
+        assert_eq!(
+            spans(&ctx, "process").len(),
+            1,
+            "{}: prefetched deliveries have no span",
+            ctx.label
+        );
+        let (_, points) = depth(&group);
+        for p in &points {
+            assert_eq!(p.unit, "{message}");
+            let system = p.attribute("messaging.system").expect("messaging.system");
+            if system == "kafka" {
+                assert!(
+                    p.attribute("messaging.destination.partition.id").is_some(),
+                    "{p:?}"
+                );
+            }
+        }
+        for _ in 0..4 {
+            ctx.recv(&mut s).await.ack().await?;
+        }
+        depth_until(&ctx, &group, "0", |d| d == 0.0).await;
+        Ok(())
     }
 
     pub(super) async fn metrics_count_once(ctx: Ctx) -> CaseResult {
