@@ -66,7 +66,7 @@
 //! | `polybus.dead_letters` | counter | `{message}` | dead letters the broker took |
 //! | `polybus.deliveries.in_flight` | up-down counter | `{message}` | handed out, not yet settled, per destination and group |
 //! | `polybus.publishes.in_flight` | up-down counter | `{message}` | published, not yet answered |
-//! | `polybus.group.depth` | gauge | `{message}` | what waits for a group, as last known: the in-memory group's queue, RabbitMQ's ready count (a passive `queue.declare` every 2 s), or each Kafka partition's lag behind the committed offset (librdkafka's statistics, every second; with `messaging.destination.name` and `messaging.destination.partition.id`; the high watermark is the one of the member's last fetch, so a member paused at its prefetch under-reports) |
+//! | `polybus.group.depth` | gauge | `{message}` | what waits for a group, as last known: the in-memory group's queue, RabbitMQ's ready count (a passive `queue.declare` every 2 s), or each assigned Kafka partition's high watermark (asked of the broker every 2 s) less the offset the member last committed, with `messaging.destination.name` and `messaging.destination.partition.id` |
 //! | `polybus.reconnects` | counter | `{event}` | connections to the broker opened again after a loss (RabbitMQ; librdkafka reconnects on its own, unseen) |
 //! | `polybus.circuit_breaker.transitions` | counter | `{event}` | circuit-breaker state changes, by `polybus.circuit_breaker.state` (`open`, `half_open`, `closed`) |
 //!

@@ -83,6 +83,25 @@ pub fn unique_name() -> String {
     format!("t{}", &id[id.len() - 12..])
 }
 
+/// `m` without the headers the trace-context propagator writes (feature
+/// `otel`: `traceparent` and `tracestate` with the W3C propagator), so a case
+/// compares a delivered message with the one it published. Without the
+/// feature, or without a propagator installed, `m` as it is.
+pub fn untraced(m: &Message) -> Message {
+    #[cfg(feature = "otel")]
+    {
+        let fields: Vec<String> = opentelemetry::global::get_text_map_propagator(|p| {
+            p.fields().map(str::to_owned).collect()
+        });
+        if fields.iter().any(|f| m.header(f).is_some()) {
+            let mut m = m.clone();
+            m.headers_mut().retain(|k, _| !fields.contains(k));
+            return m;
+        }
+    }
+    m.clone()
+}
+
 /// Why a case did not pass.
 pub enum CaseError {
     /// The case does not apply to this backend; the reason names what is missing.

@@ -31,6 +31,7 @@
 //! | `flow.rs` | the driver's chores: release due retries, pause and resume fetching (C6), commit |
 //! | `rebalance.rs` | the rebalance callback: where assigned partitions start, handing back and committing revoked ones |
 //! | `offsets.rs` | the offset arithmetic, pure and unit-tested: commit metadata, starts, what is committed |
+//! | `lag.rs` | each assigned partition's lag behind its high watermark, for telemetry |
 //!
 //! How a record flows, intake → ready buffer → stream → acker → commit:
 //!
@@ -65,6 +66,7 @@ mod config;
 mod driver;
 mod flow;
 mod intake;
+mod lag;
 mod offsets;
 mod open;
 mod partitions;
@@ -102,9 +104,7 @@ pub(crate) struct Shared {
     /// Signalled on every settlement and when the driver stops.
     changed: Notify,
     rt: Handle,
-    /// Telemetry reads the partitions' lag: decode it from the statistics.
-    pub(crate) lag_wanted: std::sync::atomic::AtomicBool,
-    /// Each assigned partition's lag, from the last statistics.
+    /// Each assigned partition's lag, as `lag::refresh` last asked it.
     pub(crate) lags: std::sync::Mutex<Vec<polybus_core::backend::Depth>>,
 }
 
@@ -177,7 +177,6 @@ impl Shared {
             }),
             changed: Notify::new(),
             rt: Handle::current(),
-            lag_wanted: std::sync::atomic::AtomicBool::new(false),
             lags: std::sync::Mutex::new(Vec::new()),
         })
     }

@@ -1,12 +1,11 @@
 //! The rebalance callback: where assigned partitions start, and what revoked
 //! ones leave behind.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use polybus_core::backend::{Depth, TopicExt};
+use polybus_core::backend::TopicExt;
 use polybus_core::{Message, Topic, header};
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
@@ -30,61 +29,22 @@ pub(crate) struct SubContext {
 }
 
 impl ClientContext for SubContext {
-    /// librdkafka's statistics, decoded while the member awaits its first
-    /// assignment (what its group handler waits for, `open::GroupView`), and
-    /// for each partition's lag once telemetry reads it (`Shared::lags`).
+    /// librdkafka's statistics, decoded only while the member awaits its first
+    /// assignment: what its group handler waits for (`open::GroupView`).
     fn stats_raw(&self, raw: &[u8]) {
-        let lag_wanted = self.shared.lag_wanted.load(Ordering::Relaxed);
-        let assigned = self.shared.lock().assigned;
-        if !assigned {
-            // Only the group handler's part: the rest of the document (brokers,
-            // topics, partitions) is neither decoded nor held to rdkafka's schema.
-            #[derive(serde::Deserialize)]
-            struct Stats {
-                cgrp: Option<rdkafka::statistics::ConsumerGroup>,
-            }
-            if let Ok(Stats { cgrp: Some(group) }) = serde_json::from_slice(raw) {
-                self.shared.lock().group_view = Some(GroupView::from(&group));
-            }
+        if self.shared.lock().assigned {
+            return;
         }
-        if lag_wanted {
-            *polybus_core::backend::lock(&self.shared.lags) = partition_lags(raw);
+        // Only the group handler's part: the rest of the document (brokers,
+        // topics, partitions) is neither decoded nor held to rdkafka's schema.
+        #[derive(serde::Deserialize)]
+        struct Stats {
+            cgrp: Option<rdkafka::statistics::ConsumerGroup>,
+        }
+        if let Ok(Stats { cgrp: Some(group) }) = serde_json::from_slice(raw) {
+            self.shared.lock().group_view = Some(GroupView::from(&group));
         }
     }
-}
-
-/// Each assigned partition's lag in a statistics document: librdkafka's
-/// `consumer_lag` (the high watermark less the committed offset; -1, and left
-/// out, where it is not known or the partition is not assigned here).
-fn partition_lags(raw: &[u8]) -> Vec<Depth> {
-    #[derive(serde::Deserialize)]
-    struct Stats {
-        #[serde(default)]
-        topics: HashMap<String, TopicStats>,
-    }
-    #[derive(serde::Deserialize)]
-    struct TopicStats {
-        #[serde(default)]
-        partitions: HashMap<String, Partition>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Partition {
-        partition: i32,
-        consumer_lag: i64,
-    }
-    let Ok(stats) = serde_json::from_slice::<Stats>(raw) else {
-        return Vec::new();
-    };
-    let mut lags = Vec::new();
-    for (name, topic) in stats.topics {
-        for p in topic.partitions.into_values() {
-            if p.partition >= 0 && p.consumer_lag >= 0 {
-                let topic = Topic::from_broker(&name);
-                lags.push(Depth::partition(topic, p.partition, p.consumer_lag as u64));
-            }
-        }
-    }
-    lags
 }
 
 impl ConsumerContext for SubContext {

@@ -25,13 +25,10 @@ impl DeliverySource for KafkaSource {
         self.shared.poll_delivery(cx)
     }
 
-    /// Each assigned partition's lag, from librdkafka's statistics (every
-    /// second), which are decoded for it from now on.
+    /// Each assigned partition's lag, kept current by `lag::refresh` from now on.
     fn depth_probe(&self) -> Option<DepthProbe> {
-        self.shared
-            .lag_wanted
-            .store(true, std::sync::atomic::Ordering::Relaxed);
         let shared = Arc::downgrade(&self.shared);
+        self.shared.rt.spawn(super::lag::refresh(shared.clone()));
         Some(Arc::new(move || match shared.upgrade() {
             Some(shared) => polybus_core::backend::lock(&shared.lags).clone(),
             None => Vec::new(),
