@@ -464,3 +464,49 @@ async fn otel_a_rabbitmq_reconnect_is_counted() {
     }
     assert_eq!(counted("polybus.reconnects", &having), 1.0, "one reconnect");
 }
+
+/// A dead letter whose future is dropped before RabbitMQ answers (a caller's
+/// time-out) still ends its span, as cancelled, and the `process` span with
+/// it: nothing stays counted in flight. (A dead letter, since RabbitMQ acks
+/// are coalesced and answer at once.)
+#[cfg(feature = "amqp")]
+#[tokio::test]
+async fn otel_a_settlement_dropped_before_its_answer_ends_its_spans() {
+    use common::{unique, url};
+    let Some(url) = url() else { return };
+    recorder();
+    let bus = common::bus(&url).await;
+    let topic = unique("otel.cancel.");
+    let group = unique("otel-");
+    let mut sub = bus
+        .subscribe(Subscription::new(topic.clone()).group(group.clone()))
+        .await
+        .unwrap();
+    bus.publish(&topic, Message::new("x")).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    // Polled once (the settlement starts), then dropped unanswered.
+    let cancelled = tokio::time::timeout(Duration::ZERO, d.dead_letter("hopeless")).await;
+    assert!(
+        cancelled.is_err(),
+        "RabbitMQ answered a dead letter at once"
+    );
+    let spans = recorder().spans_of(&topic);
+    let dead_letter = spans
+        .iter()
+        .find(|s| s.attr("messaging.operation.name").as_deref() == Some("dead_letter"))
+        .expect("the dead_letter span ended");
+    assert_eq!(dead_letter.attr("error.type").as_deref(), Some("cancelled"));
+    assert!(
+        spans.iter().any(|s| s.is(SpanKind::Consumer)),
+        "the process span ended"
+    );
+    let in_flight = counted(
+        "polybus.deliveries.in_flight",
+        &[("messaging.consumer.group.name", group.as_str())],
+    );
+    assert_eq!(in_flight, 0.0);
+}

@@ -430,6 +430,7 @@ impl Instruments {
             start: Instant::now(),
             metric_attributes,
             count,
+            finished: false,
         }
     }
 
@@ -567,14 +568,35 @@ pub(crate) struct SendOp {
     start: Instant,
     metric_attributes: Vec<KeyValue>,
     count: i64,
+    /// Whether the broker's answers were recorded; if not when dropped, the
+    /// publish future was dropped first (see `Drop`).
+    finished: bool,
+}
+
+/// A publish future dropped before the broker answered (a caller's time-out):
+/// the outcome is unknown, so the messages are not counted as sent, but the
+/// span ends, saying so, and they are no longer in flight.
+impl Drop for SendOp {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let i = &*self.instruments;
+        i.publishes_in_flight.add(-self.count, &i.common);
+        let span = self.cx.span();
+        span.set_attribute(KeyValue::new("error.type", "cancelled"));
+        span.set_status(Status::error("dropped before the broker answered"));
+        span.end();
+    }
 }
 
 impl SendOp {
     /// End the span with the broker's answers: one per message.
     pub(crate) fn finish<'r>(
-        self,
+        mut self,
         results: impl IntoIterator<Item = &'r Result<Receipt, PublishError>>,
     ) {
+        self.finished = true;
         let i = &*self.instruments;
         let mut first_error: Option<&Error> = None;
         for r in results {
@@ -589,7 +611,7 @@ impl SendOp {
             }
         }
         i.publishes_in_flight.add(-self.count, &i.common);
-        let mut attributes = self.metric_attributes;
+        let mut attributes = std::mem::take(&mut self.metric_attributes);
         if let Some(e) = first_error {
             attributes.push(KeyValue::new("error.type", error_type(e.kind())));
             let span = self.cx.span();
@@ -654,7 +676,7 @@ impl Process {
             start: Instant::now(),
             name,
             metric_attributes,
-            process: self,
+            process: Some(self),
         }
     }
 
@@ -681,35 +703,59 @@ pub(crate) struct Settle {
     start: Instant,
     name: &'static str,
     metric_attributes: Vec<KeyValue>,
-    process: Process,
+    /// Taken when the spans end, by `finish` or, if the settlement's future
+    /// is dropped first, by `Drop`.
+    process: Option<Process>,
+}
+
+/// A settlement whose future was dropped before the broker answered (a
+/// caller's time-out): its span ends as cancelled, and the `process` span
+/// with it, so nothing stays in flight.
+impl Drop for Settle {
+    fn drop(&mut self) {
+        self.end(None, true);
+    }
 }
 
 impl Settle {
     /// End the settlement's span with the broker's answer (`None`: not known,
     /// the settlement was left to run after a dropped delivery), then the
     /// `process` span.
-    pub(crate) fn finish(self, outcome: Option<&crate::Result<()>>) {
-        let i = &*self.process.instruments;
+    pub(crate) fn finish(mut self, outcome: Option<&crate::Result<()>>) {
+        self.end(outcome, false);
+    }
+
+    fn end(&mut self, outcome: Option<&crate::Result<()>>, cancelled: bool) {
+        let Some(process) = self.process.take() else {
+            return;
+        };
+        let i = &*process.instruments;
         let span = self.cx.span();
-        let mut attributes = self.metric_attributes;
-        match outcome {
-            Some(Err(e)) => {
-                let kind = error_type(e.kind());
+        let mut attributes = std::mem::take(&mut self.metric_attributes);
+        let error = match outcome {
+            Some(Err(e)) => Some((error_type(e.kind()), e.to_string())),
+            None if cancelled => Some(("cancelled", "dropped before the broker answered".into())),
+            _ => None,
+        };
+        match error {
+            Some((kind, message)) => {
                 span.set_attribute(KeyValue::new("error.type", kind));
-                span.set_status(Status::error(e.to_string()));
+                span.set_status(Status::error(message));
                 attributes.push(KeyValue::new("error.type", kind));
             }
-            Some(Ok(())) if self.name == "dead_letter" => i.dead_letters.add(1, &attributes),
-            _ => {}
+            None if outcome.is_some() && self.name == "dead_letter" => {
+                i.dead_letters.add(1, &attributes)
+            }
+            None => {}
         }
         i.operation_duration
             .record(self.start.elapsed().as_secs_f64(), &attributes);
         span.end();
-        let failure = match (self.name, outcome) {
-            (_, None) => Some("dropped"),
-            ("ack", _) => None,
-            (name, _) => Some(name),
+        let failure = match (self.name, outcome.is_none() && !cancelled) {
+            (_, true) => Some("dropped"),
+            ("ack", false) => None,
+            (name, false) => Some(name),
         };
-        self.process.end(failure);
+        process.end(failure);
     }
 }
