@@ -46,7 +46,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use polybus_core::backend::{
-    Acker, Backend, DeliveryExt, DeliverySource, SettleFuture, Settlement, ValidSubscription, lock,
+    Acker, Backend, DeliveryExt, DeliverySource, DepthProbe, Endpoint, SettleFuture, Settlement,
+    ValidSubscription, lock,
 };
 use polybus_core::{
     Bus, Capabilities, Delivery, Error, Kind, Message, Pattern, PublishError, PublishFuture,
@@ -420,6 +421,10 @@ impl<B: Backend> Backend for Recorder<B> {
     async fn close(&self) -> Result<()> {
         self.inner.close().await
     }
+
+    fn endpoint(&self) -> Endpoint {
+        self.inner.endpoint()
+    }
 }
 
 struct RecordedSource {
@@ -450,6 +455,10 @@ impl DeliverySource for RecordedSource {
 
     async fn close(&mut self, grace: Duration) -> Result<()> {
         self.inner.close(grace).await
+    }
+
+    fn depth_probe(&self) -> Option<DepthProbe> {
+        self.inner.depth_probe()
     }
 }
 

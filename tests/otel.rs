@@ -114,7 +114,8 @@ c.close()
 
 /// confluent-kafka produces one record with a `traceparent` header and one
 /// without: polybus's `process` span continues the first trace and roots the
-/// second. And a record polybus publishes carries `traceparent` to it.
+/// second. And a record polybus publishes carries its `send` span's
+/// `traceparent` to confluent-kafka.
 #[cfg(feature = "kafka")]
 #[tokio::test]
 async fn otel_a_traceparent_from_confluent_kafka_is_continued_on_kafka() {
@@ -128,15 +129,30 @@ async fn otel_a_traceparent_from_confluent_kafka_is_continued_on_kafka() {
         .await
         .unwrap();
     let (trace, span) = ids();
+    let outgoing = unique("otel.out.");
+    bus.publish(&outgoing, Message::new("to python"))
+        .await
+        .unwrap();
     let script = r#"
 import sys
-from confluent_kafka import Producer
-brokers, topic, traceparent = sys.argv[1:4]
+from confluent_kafka import Consumer, Producer
+brokers, topic, traceparent, outgoing = sys.argv[1:5]
 p = Producer({"bootstrap.servers": brokers})
 p.produce(topic, value=b"traced", headers=[("traceparent", traceparent.encode())])
 p.flush(30)
 p.produce(topic, value=b"untraced")
 assert p.flush(30) == 0
+c = Consumer({"bootstrap.servers": brokers, "group.id": "otel-" + outgoing,
+              "auto.offset.reset": "earliest"})
+c.subscribe([outgoing])
+m = None
+for _ in range(60):
+    m = c.poll(1.0)
+    if m is not None and m.error() is None:
+        break
+assert m is not None and m.error() is None, m and m.error()
+print("traceparent=" + dict(m.headers() or [])["traceparent"].decode())
+c.close()
 "#;
     let brokers = url
         .trim_start_matches("kafka://")
@@ -150,6 +166,7 @@ assert p.flush(30) == 0
             brokers,
             &topic,
             &format!("00-{trace}-{span}-01"),
+            &outgoing,
         ])
         .output()
         .await
@@ -162,6 +179,61 @@ assert p.flush(30) == 0
     let got = take(&mut sub, 2).await;
     assert_eq!(got[0].payload().as_ref(), b"traced");
     check_continued(&topic, "kafka", &trace, &span);
+    let send = recorder()
+        .spans_of(&outgoing)
+        .into_iter()
+        .find(|s| s.is(SpanKind::Producer))
+        .expect("the send span of the record for python");
+    let expected = format!("traceparent=00-{}-{}-01", send.trace_id(), send.span_id());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.lines().any(|l| l == expected),
+        "{expected} not in {stdout}"
+    );
+}
+
+/// A request-reply topic (`reply.<id>`, one per requester) is a temporary
+/// destination: span names say `(temporary)`, and neither spans nor metrics
+/// carry its name.
+#[cfg(feature = "memory")]
+#[tokio::test]
+async fn otel_a_reply_topic_is_a_temporary_destination() {
+    recorder();
+    let bus = polybus::connect("memory://").await.unwrap();
+    let topic = format!("reply.{}", polybus_core::testkit::unique_name());
+    let mut sub = bus
+        .subscribe(Subscription::new(topic.clone()))
+        .await
+        .unwrap();
+    let m = Message::new("answer");
+    let id = m.id().to_owned();
+    bus.publish(&topic, m).await.unwrap();
+    take(&mut sub, 1).await;
+    let spans = recorder().spans_of(&id);
+    let send = spans
+        .iter()
+        .find(|s| s.is(SpanKind::Producer))
+        .expect("send span");
+    assert_eq!(send.name, "send (temporary)");
+    assert_eq!(
+        send.attr("messaging.destination.temporary").as_deref(),
+        Some("true")
+    );
+    assert_eq!(send.attr("messaging.destination.name"), None);
+    let process = spans
+        .iter()
+        .find(|s| s.is(SpanKind::Consumer))
+        .expect("process span");
+    assert_eq!(process.name, "process (temporary)");
+    let named = recorder()
+        .metrics()
+        .into_iter()
+        .filter(|p| {
+            p.attribute("messaging.destination.name")
+                .is_some_and(|d| d.contains(&topic))
+        })
+        .count();
+    assert_eq!(named, 0, "no metric names the reply topic");
 }
 
 /// The handler runtime runs each handler inside its delivery's `process`
@@ -504,9 +576,12 @@ async fn otel_a_settlement_dropped_before_its_answer_ends_its_spans() {
         spans.iter().any(|s| s.is(SpanKind::Consumer)),
         "the process span ended"
     );
-    let in_flight = counted(
-        "polybus.deliveries.in_flight",
-        &[("messaging.consumer.group.name", group.as_str())],
-    );
-    assert_eq!(in_flight, 0.0);
+    let group_points = recorder()
+        .metrics()
+        .into_iter()
+        .filter(|p| p.metric == "polybus.deliveries.in_flight")
+        .filter(|p| p.attribute("messaging.consumer.group.name").as_deref() == Some(group.as_str()))
+        .map(|p| p.value)
+        .collect::<Vec<_>>();
+    assert_eq!(group_points, [0.0], "recorded, and back to zero");
 }

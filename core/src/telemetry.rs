@@ -50,7 +50,7 @@
 //! | `messaging.destination.partition.id`, `messaging.kafka.offset`, `messaging.kafka.message.key` | process (Kafka) | where the record is |
 //! | `messaging.rabbitmq.destination.routing_key`, `messaging.rabbitmq.message.delivery_tag` | send, process (RabbitMQ) | the topic; the channel's delivery tag |
 //! | `server.address`, `server.port` | all | the broker's host and port from the URL |
-//! | `error.type` | failed operations | the error's [`Kind`](crate::Kind) in snake case (`connection`, `timeout`, …); on `process`, `nack`, `dead_letter` or `dropped` |
+//! | `error.type` | failed operations | the error's [`Kind`](crate::Kind) in snake case (`connection`, `timeout`, …); on `process`: `nack`, `dead_letter`, `dropped` (the delivery was dropped unsettled) or `cancelled` (the settlement's future was dropped before the broker answered, as on a send or settlement span) |
 //! | `polybus.attempt` | process | which delivery of the message to its group, from 1 |
 //! | `polybus.dead_letter.reason` | dead_letter | the reason given |
 //!
@@ -66,19 +66,23 @@
 //! | `polybus.dead_letters` | counter | `{message}` | dead letters the broker took |
 //! | `polybus.deliveries.in_flight` | up-down counter | `{message}` | handed out, not yet settled, per destination and group |
 //! | `polybus.publishes.in_flight` | up-down counter | `{message}` | published, not yet answered |
-//! | `polybus.group.depth` | gauge | `{message}` | what waits for a group, as last known: the in-memory group's queue, RabbitMQ's ready count (a passive `queue.declare` every 2 s), or each assigned Kafka partition's high watermark (asked of the broker every 2 s) less the offset the member last committed, with `messaging.destination.name` and `messaging.destination.partition.id` |
+//! | `polybus.group.depth` | gauge | `{message}` | what waits for a group, as last known: the in-memory group's queue, RabbitMQ's ready count (a passive `queue.declare` every 2 s), or each assigned Kafka partition's high watermark (asked of the broker every 2 s) less the offset the member last committed (before its first commit, its lowest unsettled record), with `messaging.destination.name` and `messaging.destination.partition.id` |
 //! | `polybus.reconnects` | counter | `{event}` | connections to the broker opened again after a loss (RabbitMQ; librdkafka reconnects on its own, unseen) |
 //! | `polybus.circuit_breaker.transitions` | counter | `{event}` | circuit-breaker state changes, by `polybus.circuit_breaker.state` (`open`, `half_open`, `closed`) |
 //!
-//! Every metric carries `messaging.system`, `messaging.operation.name`,
+//! The operation metrics carry `messaging.system`, `messaging.operation.name`,
 //! `messaging.destination.name` and, where known, `server.address`,
-//! `server.port` and `messaging.consumer.group.name`. Durations use the
-//! conventions' bucket boundaries (5 ms to 10 s).
+//! `server.port` and `messaging.consumer.group.name`; the depth gauge the
+//! system, server and group; reconnects the system and server; breaker
+//! transitions the state alone. A request-reply topic (`reply.<id>`) is
+//! temporary: `(temporary)` in span names, `messaging.destination.temporary`
+//! instead of its name. A private subscription's generated group is on its
+//! spans, not in metrics. Durations use the conventions' bucket boundaries
+//! (5 ms to 10 s). The depth refreshers start at the first collection.
 //!
 //! [`Backend::endpoint`]: crate::backend::Backend::endpoint
 //! [`DeliveryExt::with_wire`]: crate::backend::DeliveryExt::with_wire
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -95,7 +99,7 @@ use opentelemetry::metrics::ObservableGauge;
 use crate::backend::{DepthProbe, Endpoint, Settlement, Wire, lock};
 use crate::error::{Error, Kind, PublishError};
 use crate::message::{Headers, Message};
-use crate::names::CORRELATION_ID;
+use crate::names::{CORRELATION_ID, PRIVATE_GROUP_PREFIX, REPLY_PREFIX};
 use crate::publisher::Receipt;
 
 /// The instrumentation scope of every span and metric: `polybus`.
@@ -167,7 +171,7 @@ pub(crate) struct Instruments {
     /// The subscriptions whose group depth the gauge reads.
     depths: Arc<Mutex<Vec<Watched>>>,
     next_watch: AtomicU64,
-    /// Kept so its callback stays registered while the bus lives.
+    /// The depth gauge; its callback reads `depths` while the bus lives.
     _depth_gauge: ObservableGauge<u64>,
 }
 
@@ -192,12 +196,18 @@ impl Drop for DepthWatch {
 
 /// The `polybus.group.depth` gauge of a bus: each watched subscription's
 /// probe, read at collection.
-fn depth_gauge(meter: &Meter, depths: Arc<Mutex<Vec<Watched>>>) -> ObservableGauge<u64> {
+fn depth_gauge(meter: &Meter, depths: &Arc<Mutex<Vec<Watched>>>) -> ObservableGauge<u64> {
+    // The SDK keeps a callback for as long as its provider lives, even after
+    // the instrument is dropped: held weakly, a dropped bus's observes nothing.
+    let depths = Arc::downgrade(depths);
     meter
         .u64_observable_gauge(metric::GROUP_DEPTH)
         .with_unit("{message}")
         .with_description("Messages waiting for a group (per partition on Kafka), as last known.")
         .with_callback(move |observer| {
+            let Some(depths) = depths.upgrade() else {
+                return;
+            };
             for w in lock(&depths).iter() {
                 for depth in (w.probe)() {
                     match &depth.partition {
@@ -319,7 +329,7 @@ impl Instruments {
                 .with_unit("{message}")
                 .with_description("Messages published and not yet answered by the broker.")
                 .build(),
-            _depth_gauge: depth_gauge(&meter, depths.clone()),
+            _depth_gauge: depth_gauge(&meter, &depths),
             depths,
             next_watch: AtomicU64::new(0),
             common,
@@ -346,22 +356,32 @@ impl Instruments {
         }
     }
 
-    /// The destination name of `topic`: on RabbitMQ `{exchange}:{routing key}`.
-    fn destination<'a>(&self, topic: &'a str) -> Cow<'a, str> {
-        match &self.endpoint.exchange {
-            Some(exchange) => Cow::Owned(format!("{exchange}:{topic}")),
-            None => Cow::Borrowed(topic),
-        }
+    /// The destination of `topic`: on RabbitMQ `{exchange}:{routing key}`; a
+    /// request-reply topic (`reply.<id>`, one per requester) is temporary.
+    fn destination(&self, topic: &str) -> Destination {
+        let name = match &self.endpoint.exchange {
+            Some(exchange) => format!("{exchange}:{topic}"),
+            None => topic.to_owned(),
+        };
+        let temporary = topic.split('.').next() == Some(REPLY_PREFIX);
+        Destination { name, temporary }
     }
 
-    fn attributes(&self, operation: &'static str, destination: &str) -> Vec<KeyValue> {
+    /// The attributes every span and metric of `operation` on `destination`
+    /// carries. A temporary destination's name is left out, as the
+    /// conventions ask: it would make every metric's cardinality unbounded.
+    fn attributes(&self, operation: &'static str, destination: &Destination) -> Vec<KeyValue> {
         let mut attributes = Vec::with_capacity(self.common.len() + 4);
         attributes.extend(self.common.iter().cloned());
         attributes.push(KeyValue::new("messaging.operation.name", operation));
-        attributes.push(KeyValue::new(
-            "messaging.destination.name",
-            destination.to_owned(),
-        ));
+        if destination.temporary {
+            attributes.push(KeyValue::new("messaging.destination.temporary", true));
+        } else {
+            attributes.push(KeyValue::new(
+                "messaging.destination.name",
+                destination.name.clone(),
+            ));
+        }
         attributes
     }
 
@@ -381,16 +401,16 @@ impl Instruments {
         messages: &mut [Message],
         batch: bool,
     ) -> SendOp {
-        let destination = self.destination(topic).into_owned();
+        let destination = self.destination(topic);
         let mut attributes = self.attributes("send", &destination);
         attributes.push(KeyValue::new("messaging.operation.type", "send"));
+        let metric_attributes = attributes.clone();
         if self.is_rabbitmq() {
             attributes.push(KeyValue::new(
                 "messaging.rabbitmq.destination.routing_key",
                 topic.to_owned(),
             ));
         }
-        let metric_attributes = attributes.clone();
         if batch {
             attributes.push(KeyValue::new(
                 "messaging.batch.message_count",
@@ -405,7 +425,7 @@ impl Instruments {
             .filter(|cx| cx.span().span_context().is_valid())
             .map(|cx| Link::with_context(cx.span().span_context().clone()))
             .collect();
-        let builder = SpanBuilder::from_name(format!("send {destination}"))
+        let builder = SpanBuilder::from_name(format!("send {}", destination.in_span_name()))
             .with_kind(SpanKind::Producer)
             .with_attributes(attributes)
             .with_links(links);
@@ -423,7 +443,7 @@ impl Instruments {
             }
         }
         let count = messages.len() as i64;
-        self.publishes_in_flight.add(count, &self.common);
+        self.publishes_in_flight.add(count, &metric_attributes);
         SendOp {
             instruments: self.clone(),
             cx,
@@ -444,13 +464,19 @@ impl Instruments {
         wire: &Wire,
         batched: bool,
     ) -> Process {
-        let destination = self.destination(topic).into_owned();
+        let destination = self.destination(topic);
         let mut metric_attributes = self.attributes("process", &destination);
-        metric_attributes.push(KeyValue::new(
-            "messaging.consumer.group.name",
-            group.to_string(),
-        ));
+        let group = KeyValue::new("messaging.consumer.group.name", group.to_string());
+        // A private subscription's generated group is one per subscriber: on
+        // its spans, but not a metric's dimension.
+        let private = group.value.as_str().starts_with(PRIVATE_GROUP_PREFIX);
+        if !private {
+            metric_attributes.push(group.clone());
+        }
         let mut attributes = metric_attributes.clone();
+        if private {
+            attributes.push(group);
+        }
         attributes.push(KeyValue::new("messaging.operation.type", "process"));
         attributes.push(KeyValue::new("polybus.attempt", i64::from(attempt)));
         attributes.extend(message_attributes(message));
@@ -496,7 +522,7 @@ impl Instruments {
             // A foreign message without context: a root span.
             Context::new()
         };
-        let builder = SpanBuilder::from_name(format!("process {destination}"))
+        let builder = SpanBuilder::from_name(format!("process {}", destination.in_span_name()))
             .with_kind(SpanKind::Consumer)
             .with_attributes(attributes)
             .with_links(links);
@@ -513,6 +539,25 @@ impl Instruments {
             start: Instant::now(),
             destination,
             metric_attributes,
+        }
+    }
+}
+
+/// Where an operation goes, as telemetry names it.
+struct Destination {
+    name: String,
+    /// A request-reply topic: named `(temporary)` in span names, and left out
+    /// of attributes.
+    temporary: bool,
+}
+
+impl Destination {
+    /// How span names say it: low-cardinality, as the conventions ask.
+    fn in_span_name(&self) -> &str {
+        if self.temporary {
+            "(temporary)"
+        } else {
+            &self.name
         }
     }
 }
@@ -582,7 +627,8 @@ impl Drop for SendOp {
             return;
         }
         let i = &*self.instruments;
-        i.publishes_in_flight.add(-self.count, &i.common);
+        i.publishes_in_flight
+            .add(-self.count, &self.metric_attributes);
         let span = self.cx.span();
         span.set_attribute(KeyValue::new("error.type", "cancelled"));
         span.set_status(Status::error("dropped before the broker answered"));
@@ -610,7 +656,8 @@ impl SendOp {
                 }
             }
         }
-        i.publishes_in_flight.add(-self.count, &i.common);
+        i.publishes_in_flight
+            .add(-self.count, &self.metric_attributes);
         let mut attributes = std::mem::take(&mut self.metric_attributes);
         if let Some(e) = first_error {
             attributes.push(KeyValue::new("error.type", error_type(e.kind())));
@@ -629,7 +676,7 @@ pub(crate) struct Process {
     instruments: Arc<Instruments>,
     cx: Context,
     start: Instant,
-    destination: String,
+    destination: Destination,
     metric_attributes: Vec<KeyValue>,
 }
 
@@ -667,7 +714,7 @@ impl Process {
                 why.reason.clone(),
             ));
         }
-        let builder = SpanBuilder::from_name(format!("{name} {}", self.destination))
+        let builder = SpanBuilder::from_name(format!("{name} {}", self.destination.in_span_name()))
             .with_kind(SpanKind::Client)
             .with_attributes(attributes);
         let span = i.tracer.build_with_context(builder, &self.cx);
@@ -751,7 +798,8 @@ impl Settle {
         i.operation_duration
             .record(self.start.elapsed().as_secs_f64(), &attributes);
         span.end();
-        let failure = match (self.name, outcome.is_none() && !cancelled) {
+        let failure = match (self.name, outcome.is_none()) {
+            (_, true) if cancelled => Some("cancelled"),
             (_, true) => Some("dropped"),
             ("ack", false) => None,
             (name, false) => Some(name),

@@ -374,15 +374,20 @@ impl DeliverySource for AmqpSource {
     }
 
     /// The group queue's ready messages, from a passive `queue.declare` every
-    /// [`DEPTH_PERIOD`] on a channel of its own (the probe itself does no I/O).
+    /// [`DEPTH_PERIOD`] on a channel of its own, from the first read on: the
+    /// probe itself does no I/O, and without a metrics SDK nothing reads it.
     fn depth_probe(&self) -> Option<DepthProbe> {
         let depth = Arc::new(AtomicU64::new(u64::MAX));
-        self.shared
-            .rt
-            .spawn(refresh_depth(Arc::downgrade(&self.shared), depth.clone()));
-        Some(Arc::new(move || match depth.load(Ordering::Relaxed) {
-            u64::MAX => Vec::new(),
-            known => vec![Depth::group(known)],
+        let (rt, shared) = (self.shared.rt.clone(), Arc::downgrade(&self.shared));
+        let started = AtomicBool::new(false);
+        Some(Arc::new(move || {
+            if !started.swap(true, Ordering::Relaxed) {
+                rt.spawn(refresh_depth(shared.clone(), depth.clone()));
+            }
+            match depth.load(Ordering::Relaxed) {
+                u64::MAX => Vec::new(),
+                known => vec![Depth::group(known)],
+            }
         }))
     }
 

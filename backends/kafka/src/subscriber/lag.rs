@@ -1,7 +1,9 @@
 //! Each assigned partition's lag, for telemetry (`polybus.group.depth`, read
 //! only with the core's `otel` feature): its high watermark, asked of the
 //! broker every [`LAG_PERIOD`], less the offset this member last committed
-//! there. librdkafka's own statistics are no substitute: they know the high
+//! there (before its first commit, where it would commit now: its lowest
+//! unsettled record). It is asked only once telemetry first reads the lag, so
+//! without a metrics SDK nothing is asked. librdkafka's own statistics are no substitute: they know the high
 //! watermark of the member's last fetch only, which stops moving while the
 //! member is paused at its prefetch.
 
@@ -18,8 +20,7 @@ const LAG_PERIOD: Duration = Duration::from_secs(2);
 /// How long one partition's watermarks may take.
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Keep `Shared::lags` current while the subscription lives. A partition not
-/// committed yet by this member has no lag to report.
+/// Keep `Shared::lags` current while the subscription lives.
 pub(super) async fn refresh(shared: Weak<Shared>) {
     let mut tick = tokio::time::interval(LAG_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -34,8 +35,14 @@ pub(super) async fn refresh(shared: Weak<Shared>) {
             state
                 .parts
                 .iter()
-                .filter(|(_, part)| part.committed.0 >= 0)
-                .map(|(tp, part)| (tp.clone(), part.committed.0))
+                .map(|(tp, part)| {
+                    let from = match part.committed.0 {
+                        committed if committed >= 0 => committed,
+                        _ => part.position().0,
+                    };
+                    (tp.clone(), from)
+                })
+                .filter(|(_, from)| *from >= 0)
                 .collect()
         };
         let connector = s.connector.clone();
@@ -44,11 +51,11 @@ pub(super) async fn refresh(shared: Weak<Shared>) {
             let client = rdkafka::producer::Producer::client(&connector.producer);
             parts
                 .into_iter()
-                .filter_map(|((topic, partition), committed)| {
+                .filter_map(|((topic, partition), from)| {
                     let (_, high) = client
                         .fetch_watermarks(topic.as_str(), partition, WATERMARK_TIMEOUT)
                         .ok()?;
-                    let lag = u64::try_from(high - committed).unwrap_or(0);
+                    let lag = u64::try_from(high - from).unwrap_or(0);
                     Some(Depth::partition(topic, partition, lag))
                 })
                 .collect::<Vec<_>>()

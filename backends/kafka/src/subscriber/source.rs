@@ -2,16 +2,25 @@
 //! prefetch, and closes.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use polybus_core::backend::{DeliveryExt, DeliverySource, DepthProbe, Wire, wait_until};
+use polybus_core::backend::{DeliveryExt, DeliverySource, Depth, DepthProbe, Wire, wait_until};
 use polybus_core::{Delivery, Result, async_trait};
 use tokio::sync::oneshot;
 
 use super::acker::KafkaAcker;
 use super::partitions::{Pending, Slot};
 use super::{Phase, Shared};
+
+/// The lags `lag::refresh` last stored, while the subscription lives.
+fn lags(shared: &std::sync::Weak<Shared>) -> Vec<Depth> {
+    match shared.upgrade() {
+        Some(shared) => polybus_core::backend::lock(&shared.lags).clone(),
+        None => Vec::new(),
+    }
+}
 
 /// The stream side of a subscription.
 pub(crate) struct KafkaSource {
@@ -25,13 +34,16 @@ impl DeliverySource for KafkaSource {
         self.shared.poll_delivery(cx)
     }
 
-    /// Each assigned partition's lag, kept current by `lag::refresh` from now on.
+    /// Each assigned partition's lag, kept current by `lag::refresh` from the
+    /// first read on: without a metrics SDK nothing reads, and nothing is asked.
     fn depth_probe(&self) -> Option<DepthProbe> {
         let shared = Arc::downgrade(&self.shared);
-        self.shared.rt.spawn(super::lag::refresh(shared.clone()));
-        Some(Arc::new(move || match shared.upgrade() {
-            Some(shared) => polybus_core::backend::lock(&shared.lags).clone(),
-            None => Vec::new(),
+        let (rt, started) = (self.shared.rt.clone(), AtomicBool::new(false));
+        Some(Arc::new(move || {
+            if !started.swap(true, Ordering::Relaxed) {
+                rt.spawn(super::lag::refresh(shared.clone()));
+            }
+            lags(&shared)
         }))
     }
 

@@ -606,6 +606,14 @@ mod on {
         assert_eq!(total(metric::REDELIVERIES, None), 1.0, "redeliveries");
         assert_eq!(total(metric::DEAD_LETTERS, Some("dead_letter")), 1.0);
         assert_eq!(total(metric::DELIVERIES_IN_FLIGHT, None), 0.0, "in flight");
+        assert_eq!(total(metric::PUBLISHES_IN_FLIGHT, Some("send")), 0.0);
+        for gauge in [metric::DELIVERIES_IN_FLIGHT, metric::PUBLISHES_IN_FLIGHT] {
+            assert!(
+                points.iter().any(|p| p.metric == gauge && of(&ctx, p)),
+                "{}: {gauge} recorded",
+                ctx.label
+            );
+        }
 
         // The operations' metrics (the depth gauge, checked in its own case,
         // names no operation).
