@@ -50,7 +50,7 @@
 //! | `messaging.destination.partition.id`, `messaging.kafka.offset`, `messaging.kafka.message.key` | process (Kafka) | where the record is |
 //! | `messaging.rabbitmq.destination.routing_key`, `messaging.rabbitmq.message.delivery_tag` | send, process (RabbitMQ) | the topic; the channel's delivery tag |
 //! | `server.address`, `server.port` | all | the broker's host and port from the URL |
-//! | `error.type` | failed operations | the error's [`Kind`](crate::Kind) in snake case (`connection`, `timeout`, …); on `process`: `nack`, `dead_letter`, `dropped` (the delivery was dropped unsettled) or `cancelled` (the settlement's future was dropped before the broker answered, as on a send or settlement span) |
+//! | `error.type` | failed operations | the error's [`Kind`] in snake case (`connection`, `timeout`, …); on `process`: `nack`, `dead_letter`, `dropped` (the delivery was dropped unsettled) or `cancelled` (the settlement's future was dropped before the broker answered, as on a send or settlement span) |
 //! | `polybus.attempt` | process | which delivery of the message to its group, from 1 |
 //! | `polybus.dead_letter.reason` | dead_letter | the reason given |
 //!
