@@ -564,7 +564,7 @@ async fn otel_a_settlement_dropped_before_its_answer_ends_its_spans() {
     let cancelled = tokio::time::timeout(Duration::ZERO, d.dead_letter("hopeless")).await;
     assert!(
         cancelled.is_err(),
-        "RabbitMQ answered a dead letter at once"
+        "RabbitMQ answered a dead letter at once: {cancelled:?}"
     );
     let spans = recorder().spans_of(&topic);
     let dead_letter = spans

@@ -153,7 +153,11 @@ impl Bus {
             .map(|probe| inner.telemetry.watch_depth(&group, probe));
         let stream = DeliveryStream::new(source);
         #[cfg(feature = "otel")]
-        let stream = stream.traced(inner.telemetry.clone(), group, depth);
+        let stream = stream.traced(crate::telemetry::StreamTelemetry::new(
+            inner.telemetry.clone(),
+            group,
+            depth,
+        ));
         Ok(stream)
     }
 

@@ -61,17 +61,15 @@ impl Delivery {
         self
     }
 
-    /// Start the `process` span: the delivery is being handed out.
+    /// Start the `process`: the delivery is being handed out.
     #[cfg(feature = "otel")]
     pub(crate) fn start_process(
         &mut self,
-        instruments: &std::sync::Arc<crate::telemetry::Instruments>,
-        group: &std::sync::Arc<str>,
+        telemetry: &mut crate::telemetry::StreamTelemetry,
         batched: bool,
     ) {
         if self.process.is_none() {
-            let process = instruments.start_process(
-                group,
+            let process = telemetry.process(
                 &self.message,
                 self.topic.as_str(),
                 self.attempt,
@@ -89,7 +87,7 @@ impl Delivery {
     #[cfg(feature = "otel")]
     pub fn otel_context(&self) -> opentelemetry::Context {
         match &self.process {
-            Some(p) => p.context().clone(),
+            Some(p) => p.context(),
             None => opentelemetry::Context::current(),
         }
     }

@@ -19,15 +19,9 @@ pub struct DeliveryStream {
     source: Box<dyn DeliverySource>,
     /// An error met while a batch was being filled, reported by the next call.
     deferred: Option<Error>,
-    /// The bus's instruments and the group, to start each `process` span.
+    /// What starts each delivery's `process` (its span and metrics).
     #[cfg(feature = "otel")]
-    telemetry: Option<(
-        std::sync::Arc<crate::telemetry::Instruments>,
-        std::sync::Arc<str>,
-    )>,
-    /// The group's depth, reported while the stream lives.
-    #[cfg(feature = "otel")]
-    _depth: Option<crate::telemetry::DepthWatch>,
+    telemetry: Option<crate::telemetry::StreamTelemetry>,
 }
 
 impl DeliveryStream {
@@ -38,21 +32,13 @@ impl DeliveryStream {
             deferred: None,
             #[cfg(feature = "otel")]
             telemetry: None,
-            #[cfg(feature = "otel")]
-            _depth: None,
         }
     }
 
-    /// Start a `process` span for each delivery handed out.
+    /// Start a `process` for each delivery handed out.
     #[cfg(feature = "otel")]
-    pub(crate) fn traced(
-        mut self,
-        instruments: std::sync::Arc<crate::telemetry::Instruments>,
-        group: std::sync::Arc<str>,
-        depth: Option<crate::telemetry::DepthWatch>,
-    ) -> Self {
-        self.telemetry = Some((instruments, group));
-        self._depth = depth;
+    pub(crate) fn traced(mut self, telemetry: crate::telemetry::StreamTelemetry) -> Self {
+        self.telemetry = Some(telemetry);
         self
     }
 
@@ -102,10 +88,10 @@ impl DeliveryStream {
         #[cfg(feature = "otel")]
         {
             let mut next = self.source.poll_next(cx);
-            if let (Poll::Ready(Some(Ok(delivery))), Some((instruments, group))) =
-                (&mut next, &self.telemetry)
+            if let (Poll::Ready(Some(Ok(delivery))), Some(telemetry)) =
+                (&mut next, &mut self.telemetry)
             {
-                delivery.start_process(instruments, group, batched);
+                delivery.start_process(telemetry, batched);
             }
             next
         }

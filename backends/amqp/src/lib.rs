@@ -28,6 +28,7 @@
 
 mod acks;
 mod connection;
+mod depth;
 mod mapping;
 mod options;
 mod subscriber;

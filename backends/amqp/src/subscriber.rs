@@ -22,8 +22,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
@@ -47,17 +46,17 @@ pub(crate) struct Shared {
     pub(crate) sub: ValidSubscription,
     unsettled: AtomicUsize,
     settled: Notify,
-    closing: AtomicBool,
+    pub(crate) closing: AtomicBool,
     /// The runtime the subscription was opened on, for work spawned from `Drop`.
     rt: tokio::runtime::Handle,
     /// Set before the channel is closed (drop, or close past its grace): from then
     /// on the broker requeues what is unsettled, and settling must not republish
     /// a copy, or the message would come back twice.
-    gone: AtomicBool,
+    pub(crate) gone: AtomicBool,
 }
 
 /// The longest any broker call made while closing may take.
-const CLOSE_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CLOSE_RPC_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Opening = Pin<Box<dyn Future<Output = Result<(Channel, Consumer)>> + Send>>;
 
@@ -85,9 +84,6 @@ pub(crate) struct AmqpSource {
 
 /// How often a quiet subscription checks that its channel is still open.
 const WATCHDOG_PERIOD: Duration = Duration::from_secs(1);
-
-/// How often the group's depth is asked of the broker, while telemetry reads it.
-const DEPTH_PERIOD: Duration = Duration::from_secs(2);
 
 impl Shared {
     pub(crate) fn new(connector: Arc<Connector>, sub: ValidSubscription) -> Arc<Self> {
@@ -194,42 +190,6 @@ async fn reopen(shared: Arc<Shared>) -> Result<(Channel, Consumer)> {
             }
             Err(e) => return Err(e),
         }
-    }
-}
-
-/// Keep `depth` at the group queue's count of ready messages while the
-/// subscription lives: RabbitMQ answers a passive `queue.declare` with it.
-async fn refresh_depth(shared: std::sync::Weak<Shared>, depth: Arc<AtomicU64>) {
-    let mut channel: Option<Channel> = None;
-    let mut tick = tokio::time::interval(DEPTH_PERIOD);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(s) = shared.upgrade() else { break };
-        if s.closing.load(Ordering::Acquire) || s.gone.load(Ordering::Acquire) {
-            break;
-        }
-        if channel.as_ref().is_none_or(|c| !c.status().connected()) {
-            let deadline = Connector::deadline_in(CLOSE_RPC_TIMEOUT);
-            channel = match s.connector.live(deadline).await {
-                Ok(live) => live.conn.create_channel().await.ok(),
-                Err(_) => None,
-            };
-        }
-        let Some(ch) = &channel else { continue };
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let asked = ch.queue_declare(s.sub.group.as_str().into(), passive, FieldTable::default());
-        match tokio::time::timeout(CLOSE_RPC_TIMEOUT, asked).await {
-            Ok(Ok(queue)) => depth.store(u64::from(queue.message_count()), Ordering::Relaxed),
-            // A failed declare closes the channel: open another next time.
-            _ => channel = None,
-        }
-    }
-    if let Some(ch) = channel {
-        let _ = tokio::time::timeout(CLOSE_RPC_TIMEOUT, ch.close(200, "done".into())).await;
     }
 }
 
@@ -374,7 +334,7 @@ impl DeliverySource for AmqpSource {
     }
 
     /// The group queue's ready messages, from a passive `queue.declare` every
-    /// [`DEPTH_PERIOD`] on a channel of its own, from the first read on: the
+    /// two seconds on a channel of its own (`depth.rs`), from the first read on: the
     /// probe itself does no I/O, and without a metrics SDK nothing reads it.
     fn depth_probe(&self) -> Option<DepthProbe> {
         let depth = Arc::new(AtomicU64::new(u64::MAX));
@@ -382,7 +342,7 @@ impl DeliverySource for AmqpSource {
         let started = AtomicBool::new(false);
         Some(Arc::new(move || {
             if !started.swap(true, Ordering::Relaxed) {
-                rt.spawn(refresh_depth(shared.clone(), depth.clone()));
+                rt.spawn(crate::depth::refresh(shared.clone(), depth.clone()));
             }
             match depth.load(Ordering::Relaxed) {
                 u64::MAX => Vec::new(),

@@ -1,0 +1,53 @@
+//! What waits for a subscription's group, for telemetry (`polybus.group.depth`,
+//! read only with the core's `otel` feature): RabbitMQ answers a passive
+//! `queue.declare` with the queue's count of ready messages.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use lapin::Channel;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+
+use crate::connection::Connector;
+use crate::subscriber::{CLOSE_RPC_TIMEOUT, Shared};
+
+/// How often the group's depth is asked of the broker, while telemetry reads it.
+const DEPTH_PERIOD: Duration = Duration::from_secs(2);
+
+/// Keep `depth` at the group queue's count of ready messages while the
+/// subscription lives: RabbitMQ answers a passive `queue.declare` with it.
+pub(crate) async fn refresh(shared: Weak<Shared>, depth: Arc<AtomicU64>) {
+    let mut channel: Option<Channel> = None;
+    let mut tick = tokio::time::interval(DEPTH_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(s) = shared.upgrade() else { break };
+        if s.closing.load(Ordering::Acquire) || s.gone.load(Ordering::Acquire) {
+            break;
+        }
+        if channel.as_ref().is_none_or(|c| !c.status().connected()) {
+            let deadline = Connector::deadline_in(CLOSE_RPC_TIMEOUT);
+            channel = match s.connector.live(deadline).await {
+                Ok(live) => live.conn.create_channel().await.ok(),
+                Err(_) => None,
+            };
+        }
+        let Some(ch) = &channel else { continue };
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let asked = ch.queue_declare(s.sub.group.as_str().into(), passive, FieldTable::default());
+        match tokio::time::timeout(CLOSE_RPC_TIMEOUT, asked).await {
+            Ok(Ok(queue)) => depth.store(u64::from(queue.message_count()), Ordering::Relaxed),
+            // A failed declare closes the channel: open another next time.
+            _ => channel = None,
+        }
+    }
+    if let Some(ch) = channel {
+        let _ = tokio::time::timeout(CLOSE_RPC_TIMEOUT, ch.close(200, "done".into())).await;
+    }
+}
