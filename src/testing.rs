@@ -422,6 +422,10 @@ impl<B: Backend> Backend for Recorder<B> {
         self.inner.close().await
     }
 
+    async fn backlog(&self, group: &str, topic: &str) -> Result<u64> {
+        self.inner.backlog(group, topic).await
+    }
+
     fn endpoint(&self) -> Endpoint {
         self.inner.endpoint()
     }

@@ -21,6 +21,7 @@ use crate::backend::checks::prepare_publish;
 use crate::backend::gate::Gate;
 use crate::backend::valid::validate_for;
 use crate::capabilities::Capabilities;
+use crate::dead_letters::DeadLetters;
 use crate::error::{Error, PublishError, Result};
 use crate::message::Message;
 use crate::publisher::{PublishFuture, Publisher, Receipt, Subscriber};
@@ -75,12 +76,29 @@ impl Bus {
 
     /// Publish; see [`Publisher::publish`].
     pub fn publish<'a>(&'a self, topic: &'a str, message: Message) -> PublishFuture<'a> {
+        self.publish_marked(topic, message, None)
+    }
+
+    /// Publish with one library header set after the caller's are stripped
+    /// (a redriven message's [`REDRIVEN_AT`](crate::header::REDRIVEN_AT)).
+    pub(crate) fn publish_marked<'a>(
+        &'a self,
+        topic: &'a str,
+        message: Message,
+        mark: Option<(&'static str, String)>,
+    ) -> PublishFuture<'a> {
         let inner = &*self.inner;
         let guard = match inner.gate.enter("publish", inner.name) {
             Ok(guard) => guard,
             Err(e) => return PublishFuture::ready(Err(PublishError::not_delivered(e, message))),
         };
-        match prepare_publish(topic, message, inner.max_payload) {
+        let prepared = prepare_publish(topic, message, inner.max_payload).map(|mut message| {
+            if let Some((name, value)) = mark {
+                message.headers_mut().insert(name.into(), value);
+            }
+            message
+        });
+        match prepared {
             #[cfg(not(feature = "otel"))]
             Ok(message) => inner.backend.publish(topic, message).guarded(guard),
             #[cfg(feature = "otel")]
@@ -159,6 +177,19 @@ impl Bus {
             depth,
         ));
         Ok(stream)
+    }
+
+    /// The dead letters of durable group `group`, to count, list, redrive and
+    /// purge; see [`DeadLetters`]. Fails only on an invalid group name.
+    pub fn dead_letters(&self, group: &str) -> Result<DeadLetters> {
+        DeadLetters::new(self.clone(), group)
+    }
+
+    /// See [`Backend::backlog`].
+    pub(crate) async fn backlog(&self, group: &str, topic: &str) -> Result<u64> {
+        let inner = &*self.inner;
+        let _guard = inner.gate.enter("count", inner.name)?;
+        inner.backend.backlog(group, topic).await
     }
 
     /// What the backend offers beyond the contract.

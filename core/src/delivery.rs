@@ -188,6 +188,16 @@ impl Delivery {
         }
     }
 
+    /// Let go of the delivery without settling it, as a consumer that died
+    /// would: the broker gives it back when the subscription closes or is
+    /// dropped (C9, C10), and nothing is republished. For the dead-letter
+    /// operations, which must not turn a look at a dead letter into a retry.
+    pub(crate) fn abandon(mut self) {
+        #[cfg(feature = "otel")]
+        drop(self.process.take());
+        drop(self.acker.take());
+    }
+
     /// A shared handle to the message, to keep it after the delivery is settled;
     /// it does not copy the message.
     pub fn message_arc(&self) -> Arc<Message> {

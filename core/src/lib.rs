@@ -31,6 +31,7 @@ pub mod backend;
 pub mod bus;
 pub mod capabilities;
 pub mod consumer;
+pub mod dead_letters;
 pub mod delivery;
 pub mod error;
 pub mod message;
@@ -51,6 +52,7 @@ pub mod testkit;
 pub use bus::Bus;
 pub use capabilities::{Capabilities, Capability};
 pub use consumer::Json;
+pub use dead_letters::{DeadLetterRecord, DeadLetterReport, DeadLetters};
 pub use delivery::Delivery;
 pub use error::{Error, Kind, PublishError, Result};
 #[cfg(feature = "msgpack")]

@@ -138,7 +138,7 @@ fn id_and_time() -> (Id, u64) {
 }
 
 /// `t` in whole milliseconds since the Unix epoch; earlier times are the epoch.
-fn millis_since_epoch(t: SystemTime) -> u64 {
+pub(crate) fn millis_since_epoch(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
@@ -299,6 +299,10 @@ impl Message {
             .or_insert_with(|| topic.to_owned());
         headers.insert(header::ATTEMPTS.into(), attempts.to_string());
         headers.insert(header::GROUP.into(), group.into());
+        headers.insert(
+            header::DEAD_LETTERED_AT.into(),
+            millis_since_epoch(SystemTime::now()).to_string(),
+        );
         message
     }
 

@@ -75,6 +75,13 @@ pub mod header {
     pub const LAST_ERROR: &str = "polybus-last-error";
     /// On a copy in a retry store: the topic the message was published to.
     pub const TOPIC: &str = "polybus-topic";
+    /// On a dead letter: when it was dead-lettered, in milliseconds since the
+    /// Unix epoch.
+    pub const DEAD_LETTERED_AT: &str = "polybus-dead-lettered-at";
+    /// On a message redriven from a dead-letter store
+    /// ([`DeadLetters::redrive`](crate::DeadLetters::redrive)): when, in
+    /// milliseconds since the Unix epoch. Only the library sets it.
+    pub const REDRIVEN_AT: &str = "polybus-redriven-at";
 
     /// Whether `name` is in the library's namespace.
     pub fn is_reserved(name: &str) -> bool {

@@ -1,6 +1,7 @@
-//! What waits for a subscription's group, for telemetry (`polybus.group.depth`,
-//! read only with the core's `otel` feature): RabbitMQ answers a passive
-//! `queue.declare` with the queue's count of ready messages.
+//! What waits for a group: RabbitMQ answers a passive `queue.declare` with the
+//! queue's count of ready messages. Asked on demand ([`backlog`], the count of
+//! a dead-letter store) and, for telemetry (`polybus.group.depth`, read only with
+//! the core's `otel` feature), every two seconds while a subscription lives.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -9,8 +10,9 @@ use std::time::Duration;
 use lapin::Channel;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
+use polybus_core::{Error, Kind, Result};
 
-use crate::connection::Connector;
+use crate::connection::{Connector, map_err};
 use crate::subscriber::{CLOSE_RPC_TIMEOUT, Shared};
 
 /// How often the group's depth is asked of the broker, while telemetry reads it.
@@ -50,4 +52,50 @@ pub(crate) async fn refresh(shared: Weak<Shared>, depth: Arc<AtomicU64>) {
     if let Some(ch) = channel {
         let _ = tokio::time::timeout(CLOSE_RPC_TIMEOUT, ch.close(200, "done".into())).await;
     }
+}
+
+/// The ready messages of group `group`'s queue, asked now on a channel of its
+/// own; a queue that does not exist holds none. Messages held unsettled by a
+/// consumer, or waiting in a retry queue, are not counted.
+pub(crate) async fn backlog(connector: &Connector, group: &str) -> Result<u64> {
+    let timeout = connector.options.connect_timeout;
+    let deadline = Connector::deadline_in(timeout);
+    let live = connector.live(deadline).await?;
+    let what = format!("cannot count the messages of group `{group}`");
+    let asked = async {
+        let ch = live
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| map_err(e, &what))?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        match ch
+            .queue_declare(group.into(), passive, FieldTable::default())
+            .await
+        {
+            Ok(queue) => {
+                let _ = ch.close(200, "done".into()).await;
+                Ok(u64::from(queue.message_count()))
+            }
+            // NOT_FOUND closes the channel: nothing to close.
+            Err(e) if not_found(&e) => Ok(0),
+            Err(e) => Err(map_err(e, &what)),
+        }
+    };
+    match tokio::time::timeout(timeout, asked).await {
+        Ok(counted) => counted,
+        Err(_) => Err(Error::new(
+            Kind::Timeout,
+            format!("{what}: the broker did not answer within {timeout:?}"),
+        )),
+    }
+}
+
+fn not_found(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
 }

@@ -149,6 +149,11 @@ impl Backend for AmqpBus {
         endpoint(&self.connector.options)
     }
 
+    /// The ready messages of the group's queue (a passive `queue.declare`).
+    async fn backlog(&self, group: &str, _topic: &str) -> Result<u64> {
+        depth::backlog(&self.connector, group).await
+    }
+
     async fn subscribe(&self, sub: ValidSubscription) -> Result<Box<dyn DeliverySource>> {
         let shared = Shared::new(self.connector.clone(), sub);
         let (channel, consumer) = subscriber::open(&shared).await?;

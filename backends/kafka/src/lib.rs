@@ -135,6 +135,11 @@ impl Backend for KafkaBus {
         }
     }
 
+    /// Each partition's high watermark less the group's committed offset.
+    async fn backlog(&self, group: &str, topic: &str) -> Result<u64> {
+        subscriber::backlog(&self.connector, group, topic).await
+    }
+
     async fn subscribe(&self, sub: ValidSubscription) -> Result<Box<dyn DeliverySource>> {
         Ok(Box::new(
             subscriber::open(self.connector.clone(), sub).await?,

@@ -239,6 +239,14 @@ impl Backend for MemoryBus {
         }
     }
 
+    /// The group's ready messages and those waiting for a retry delay.
+    async fn backlog(&self, group: &str, _topic: &str) -> Result<u64> {
+        Ok(self.broker.group(group).map_or(0, |g| {
+            let (ready, delayed, _) = g.depth();
+            (ready + delayed) as u64
+        }))
+    }
+
     async fn subscribe(&self, sub: ValidSubscription) -> Result<Box<dyn DeliverySource>> {
         let bound = match sub.max_depth {
             Some(max) => Declare::Bounded(Bound {

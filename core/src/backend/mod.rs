@@ -162,6 +162,20 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Open a live subscription (C3).
     async fn subscribe(&self, subscription: ValidSubscription) -> Result<Box<dyn DeliverySource>>;
 
+    /// How many messages wait for durable group `group`, which reads `topic`:
+    /// stored and not yet handed to a member (held by a member, unsettled, they
+    /// are not counted). Asked of the broker, not remembered: the count behind
+    /// [`DeadLetters::count`](crate::DeadLetters::count). A group or topic the
+    /// broker does not know has none waiting. The default says the backend
+    /// cannot count.
+    async fn backlog(&self, group: &str, topic: &str) -> Result<u64> {
+        let _ = (group, topic);
+        Err(crate::Error::new(
+            crate::Kind::Unsupported,
+            format!("the {} backend cannot count a group's backlog", self.name()),
+        ))
+    }
+
     /// Flush: called once every publish admitted before `close` has resolved.
     async fn close(&self) -> Result<()> {
         Ok(())
@@ -255,6 +269,10 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 
     async fn close(&self) -> Result<()> {
         (**self).close().await
+    }
+
+    async fn backlog(&self, group: &str, topic: &str) -> Result<u64> {
+        (**self).backlog(group, topic).await
     }
 
     fn endpoint(&self) -> Endpoint {

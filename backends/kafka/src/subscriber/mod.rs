@@ -74,6 +74,7 @@ mod pattern;
 mod rebalance;
 mod source;
 
+pub(crate) use lag::backlog;
 pub(crate) use open::open;
 
 use partitions::{Part, Pending, Ready};

@@ -28,6 +28,7 @@ pub mod c6_prefetch;
 pub mod c7_settlement;
 pub mod c8_poison;
 pub mod c9_crashes;
+pub mod dlq;
 pub mod otel;
 mod support;
 
@@ -121,6 +122,14 @@ macro_rules! __conformance_case_list {
                 c13_metadata_round_trips,
                 c13_library_headers_are_stripped_on_publish,
                 c13_metadata_survives_redelivery,
+            }
+            dlq {
+                dlq_list_shows_dead_letters_without_settling_them,
+                dlq_redrive_sends_dead_letters_back_with_attempts_reset,
+                dlq_redrive_takes_what_the_filter_selects_up_to_the_limit,
+                dlq_purge_drops_what_it_takes,
+                dlq_interrupted_redrive_loses_nothing,
+                dlq_invalid_group_is_refused_and_an_unknown_one_is_empty,
             }
             otel {
                 otel_send_process_ack_are_one_trace,
