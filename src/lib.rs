@@ -47,11 +47,12 @@
 #![warn(missing_docs)]
 
 pub use polybus_core::{
-    Bus, Capabilities, Capability, Codec, Delivery, DeliveryStream, Error, Headers, Json,
-    JsonCodec, Kind, Message, Overflow, Pattern, PublishError, PublishFuture, Publisher, Receipt,
-    Result, RetryPolicy, StartFrom, Subscriber, Subscription, Topic, header,
+    Bus, Capabilities, Capability, Codec, DeadLetterRecord, DeadLetterReport, DeadLetters,
+    Delivery, DeliveryStream, Error, Headers, Json, JsonCodec, Kind, Message, Overflow, Pattern,
+    PublishError, PublishFuture, Publisher, Receipt, Result, RetryPolicy, StartFrom, Subscriber,
+    Subscription, Topic, header,
 };
-pub use polybus_core::{consumer, middleware, names, rpc};
+pub use polybus_core::{consumer, dead_letters, middleware, names, rpc};
 
 use polybus_core::backend::url::redact;
 

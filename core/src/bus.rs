@@ -192,6 +192,11 @@ impl Bus {
         inner.backend.backlog(group, topic).await
     }
 
+    /// The backend's short name: `memory`, `amqp`, `kafka`.
+    pub fn backend(&self) -> &'static str {
+        self.inner.name
+    }
+
     /// What the backend offers beyond the contract.
     pub fn capabilities(&self) -> Capabilities {
         self.inner.capabilities.clone()
