@@ -245,8 +245,24 @@ pub struct DeadLetterReport {
     pub stopped_by: Option<Error>,
 }
 
+impl DeadLetterReport {
+    fn counted(counted: u64) -> Self {
+        DeadLetterReport {
+            counted,
+            ..DeadLetterReport::default()
+        }
+    }
+}
+
 /// What a redrive did; see [`DeadLetterReport`].
 pub type RedriveReport = DeadLetterReport;
+
+/// One tick every `1 / per_second` seconds, late ticks not caught up.
+fn pace(per_second: u32) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
 
 /// A delivery an operation holds unsettled, abandoned (never nacked) when
 /// dropped: given back by the broker when the subscription ends, even if the
@@ -362,34 +378,25 @@ impl DeadLetters {
 
     async fn run(&self, take: Take, op: Op) -> Result<DeadLetterReport> {
         let counted = self.count().await?;
-        let mut report = DeadLetterReport {
-            counted,
-            ..DeadLetterReport::default()
-        };
+        let mut report = DeadLetterReport::counted(counted);
         let want = take.limit.map_or(counted, |n| n.min(counted));
         if want == 0 {
             return Ok(report);
         }
         // Kept ones are held unsettled until the end, so a filtered run needs
         // room for every one it may keep.
-        let prefetch = if take.filter.is_some() {
-            counted.min(MAX_HELD as u64) as usize
-        } else {
-            want.min(256) as usize
+        let prefetch = match take.filter {
+            Some(_) => counted.min(MAX_HELD as u64) as usize,
+            None => want.min(256) as usize,
         };
         let mut stream = self.open(prefetch).await?;
         let mut kept = Vec::new();
-        let mut pace = take.rate.map(|per_second| {
-            let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick
-        });
+        let mut pace = take.rate.map(pace);
         while report.done < want && report.done + report.kept < counted {
             if kept.len() >= prefetch {
                 report.stopped_by = Some(Error::invalid_input(format!(
-                    "the filter kept {} dead letters, as many as one operation holds; \
-                     purge or redrive those first",
-                    kept.len()
+                    "the filter kept {prefetch} dead letters, as many as one operation \
+                     holds; purge or redrive those first"
                 )));
                 break;
             }
@@ -410,17 +417,7 @@ impl DeadLetters {
             if let Some(tick) = &mut pace {
                 tick.tick().await;
             }
-            let settled = match op {
-                Op::Redrive => match self.republish(d.get()).await {
-                    Ok(()) => d.take().ack().await,
-                    Err(e) => {
-                        // Given back with the kept ones, at the close.
-                        kept.push(d);
-                        Err(e)
-                    }
-                },
-                Op::Purge => d.take().ack().await,
-            };
+            let settled = self.settle(d, op, &mut kept).await;
             match settled {
                 Ok(()) => report.done += 1,
                 Err(e) => {
@@ -438,6 +435,21 @@ impl DeadLetters {
             report.stopped_by = Some(e);
         }
         Ok(report)
+    }
+
+    /// Redrive or purge taken dead letter `d`; a failed redrive joins `kept`,
+    /// given back at the close.
+    async fn settle(&self, d: Held, op: Op, kept: &mut Vec<Held>) -> Result<()> {
+        match op {
+            Op::Redrive => match self.republish(d.get()).await {
+                Ok(()) => d.take().ack().await,
+                Err(e) => {
+                    kept.push(d);
+                    Err(e)
+                }
+            },
+            Op::Purge => d.take().ack().await,
+        }
     }
 
     /// Publish dead letter `d` to its original topic, confirmed.
