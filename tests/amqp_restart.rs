@@ -11,7 +11,7 @@ use polybus::Subscription;
 
 mod common;
 
-use common::{HINT, Traffic, bus, unique, url};
+use common::{HINT, Scheduled, Traffic, bus, unique, url};
 
 async fn rabbitmqctl(args: &[&str]) {
     let out = tokio::process::Command::new("rabbitmqctl")
@@ -50,6 +50,15 @@ async fn c11_broker_restart_mid_stream_loses_no_confirmed_message() {
         .await
         .unwrap();
 
+    // C14: due after the broker is back; the member defers it into the
+    // group's retry store before the restart.
+    let scheduled = Scheduled::start(
+        &consumer_bus,
+        &unique("scheduled."),
+        &unique("scheduled-"),
+        Duration::from_secs(9),
+    )
+    .await;
     let traffic = Traffic::start(&publisher, &topic, &[1, 8], sub);
 
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -63,4 +72,5 @@ async fn c11_broker_restart_mid_stream_loses_no_confirmed_message() {
     traffic
         .finish("restart test", Duration::from_secs(60))
         .await;
+    scheduled.finish(Duration::from_secs(60)).await;
 }

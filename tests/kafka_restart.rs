@@ -13,7 +13,7 @@ use polybus::Subscription;
 
 mod common;
 
-use common::{KAFKA_HINT, Traffic, kafka_bus, kafka_url, unique};
+use common::{KAFKA_HINT, Scheduled, Traffic, kafka_bus, kafka_url, unique};
 
 /// C11: every message whose publish returned `Ok` arrives, across a `kill -9`
 /// of the broker and a restart three seconds later.
@@ -37,6 +37,15 @@ async fn c11_broker_killed_and_restarted_mid_stream_loses_no_acknowledged_messag
         .await
         .unwrap();
 
+    // C14: due after the broker is back; the member defers it into the
+    // group's retry store before the restart.
+    let scheduled = Scheduled::start(
+        &consumer_bus,
+        &unique("scheduled."),
+        &unique("scheduled-"),
+        Duration::from_secs(9),
+    )
+    .await;
     let traffic = Traffic::start(&publisher, &topic, &[16, 16], sub);
 
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -57,4 +66,5 @@ async fn c11_broker_killed_and_restarted_mid_stream_loses_no_acknowledged_messag
     traffic
         .finish("kafka restart test", Duration::from_secs(90))
         .await;
+    scheduled.finish(Duration::from_secs(60)).await;
 }

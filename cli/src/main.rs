@@ -87,6 +87,9 @@ struct PublishArgs {
     /// The content type, such as application/json
     #[arg(long)]
     content_type: Option<String>,
+    /// Deliver no earlier than SECONDS from now (at most seven days)
+    #[arg(long, value_name = "SECONDS")]
+    delay: Option<f64>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -182,6 +185,15 @@ async fn publish(bus: &Bus, args: PublishArgs, out: &Out) -> polybus::Result<Exi
         };
         headers.push((name.to_owned(), value.to_owned()));
     }
+    let delay = match args.delay {
+        Some(s) if s.is_finite() && s >= 0.0 => Some(Duration::from_secs_f64(s)),
+        Some(s) => {
+            return Err(polybus::Error::invalid_input(format!(
+                "invalid --delay {s}: seconds, zero or more"
+            )));
+        }
+        None => None,
+    };
     let input = io::read_input(args.file.as_deref()).await?;
     let payloads: Vec<&[u8]> = if args.whole {
         vec![&input[..]]
@@ -203,6 +215,9 @@ async fn publish(bus: &Bus, args: PublishArgs, out: &Out) -> polybus::Result<Exi
         }
         for (name, value) in &headers {
             m = m.with_header(name.clone(), value.clone());
+        }
+        if let Some(d) = delay {
+            m = m.deliver_after(d);
         }
         let id = m.id().to_owned();
         if let Err(e) = bus.publish(&args.topic, m).await {

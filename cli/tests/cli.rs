@@ -299,6 +299,15 @@ async fn publish_from_stdin_and_a_file_is_printed_by_tail() {
     assert_eq!(lines[0]["content_type"], "text/plain");
     assert_eq!(lines[0]["topic"], topic.as_str());
 
+    let ran = run_with(AMQP, &["publish", &topic, "--delay", "-1"], Some("x")).await;
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    let ran = run_with(
+        AMQP,
+        &["publish", &topic, "--delay", "999999999"],
+        Some("x"),
+    )
+    .await;
+    assert_eq!(ran.code, 2, "beyond seven days: {}", ran.stderr);
     let ran = run(AMQP, &["publish", "polybus.reserved"]).await;
     assert_eq!(
         ran.code, 2,
@@ -307,6 +316,27 @@ async fn publish_from_stdin_and_a_file_is_printed_by_tail() {
     );
     let ran = run_with(AMQP, &["publish", &topic, "-H", "no-equals"], Some("x")).await;
     assert_eq!(ran.code, 2, "{}", ran.stderr);
+}
+
+#[tokio::test]
+async fn publish_with_a_delay_is_delivered_no_earlier() {
+    let Some(bus) = rabbitmq().await else { return };
+    let topic = unique("cli.later.");
+    let mut s = bus
+        .subscribe(Subscription::new(&topic).group(unique("cli-g-")))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let ran = run_with(AMQP, &["publish", &topic, "--delay", "1"], Some("later")).await;
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    let d = next(&mut s).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(d.message().payload().as_ref(), b"later");
+    d.ack().await.unwrap();
 }
 
 /// The on-call story: a failing handler dead-letters a message; the CLI lists

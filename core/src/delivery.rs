@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
@@ -185,6 +186,16 @@ impl Delivery {
                 span.finish(Some(&outcome));
             }
             outcome
+        }
+    }
+
+    /// Send an early scheduled delivery back to wait `delay` more (C14), in
+    /// the background, before anyone sees it.
+    pub(crate) fn defer(mut self, delay: Duration) {
+        #[cfg(feature = "otel")]
+        drop(self.process.take());
+        if let Some(acker) = self.acker.take() {
+            acker.settle_on_drop(Settlement::Defer { delay });
         }
     }
 

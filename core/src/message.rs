@@ -3,6 +3,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::num::NonZeroU64;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,6 +35,9 @@ pub struct Message {
     content_type: Option<Box<str>>,
     /// Milliseconds since the Unix epoch.
     timestamp: u64,
+    /// Deliver no earlier than this, in milliseconds since the Unix epoch (C14);
+    /// carried as [`header::DELIVER_AT`] once published.
+    deliver_at: Option<NonZeroU64>,
 }
 
 /// Longest id kept inside the message: a hyphenated UUID, the id every message
@@ -155,6 +159,7 @@ impl Message {
             payload: payload.into(),
             content_type: None,
             timestamp,
+            deliver_at: None,
         }
     }
 
@@ -167,6 +172,7 @@ impl Message {
             payload,
             content_type: None,
             timestamp: 0,
+            deliver_at: None,
         }
     }
 
@@ -278,6 +284,32 @@ impl Message {
         self.timestamp
     }
 
+    /// Deliver no earlier than `at` (C14): every matching group receives the
+    /// message at `at` or later, never before. At most
+    /// [`MAX_SCHEDULE`](crate::message::MAX_SCHEDULE) ahead of the publish;
+    /// a time in the past delivers at once. Times are wall-clock times, so the
+    /// clocks of publisher and consumer hosts should agree.
+    pub fn deliver_at(mut self, at: SystemTime) -> Self {
+        self.deliver_at = NonZeroU64::new(millis_since_epoch(at).max(1));
+        self
+    }
+
+    /// Deliver no earlier than `delay` from now; see [`deliver_at`](Self::deliver_at).
+    pub fn deliver_after(self, delay: Duration) -> Self {
+        self.deliver_at(SystemTime::now() + delay)
+    }
+
+    /// When the message is to be delivered, if it is scheduled: as set with
+    /// [`deliver_at`](Self::deliver_at), or, on a received message, as its
+    /// [`header::DELIVER_AT`] says.
+    pub fn scheduled_for(&self) -> Option<SystemTime> {
+        let ms = match self.deliver_at {
+            Some(ms) => ms.get(),
+            None => self.header(header::DELIVER_AT)?.parse().ok()?,
+        };
+        Some(UNIX_EPOCH + Duration::from_millis(ms))
+    }
+
     /// See [`MessageExt::dead_lettered`](crate::backend::MessageExt::dead_lettered).
     pub(crate) fn dead_letter_copy(
         &self,
@@ -307,14 +339,43 @@ impl Message {
     }
 
     /// Drop every header in the library's `polybus-` namespace. Publishing does
-    /// this, so callers cannot forge attempts.
+    /// this, so callers cannot forge attempts; then the schedule set with
+    /// [`deliver_at`](Self::deliver_at) becomes its header.
     pub(crate) fn strip_library_headers(&mut self) {
         // Checked first so the common case (no such header) does not rebuild the map.
         if self.headers.keys().any(|k| header::is_reserved(k)) {
             self.headers.retain(|k, _| !header::is_reserved(k));
         }
+        if let Some(at) = self.deliver_at.take() {
+            self.headers
+                .insert(header::DELIVER_AT.into(), at.get().to_string());
+        }
+    }
+
+    /// How far past now the schedule set with [`deliver_at`](Self::deliver_at)
+    /// lies, if it does.
+    pub(crate) fn scheduled_ahead(&self) -> Option<Duration> {
+        let at = self.deliver_at?.get();
+        let now = millis_since_epoch(SystemTime::now());
+        (at > now).then(|| Duration::from_millis(at - now))
+    }
+
+    /// How long from now until the message's schedule: `None` when it is not
+    /// scheduled or is due. Asked of every received message, so it costs nothing
+    /// for one without headers.
+    pub(crate) fn not_due_for(&self) -> Option<Duration> {
+        if self.headers.is_empty() {
+            return None;
+        }
+        let at: u64 = self.headers.get(header::DELIVER_AT)?.parse().ok()?;
+        let now = millis_since_epoch(SystemTime::now());
+        (at > now).then(|| Duration::from_millis(at - now))
     }
 }
+
+/// How far ahead a message can be scheduled ([`Message::deliver_at`]): seven
+/// days, the longest retry delay, whose mechanism holds scheduled messages.
+pub const MAX_SCHEDULE: Duration = crate::retry::MAX_DELAY;
 
 /// The longest reason or last error a dead letter carries: an error that quotes
 /// a whole response body must not make the dead letter too large to publish

@@ -75,6 +75,10 @@ pub mod header {
     pub const LAST_ERROR: &str = "polybus-last-error";
     /// On a copy in a retry store: the topic the message was published to.
     pub const TOPIC: &str = "polybus-topic";
+    /// On a scheduled message (C14): deliver no earlier than this, in
+    /// milliseconds since the Unix epoch. Set from
+    /// [`Message::deliver_at`](crate::Message::deliver_at) when it is published.
+    pub const DELIVER_AT: &str = "polybus-deliver-at";
     /// On a dead letter: when it was dead-lettered, in milliseconds since the
     /// Unix epoch.
     pub const DEAD_LETTERED_AT: &str = "polybus-dead-lettered-at";

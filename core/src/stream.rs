@@ -83,18 +83,23 @@ impl DeliveryStream {
         cx: &mut Context<'_>,
         batched: bool,
     ) -> Poll<Option<Result<Delivery>>> {
-        #[cfg(not(feature = "otel"))]
-        return self.source.poll_next(cx);
-        #[cfg(feature = "otel")]
+        let mut next = self.source.poll_next(cx);
+        // A scheduled message that came early waits out the rest in the
+        // group's retry store, unseen (C14).
+        while let Poll::Ready(Some(Ok(delivery))) = &next
+            && let Some(delay) = delivery.message().not_due_for()
         {
-            let mut next = self.source.poll_next(cx);
-            if let (Poll::Ready(Some(Ok(delivery))), Some(telemetry)) =
-                (&mut next, &mut self.telemetry)
-            {
-                delivery.start_process(telemetry, batched);
+            if let Poll::Ready(Some(Ok(early))) = next {
+                early.defer(delay);
             }
-            next
+            next = self.source.poll_next(cx);
         }
+        #[cfg(feature = "otel")]
+        if let (Poll::Ready(Some(Ok(delivery))), Some(telemetry)) = (&mut next, &mut self.telemetry)
+        {
+            delivery.start_process(telemetry, batched);
+        }
+        next
     }
 
     /// Stop fetching, let in-flight deliveries be settled for up to `grace`, then

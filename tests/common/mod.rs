@@ -194,3 +194,50 @@ impl Traffic {
         assert_eq!(lost, 0, "confirmed messages that never arrived");
     }
 }
+
+/// A scheduled message (C14) in flight across a broker restart: a group member
+/// receives it early and sends it to the group's retry store before the
+/// restart, and it must come back on time after it.
+pub struct Scheduled {
+    due: std::time::SystemTime,
+    received: tokio::task::JoinHandle<std::time::SystemTime>,
+}
+
+impl Scheduled {
+    /// Subscribe a group to `topic` and publish one message due `delay` from now.
+    pub async fn start(bus: &Bus, topic: &str, group: &str, delay: Duration) -> Self {
+        let mut s = bus
+            .subscribe(polybus::Subscription::new(topic).group(group))
+            .await
+            .expect("subscribe the scheduled group");
+        let m = Message::new("scheduled").deliver_after(delay);
+        let due = m.scheduled_for().expect("scheduled");
+        bus.publish(topic, m)
+            .await
+            .expect("publish a scheduled message");
+        let received = tokio::spawn(async move {
+            let d = s
+                .next()
+                .await
+                .expect("a live stream")
+                .expect("the scheduled delivery");
+            let at = std::time::SystemTime::now();
+            d.ack().await.expect("ack");
+            at
+        });
+        Scheduled { due, received }
+    }
+
+    /// Wait up to `patience` for it; fail if it came early or never.
+    pub async fn finish(self, patience: Duration) {
+        let at = tokio::time::timeout(patience, self.received)
+            .await
+            .expect("the scheduled message came after the restart")
+            .expect("the scheduled consumer");
+        assert!(at >= self.due, "delivered before its time");
+        eprintln!(
+            "scheduled: delivered {:?} after its time, across the restart",
+            at.duration_since(self.due).unwrap_or_default()
+        );
+    }
+}

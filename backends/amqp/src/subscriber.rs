@@ -501,14 +501,16 @@ impl AmqpAcker {
         });
     }
 
-    async fn retry(&self, delay: Duration) -> Result<()> {
+    /// Republish to the group's retry queue for `delay`, as attempt `attempt`
+    /// (the next one after a nack; the same one for an early scheduled message).
+    async fn retry(&self, delay: Duration, attempt: u32) -> Result<()> {
         let sub = &self.shared.sub;
         let connector = &self.shared.connector;
         let step = retry_step_ms(delay);
         let result = async {
             let queue = connector.retry_queue(&sub.group, sub.durable, step).await?;
             let extra = [
-                (header::ATTEMPT, self.attempt.saturating_add(1).to_string()),
+                (header::ATTEMPT, attempt.to_string()),
                 (header::TOPIC, self.topic.to_string()),
             ];
             connector
@@ -558,7 +560,8 @@ impl AmqpAcker {
         }
         let result = match settlement {
             Settlement::Ack => self.ack(),
-            Settlement::Retry { delay } => self.retry(delay).await,
+            Settlement::Retry { delay } => self.retry(delay, self.attempt.saturating_add(1)).await,
+            Settlement::Defer { delay } => self.retry(delay, self.attempt).await,
             Settlement::DeadLetter(why) => {
                 let dead = self.message.dead_lettered(
                     self.topic.as_str(),

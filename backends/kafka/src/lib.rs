@@ -17,6 +17,7 @@
 //! | C11 reconnect | librdkafka reconnects (back-off capped at 1 s) and rejoins by itself; publishes wait for their delivery report up to `publish_timeout_ms` |
 //! | C12 bad input | connect probes the cluster's metadata within `connect_timeout_ms`; the payload limit is checked before sending; a missing topic with `create_topics=false` is a `Refused` error |
 //! | C13 metadata | see `mapping`: ordinary records with native key, headers and timestamp |
+//! | C14 scheduled | produced at once with `polybus-deliver-at`; a group that reads it early copies it to its retry topic due at that time, as the same attempt, and moves on (private groups hold it in memory); within a few ms of the time here |
 //!
 //! # Consumer groups
 //!

@@ -544,6 +544,13 @@ impl Group {
                 }
             }
             Settlement::DeadLetter(why) => dead_letter = Some((inflight, why)),
+            // An early scheduled message: held back as the same attempt.
+            Settlement::Defer { delay } => {
+                let mut state = self.lock();
+                if !state.deleted {
+                    state.retry_after(inflight.into_entry(), delay);
+                }
+            }
             // A settlement this backend does not know is a bug in the core; keep
             // the message rather than lose it.
             #[allow(unreachable_patterns)]

@@ -8,7 +8,10 @@
 //! closed subscription cannot settle.
 //!
 //! Delays run on tokio's clock, so under `tokio::time::pause()` a test of a
-//! one-minute retry finishes at once and deterministically.
+//! one-minute retry finishes at once and deterministically. A scheduled
+//! message (C14) waits among its group's retries too, but its time is a
+//! wall-clock time (it travels between processes on the brokers), so paused
+//! time does not bring it sooner.
 //!
 //! URLs: `memory://` opens a new private broker; `memory://NAME` opens or joins
 //! the broker called NAME in this process (it lives while a connection to it is

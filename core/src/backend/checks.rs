@@ -2,7 +2,7 @@
 //! C12), and the failure type a backend's publish reports.
 
 use crate::error::{Error, Kind, PublishError, Result};
-use crate::message::Message;
+use crate::message::{MAX_SCHEDULE, Message};
 use crate::topic::Topic;
 
 /// The longest id, content type and header name: AMQP carries them as short
@@ -33,6 +33,16 @@ fn check_publish(topic: &str, message: &Message, max_payload: usize) -> Result<(
         )));
     }
     check_metadata(message)?;
+    if let Some(ahead) = message.scheduled_ahead()
+        && ahead > MAX_SCHEDULE
+    {
+        return Err(Error::invalid_input(format!(
+            "message {} is scheduled {} s ahead, the limit is {} s (seven days)",
+            message.id(),
+            ahead.as_secs(),
+            MAX_SCHEDULE.as_secs()
+        )));
+    }
     let len = message.payload().len();
     if len > max_payload {
         return Err(Error::new(

@@ -25,6 +25,14 @@ pub enum Settlement {
     },
     /// Move to the group's dead-letter topic, for the reason given.
     DeadLetter(DeadLetter),
+    /// Deliver again after `delay` as the same attempt: a scheduled message
+    /// (C14) that reached the group before its time waits out the rest in the
+    /// group's retry store. The core settles with this before the delivery is
+    /// handed out; it is no nack, and no attempt is used.
+    Defer {
+        /// How long the broker holds the message back.
+        delay: Duration,
+    },
 }
 
 /// Why a message is dead-lettered: what its dead letter's headers say.

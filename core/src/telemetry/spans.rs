@@ -315,6 +315,8 @@ fn settle_name(settlement: &Settlement) -> &'static str {
         Settlement::Ack => "ack",
         Settlement::Retry { .. } => "nack",
         Settlement::DeadLetter(_) => "dead_letter",
+        // Never within a process span: deferred before the hand-out.
+        Settlement::Defer { .. } => "defer",
     }
 }
 

@@ -56,39 +56,42 @@ impl KafkaAcker {
         }
     }
 
+    /// Deliver again after `delay` as attempt `attempt`.
+    async fn retry(&self, delay: Duration, attempt: u32) -> Result<()> {
+        match &self.shared.retry_topic {
+            // Durable groups: a copy on the retry topic, due after the delay;
+            // the partition moves on (C7), and the copy survives restarts.
+            Some(retry_topic) => {
+                let extra = [
+                    (header::ATTEMPT, attempt.to_string()),
+                    (header::TOPIC, self.record.topic.as_str().to_owned()),
+                    (mapping::DUE_MS, millis_from_now(delay).to_string()),
+                ];
+                self.move_to(retry_topic, &self.record.message, &extra)
+                    .await
+            }
+            // Private groups end with their subscription: retry in memory.
+            None => {
+                if self.shared.hold_again(&self.record, attempt, delay) {
+                    Ok(())
+                } else {
+                    Err(Shared::closed_error())
+                }
+            }
+        }
+    }
+
     /// Any settlement, waiting where one must: a retry or dead letter produces a
     /// copy and waits for its delivery report.
     async fn settle_later(self: Box<Self>, settlement: Settlement) -> Result<()> {
         match settlement {
             Settlement::Ack => self.finish(),
-            Settlement::Retry { delay } => match &self.shared.retry_topic {
-                // Durable groups: a copy on the retry topic, due after the delay;
-                // the partition moves on (C7), and the copy survives restarts.
-                Some(retry_topic) => {
-                    let extra = [
-                        (
-                            header::ATTEMPT,
-                            self.record.attempt.saturating_add(1).to_string(),
-                        ),
-                        (header::TOPIC, self.record.topic.as_str().to_owned()),
-                        (mapping::DUE_MS, millis_from_now(delay).to_string()),
-                    ];
-                    self.move_to(retry_topic, &self.record.message, &extra)
-                        .await
-                }
-                // Private groups end with their subscription: retry in memory.
-                None => {
-                    if self.shared.hold_again(
-                        &self.record,
-                        self.record.attempt.saturating_add(1),
-                        delay,
-                    ) {
-                        Ok(())
-                    } else {
-                        Err(Shared::closed_error())
-                    }
-                }
-            },
+            Settlement::Retry { delay } => {
+                self.retry(delay, self.record.attempt.saturating_add(1))
+                    .await
+            }
+            // An early scheduled message waits as the same attempt.
+            Settlement::Defer { delay } => self.retry(delay, self.record.attempt).await,
             Settlement::DeadLetter(why) => {
                 let dead = self.record.message.dead_lettered(
                     self.record.topic.as_str(),

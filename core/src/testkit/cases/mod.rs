@@ -1,4 +1,4 @@
-//! The cases, one module per clause of the delivery contract (C1–C13), each
+//! The cases, one module per clause of the delivery contract (C1–C14), each
 //! named after the clause it proves, and the telemetry cases (`otel`). Each case is an `async fn(Ctx) -> CaseResult`
 //! and takes a fresh [`Ctx`](super::Ctx).
 //!
@@ -19,6 +19,7 @@ pub mod c10_shutdown;
 pub mod c11_reconnect;
 pub mod c12_bad_input;
 pub mod c13_metadata;
+pub mod c14_scheduled;
 pub mod c1_topics;
 pub mod c2_groups;
 pub mod c3_readiness;
@@ -122,6 +123,13 @@ macro_rules! __conformance_case_list {
                 c13_metadata_round_trips,
                 c13_library_headers_are_stripped_on_publish,
                 c13_metadata_survives_redelivery,
+            }
+            c14_scheduled {
+                c14_scheduled_message_waits_for_its_time,
+                c14_every_matching_group_gets_it_no_earlier,
+                c14_a_time_in_the_past_delivers_at_once,
+                c14_beyond_the_maximum_is_refused_and_handed_back,
+                c14_scheduled_message_survives_its_consumers_crash,
             }
             dlq {
                 dlq_list_shows_dead_letters_without_settling_them,
