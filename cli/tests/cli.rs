@@ -6,9 +6,12 @@
 
 use std::collections::BTreeSet;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use polybus::consumer::{Consumer, HandlerError};
 use polybus::{Bus, DeliveryStream, Message, RetryPolicy, Subscription};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
@@ -339,30 +342,46 @@ async fn publish_with_a_delay_is_delivered_no_earlier() {
     d.ack().await.unwrap();
 }
 
-/// The on-call story: a failing handler dead-letters a message; the CLI lists
-/// it, shows it, redrives it, and the handler (fixed) handles it.
+/// The on-call story: a failing handler (the handler runtime, its attempts
+/// used up) dead-letters a message; the CLI lists it, shows it, redrives it,
+/// and the handler, fixed meanwhile, handles it.
 #[tokio::test]
 async fn a_dead_letter_is_listed_shown_and_redriven_then_handled() {
     let Some(bus) = rabbitmq().await else { return };
     let (topic, group) = (unique("cli.dlq."), unique("cli-g-"));
-    let mut s = failing_group(&bus, &topic, &group).await;
-    bus.publish(
-        &topic,
-        Message::new("order 42").with_header("tenant", "acme"),
-    )
-    .await
-    .unwrap();
-    let ids = fail_each(&mut s, 1).await;
+    let fixed = Arc::new(AtomicBool::new(false));
+    let mut running = Consumer::new(bus.clone(), Subscription::new(&topic).group(&group))
+        .retry(RetryPolicy::fixed(Duration::from_millis(100)).max_attempts(2))
+        .start_with(
+            fixed.clone(),
+            |fixed: Arc<AtomicBool>, m: Message| async move {
+                if fixed.load(Ordering::SeqCst) {
+                    assert_eq!(m.payload().as_ref(), b"order 42");
+                    Ok(())
+                } else {
+                    Err(HandlerError::retry("card declined"))
+                }
+            },
+        )
+        .await
+        .unwrap();
+    let m = Message::new("order 42").with_header("tenant", "acme");
+    let id = m.id().to_owned();
+    bus.publish(&topic, m).await.unwrap();
+    // Two failed attempts: the second nack dead-letters it.
+    tokio::time::timeout(Duration::from_secs(30), running.wait_for(|s| s.nacked == 2))
+        .await
+        .expect("the handler failed twice within 30 s");
     until_count(AMQP, &group, 1).await;
 
     let ran = run(AMQP, &["dlq", "list", &group]).await;
     assert_eq!(ran.code, 0, "{}", ran.stderr);
-    assert!(ran.stdout.contains(&ids[0]), "{}", ran.stdout);
+    assert!(ran.stdout.contains(&id), "{}", ran.stdout);
     assert!(ran.stdout.contains("card declined"), "{}", ran.stdout);
     let listed = json_lines(&run(AMQP, &["dlq", "list", &group, "--json"]).await.stdout);
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["original_topic"], topic.as_str());
-    assert_eq!(listed[0]["attempts"], 1);
+    assert_eq!(listed[0]["attempts"], 2);
     assert!(
         listed[0]["dead_lettered_at_ms"].as_u64().is_some(),
         "{}",
@@ -370,22 +389,23 @@ async fn a_dead_letter_is_listed_shown_and_redriven_then_handled() {
     );
 
     until_count(AMQP, &group, 1).await;
-    let ran = run(AMQP, &["dlq", "show", &group, &ids[0][..13]]).await;
+    let ran = run(AMQP, &["dlq", "show", &group, &id[..13]]).await;
     assert_eq!(ran.code, 0, "{}", ran.stderr);
     assert!(ran.stdout.contains("order 42"), "{}", ran.stdout);
     assert!(ran.stdout.contains("tenant: acme"), "{}", ran.stdout);
     let ran = run(AMQP, &["dlq", "show", &group, "no-such-id"]).await;
     assert_eq!(ran.code, 2, "{}", ran.stderr);
 
+    fixed.store(true, Ordering::SeqCst);
     until_count(AMQP, &group, 1).await;
     let ran = run(AMQP, &["dlq", "redrive", &group]).await;
     assert_eq!(ran.code, 0, "{}", ran.stderr);
     assert!(ran.stdout.contains("1 redriven"), "{}", ran.stdout);
-    // The handler, fixed, handles it.
-    let d = next(&mut s).await;
-    assert_eq!(d.message().id(), ids[0]);
-    assert_eq!(d.attempt(), 1);
-    d.ack().await.unwrap();
+    let stats = tokio::time::timeout(Duration::from_secs(30), running.wait_for(|s| s.acked == 1))
+        .await
+        .expect("the redriven message was handled within 30 s");
+    assert_eq!((stats.acked, stats.nacked), (1, 2), "{stats:?}");
+    running.stop().await.unwrap();
     until_count(AMQP, &group, 0).await;
 }
 
