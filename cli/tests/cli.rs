@@ -523,3 +523,34 @@ async fn bench_prints_rates_and_latency_percentiles() {
         ran.stdout
     );
 }
+
+/// The README shows `polybus --help` and every subcommand's help as they are.
+#[tokio::test]
+async fn the_readme_shows_every_help_as_it_is() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    for sub in [
+        &[][..],
+        &["check"],
+        &["publish"],
+        &["tail"],
+        &["dlq"],
+        &["dlq", "count"],
+        &["dlq", "list"],
+        &["dlq", "show"],
+        &["dlq", "redrive"],
+        &["dlq", "purge"],
+        &["bench"],
+    ] {
+        let mut args = sub.to_vec();
+        args.push("--help");
+        let mut c = polybus("memory://", &args);
+        c.env_remove("POLYBUS_URL");
+        let ran = finish(c.spawn().unwrap()).await;
+        let shown = format!("$ polybus {}\n{}", args.join(" "), ran.stdout.trim_end());
+        assert!(
+            readme.contains(&shown),
+            "README.md lacks (or has another version of) this help; regenerate it:\n{shown}"
+        );
+    }
+}
