@@ -39,13 +39,7 @@ async fn c11_broker_killed_and_restarted_mid_stream_loses_no_acknowledged_messag
 
     // C14: due after the broker is back; the member defers it into the
     // group's retry store before the restart.
-    let scheduled = Scheduled::start(
-        &consumer_bus,
-        &unique("scheduled."),
-        &unique("scheduled-"),
-        Duration::from_secs(9),
-    )
-    .await;
+    let scheduled = Scheduled::start(&consumer_bus, Duration::from_secs(9)).await;
     let traffic = Traffic::start(&publisher, &topic, &[16, 16], sub);
 
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -16,7 +16,7 @@ use crate::io::Out;
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct BenchArgs {
-    /// The topic to load (default: a new one, bench.<unique>)
+    /// The topic to load (default: a new one, bench.ID)
     #[arg(long)]
     topic: Option<String>,
     /// Producer tasks

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use polybus::dead_letters::{MAX_HELD, Take};
 use polybus::{Bus, DeadLetterRecord, DeadLetterReport, DeadLetters, Error};
 
-use crate::io::{Out, kind_name, millis};
+use crate::io::{Out, millis};
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum DlqCommand {
@@ -294,7 +294,7 @@ fn print_report(group: &str, verb: &str, report: &DeadLetterReport, out: &Out) {
             "counted": report.counted,
             "done": report.done,
             "kept": report.kept,
-            "stopped_by": stopped.map(|e| serde_json::json!({ "kind": kind_name(e.kind()), "error": e.to_string() })),
+            "stopped_by": stopped.map(|e| serde_json::json!({ "kind": e.kind().name(), "error": e.to_string() })),
         }));
         return;
     }

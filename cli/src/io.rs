@@ -25,9 +25,9 @@ impl Out {
     /// A failure, on stderr (and as JSON on stdout with `--json`).
     pub(crate) fn error(&self, e: &Error) {
         if self.json {
-            self.line(&serde_json::json!({ "ok": false, "kind": kind_name(e.kind()), "error": e.to_string() }));
+            self.line(&serde_json::json!({ "ok": false, "kind": e.kind().name(), "error": e.to_string() }));
         }
-        eprintln!("polybus: {} error: {e}", kind_name(e.kind()));
+        eprintln!("polybus: {} error: {e}", e.kind().name());
     }
 
     /// A delivery as `tail` prints it.
@@ -55,24 +55,6 @@ impl Out {
 pub(crate) fn millis(t: Option<SystemTime>) -> Option<u64> {
     t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_millis() as u64)
-}
-
-/// The error kind's name, as printed and in JSON.
-pub(crate) fn kind_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::InvalidInput => "invalid_input",
-        Kind::PayloadTooLarge => "payload_too_large",
-        Kind::Connection => "connection",
-        Kind::Authentication => "authentication",
-        Kind::Timeout => "timeout",
-        Kind::Refused => "refused",
-        Kind::Decode => "decode",
-        Kind::Encode => "encode",
-        Kind::Closed => "closed",
-        Kind::Unsupported => "unsupported",
-        Kind::CircuitOpen => "circuit_open",
-        _ => "other",
-    }
 }
 
 /// The exit code of a failure of `kind` (the table in `polybus --help`).

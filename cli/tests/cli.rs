@@ -89,23 +89,28 @@ async fn rabbitmq() -> Option<Bus> {
     )
 }
 
-/// A group on `topic` that dead-letters everything at its first failure: a
-/// consumer whose handler fails.
-async fn failing_group(bus: &Bus, topic: &str, group: &str) -> DeliveryStream {
-    let sub = Subscription::new(topic)
-        .group(group)
+/// A group whose consumer failed `n` messages (`m0`, `m1`, …) at their first
+/// attempt, so they are its dead letters (counted); the group's stream and
+/// the messages' ids.
+async fn dead_lettered(bus: &Bus, n: usize) -> (String, DeliveryStream, BTreeSet<String>) {
+    let (topic, group) = (unique("cli.dead."), unique("cli-g-"));
+    let sub = Subscription::new(&topic)
+        .group(&group)
         .retry(RetryPolicy::fixed(Duration::from_millis(100)).max_attempts(1));
-    bus.subscribe(sub).await.expect("subscribe")
-}
-
-async fn fail_each(s: &mut DeliveryStream, n: usize) -> Vec<String> {
-    let mut ids = Vec::new();
+    let mut s = bus.subscribe(sub).await.expect("subscribe");
+    for i in 0..n {
+        bus.publish(&topic, Message::new(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let mut ids = BTreeSet::new();
     for _ in 0..n {
-        let d = next(s).await;
-        ids.push(d.message().id().to_owned());
+        let d = next(&mut s).await;
+        ids.insert(d.message().id().to_owned());
         d.nack_because("card declined").await.expect("nack");
     }
-    ids
+    until_count(AMQP, &group, n as u64).await;
+    (group, s, ids)
 }
 
 async fn next(s: &mut DeliveryStream) -> polybus::Delivery {
@@ -412,15 +417,7 @@ async fn a_dead_letter_is_listed_shown_and_redriven_then_handled() {
 #[tokio::test]
 async fn a_redrive_interrupted_by_ctrl_c_loses_nothing() {
     let Some(bus) = rabbitmq().await else { return };
-    let (topic, group) = (unique("cli.int."), unique("cli-g-"));
-    let mut s = failing_group(&bus, &topic, &group).await;
-    for i in 0..6 {
-        bus.publish(&topic, Message::new(format!("m{i}")))
-            .await
-            .unwrap();
-    }
-    let ids: BTreeSet<String> = fail_each(&mut s, 6).await.into_iter().collect();
-    until_count(AMQP, &group, 6).await;
+    let (group, mut s, ids) = dead_lettered(&bus, 6).await;
 
     let redrive = polybus(AMQP, &["dlq", "redrive", &group, "--rate", "2"])
         .spawn()
@@ -460,15 +457,7 @@ async fn a_redrive_interrupted_by_ctrl_c_loses_nothing() {
 #[tokio::test]
 async fn purge_asks_unless_yes_and_a_dry_run_takes_nothing() {
     let Some(bus) = rabbitmq().await else { return };
-    let (topic, group) = (unique("cli.purge."), unique("cli-g-"));
-    let mut s = failing_group(&bus, &topic, &group).await;
-    for i in 0..3 {
-        bus.publish(&topic, Message::new(format!("m{i}")))
-            .await
-            .unwrap();
-    }
-    fail_each(&mut s, 3).await;
-    until_count(AMQP, &group, 3).await;
+    let (group, _consumer, _) = dead_lettered(&bus, 3).await;
 
     let ran = run(AMQP, &["dlq", "purge", &group]).await;
     assert_eq!(ran.code, 2, "no terminal, no --yes: {}", ran.stderr);

@@ -37,6 +37,25 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The kind's name in snake case (`invalid_input`, `timeout`, …): stable,
+    /// for logs, metrics and a tool's JSON output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::InvalidInput => "invalid_input",
+            Kind::PayloadTooLarge => "payload_too_large",
+            Kind::Connection => "connection",
+            Kind::Authentication => "authentication",
+            Kind::Timeout => "timeout",
+            Kind::Refused => "refused",
+            Kind::Decode => "decode",
+            Kind::Encode => "encode",
+            Kind::Closed => "closed",
+            Kind::Unsupported => "unsupported",
+            Kind::CircuitOpen => "circuit_open",
+            Kind::Other => "other",
+        }
+    }
+
     fn describe(self) -> &'static str {
         match self {
             Kind::InvalidInput => "invalid input",

@@ -286,7 +286,7 @@ impl Message {
 
     /// Deliver no earlier than `at` (C14): every matching group receives the
     /// message at `at` or later, never before. At most
-    /// [`MAX_SCHEDULE`](crate::message::MAX_SCHEDULE) ahead of the publish;
+    /// [`MAX_SCHEDULE`] ahead of the publish;
     /// a time in the past delivers at once. Times are wall-clock times, so the
     /// clocks of publisher and consumer hosts should agree.
     pub fn deliver_at(mut self, at: SystemTime) -> Self {

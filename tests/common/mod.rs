@@ -204,8 +204,10 @@ pub struct Scheduled {
 }
 
 impl Scheduled {
-    /// Subscribe a group to `topic` and publish one message due `delay` from now.
-    pub async fn start(bus: &Bus, topic: &str, group: &str, delay: Duration) -> Self {
+    /// Subscribe a new group to a new topic and publish one message due `delay`
+    /// from now.
+    pub async fn start(bus: &Bus, delay: Duration) -> Self {
+        let (topic, group) = (&unique("scheduled."), &unique("scheduled-"));
         let mut s = bus
             .subscribe(polybus::Subscription::new(topic).group(group))
             .await

@@ -142,18 +142,9 @@ const DURATION_BUCKETS: [f64; 14] = [
 /// `error.type` for an error: its kind, in snake case.
 pub(crate) fn error_type(kind: Kind) -> &'static str {
     match kind {
-        Kind::InvalidInput => "invalid_input",
-        Kind::PayloadTooLarge => "payload_too_large",
-        Kind::Connection => "connection",
-        Kind::Authentication => "authentication",
-        Kind::Timeout => "timeout",
-        Kind::Refused => "refused",
-        Kind::Decode => "decode",
-        Kind::Encode => "encode",
-        Kind::Closed => "closed",
-        Kind::Unsupported => "unsupported",
-        Kind::CircuitOpen => "circuit_open",
-        _ => "_OTHER",
+        // The conventions' name for an error of no known type.
+        Kind::Other => "_OTHER",
+        known => known.name(),
     }
 }
 
