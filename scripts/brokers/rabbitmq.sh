@@ -3,6 +3,7 @@
 #
 #   scripts/brokers/rabbitmq.sh start   install if missing, start if not running, wait
 #   scripts/brokers/rabbitmq.sh stop    stop the node, if `start` started it
+#   scripts/brokers/rabbitmq.sh install install Debian's rabbitmq-server if missing
 #
 # Installs Debian's rabbitmq-server with apt (seconds; skipped when installed).
 # The tests use the vhost `polybus-test`, deleted and made anew at every start, so
@@ -159,5 +160,7 @@ stop() {
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
-  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+  # For rabbitmq-cluster.sh, which runs the same package.
+  install) install ;;
+  *) echo "usage: $0 start|stop|install" >&2; exit 2 ;;
 esac

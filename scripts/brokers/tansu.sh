@@ -10,6 +10,14 @@
 #                                      data, start it again (benches: tansu's sqlite
 #                                      store slows down as it grows by gigabytes)
 #   scripts/brokers/tansu.sh stop      stop the broker, if `start` started it
+#   scripts/brokers/tansu.sh install   build the binary if it is not cached
+#
+# With POLYBUS_TANSU_SASL=1 (what tansu-sasl.sh sets) the same commands run a
+# second broker that requires SASL: on 127.0.0.1:9094, data in
+# target/brokers/tansu-sasl, started with `--authentication` after its SCRAM
+# users are made (user `polybus`, password `polybus-secret`, for SCRAM-SHA-256
+# and SCRAM-SHA-512). tansu 0.6 speaks only SCRAM: it has no PLAIN, and its TLS
+# flags (--cert, --key) build an acceptor the listener never uses.
 #
 # No Apache Kafka package is reachable here; tansu 0.6.0 is on crates.io. It needs
 # a storage engine feature or it refuses to start, and builds in about twelve
@@ -25,15 +33,25 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
-state="$root/target/brokers/tansu"
 cache="${POLYBUS_CACHE:-$HOME/.cache/polybus}/tansu"
 bin="$cache/bin/tansu"
 version=0.6.0
-port=9092
+sasl="${POLYBUS_TANSU_SASL:-0}"
+if [ "$sasl" = 1 ]; then
+  state="$root/target/brokers/tansu-sasl"
+  port=9094
+  # tansu authenticates only once users exist, and makes users only through
+  # a broker: the first launch has no authentication.
+  auth=(--authentication)
+else
+  state="$root/target/brokers/tansu"
+  port=9092
+  auth=()
+fi
 pidfile="$state/tansu.pid"
 marker="$state/started-by-polybus"
 
-log() { printf 'tansu: %s\n' "$*"; }
+log() { printf 'tansu%s: %s\n' "$([ "$sasl" = 1 ] && echo ' (sasl)')" "$*"; }
 
 listening() {
   timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port" 2>/dev/null
@@ -79,6 +97,7 @@ launch() {
       --storage-engine sqlite://tansu.db \
       --listener-url "tcp://127.0.0.1:$port" \
       --advertised-listener-url "tcp://127.0.0.1:$port" \
+      "$@" \
       >>tansu.log 2>&1 &
     echo $! > "$pidfile"
   )
@@ -118,7 +137,19 @@ start() {
   rm -f "$state"/tansu.db*
   : > "$state/tansu.log"
   log "starting on 127.0.0.1:$port, data in $state"
-  launch
+  if [ "$sasl" = 1 ]; then
+    launch
+    for mechanism in scram256 scram512; do
+      "$bin" user create polybus polybus-secret --mechanism "$mechanism" \
+        --broker "tcp://127.0.0.1:$port" >>"$state/tansu.log" 2>&1
+    done
+    local pid
+    pid=$(cat "$pidfile")
+    kill "$pid"
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+    log "made the SCRAM users; starting again with --authentication"
+  fi
+  launch "${auth[@]}"
   # Who started it: `stop` stops it only for the same session (scripts/test sets
   # POLYBUS_BROKER_SESSION), or, run by hand without one, always.
   echo "${POLYBUS_BROKER_SESSION:-manual}" > "$marker"
@@ -135,7 +166,7 @@ restart() {
   kill -9 "$pid"
   while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
   sleep "${1:-0}"
-  launch
+  launch "${auth[@]}"
 }
 
 reset() {
@@ -147,6 +178,11 @@ reset() {
   pid=$(cat "$pidfile")
   kill "$pid"
   while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+  if [ "$sasl" = 1 ]; then
+    log "reset keeps the SASL broker's data (its users live there)"
+    launch "${auth[@]}"
+    return
+  fi
   rm -f "$state"/tansu.db*
   log "wiped its data; starting again"
   launch
@@ -171,8 +207,9 @@ stop() {
 
 case "${1:-}" in
   start) start ;;
+  install) install ;;
   restart) restart "${2:-0}" ;;
   reset) reset ;;
   stop) stop ;;
-  *) echo "usage: $0 start|restart [SECONDS]|reset|stop" >&2; exit 2 ;;
+  *) echo "usage: $0 start|restart [SECONDS]|reset|stop|install" >&2; exit 2 ;;
 esac

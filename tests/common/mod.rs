@@ -67,6 +67,11 @@ pub struct Traffic {
     failed: Arc<AtomicU64>,
     confirmed: Arc<Mutex<HashSet<u64>>>,
     received: Arc<Mutex<Vec<u64>>>,
+    /// When each publish was confirmed and each delivery acked, for the
+    /// recovery times.
+    confirmed_at: Arc<Mutex<Vec<Instant>>>,
+    received_at: Arc<Mutex<Vec<Instant>>>,
+    faults: Vec<(String, Instant)>,
     publishers: Vec<tokio::task::JoinHandle<()>>,
     consumer: tokio::task::JoinHandle<()>,
 }
@@ -80,16 +85,19 @@ impl Traffic {
         let seq = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let confirmed = Arc::new(Mutex::new(HashSet::new()));
+        let confirmed_at = Arc::new(Mutex::new(Vec::new()));
+        let received_at = Arc::new(Mutex::new(Vec::new()));
         let publishers = batches
             .iter()
             .map(|&batch| {
-                let (bus, topic, stop, seq, failed, confirmed) = (
+                let (bus, topic, stop, seq, failed, confirmed, confirmed_at) = (
                     publisher.clone(),
                     topic.to_owned(),
                     stop.clone(),
                     seq.clone(),
                     failed.clone(),
                     confirmed.clone(),
+                    confirmed_at.clone(),
                 );
                 tokio::spawn(async move {
                     while !stop.load(Ordering::Acquire) {
@@ -111,6 +119,7 @@ impl Traffic {
                             match result {
                                 Ok(_) => {
                                     confirmed.lock().unwrap().insert(n);
+                                    confirmed_at.lock().unwrap().push(Instant::now());
                                 }
                                 Err(e) => {
                                     assert!(
@@ -131,7 +140,7 @@ impl Traffic {
             .collect();
         let received = Arc::new(Mutex::new(Vec::new()));
         let consumer = {
-            let received = received.clone();
+            let (received, received_at) = (received.clone(), received_at.clone());
             tokio::spawn(async move {
                 while let Some(item) = sub.next().await {
                     match item {
@@ -141,6 +150,7 @@ impl Traffic {
                             // message comes again.
                             if d.ack().await.is_ok() {
                                 received.lock().unwrap().push(n);
+                                received_at.lock().unwrap().push(Instant::now());
                             }
                         }
                         Err(e) => eprintln!("consumer: {e}"),
@@ -154,16 +164,62 @@ impl Traffic {
             failed,
             confirmed,
             received,
+            confirmed_at,
+            received_at,
+            faults: Vec::new(),
             publishers,
             consumer,
         }
     }
 
+    /// Note that a fault (`label`) is injected now: `finish` reports how long
+    /// publishing and delivery stalled after it.
+    pub fn fault(&mut self, label: &str) {
+        eprintln!("fault: {label}");
+        self.faults.push((label.to_owned(), Instant::now()));
+    }
+
+    /// The recovery after each fault: the longest gap between two confirmed
+    /// publishes, and between two acked deliveries, from the fault until the
+    /// next fault (or the end).
+    fn recoveries(&self) -> Vec<String> {
+        // `None` when nothing happened after the fault at all.
+        let longest_gap = |times: &[Instant], from: Instant, to: Instant| {
+            let mut last = None;
+            let mut gap = Duration::ZERO;
+            for &t in times.iter().filter(|&&t| t >= from && t <= to) {
+                gap = gap.max(t - last.unwrap_or(from));
+                last = Some(t);
+            }
+            last.map(|_| format!("{:.2} s", gap.as_secs_f64()))
+                .unwrap_or_else(|| "never".into())
+        };
+        let (mut confirmed, mut received) = (
+            self.confirmed_at.lock().unwrap().clone(),
+            self.received_at.lock().unwrap().clone(),
+        );
+        confirmed.sort();
+        received.sort();
+        let end = Instant::now();
+        self.faults
+            .iter()
+            .enumerate()
+            .map(|(i, (label, at))| {
+                let to = self.faults.get(i + 1).map_or(end, |f| f.1);
+                format!(
+                    "{label}: publishing recovered in {}, delivery in {}",
+                    longest_gap(&confirmed, *at, to),
+                    longest_gap(&received, *at, to)
+                )
+            })
+            .collect()
+    }
+
     /// Stop publishing, wait up to `patience` for every confirmed message,
     /// print the counts and fail if any confirmed message was lost.
-    pub async fn finish(self, label: &str, patience: Duration) {
+    pub async fn finish(mut self, label: &str, patience: Duration) {
         self.stop.store(true, Ordering::Release);
-        for p in self.publishers {
+        for p in std::mem::take(&mut self.publishers) {
             p.await.unwrap();
         }
         let confirmed: HashSet<u64> = self.confirmed.lock().unwrap().clone();
@@ -180,13 +236,18 @@ impl Traffic {
         let unique: HashSet<u64> = received.iter().copied().collect();
         let lost = confirmed.difference(&unique).count();
         let duplicated = received.len() - unique.len();
+        let published = self.seq.load(Ordering::Acquire);
+        let unexpected = unique.iter().filter(|&&n| n >= published).count();
         println!(
-            "{label}: published {} confirmed {} failed {} received {} lost {lost} duplicated {duplicated}",
-            self.seq.load(Ordering::Acquire),
+            "{label}: published {published} confirmed {} failed {} received {} lost {lost} duplicated {duplicated} unexpected {unexpected}",
             confirmed.len(),
             self.failed.load(Ordering::Acquire),
             unique.len(),
         );
+        for recovery in self.recoveries() {
+            println!("{label}: {recovery}");
+        }
+        assert_eq!(unexpected, 0, "messages nobody published");
         assert!(
             confirmed.len() > 100,
             "too little traffic to prove anything"

@@ -9,10 +9,10 @@ use polybus_core::backend::Failure;
 use polybus_core::backend::url::{redact, scrub};
 use polybus_core::{Error, Kind, Message, Receipt, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseProducer, DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use crate::mapping;
 use crate::options::KafkaOptions;
@@ -43,6 +43,9 @@ impl Connector {
         config.set("reconnect.backoff.max.ms", "1000");
         for (k, v) in own {
             config.set(*k, v);
+        }
+        for (k, v) in options.security.settings() {
+            config.set(k, v);
         }
         for (k, v) in &options.native {
             config.set(k, v);
@@ -80,22 +83,12 @@ impl Connector {
         let admin: AdminClient<DefaultClientContext> = Self::config(&options, &[])
             .create()
             .map_err(|e| config_error(e, &options))?;
-        let probe = producer.clone();
-        let timeout = options.connect_timeout;
-        let brokers = redact(&options.brokers);
-        tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, timeout))
+        let probe_config = Self::config(&options, &[]);
+        let (timeout, brokers) = (options.connect_timeout, redact(&options.brokers));
+        let secrets: Vec<String> = options.secrets().into_iter().map(str::to_owned).collect();
+        tokio::task::spawn_blocking(move || probe(&probe_config, timeout, &brokers, &secrets))
             .await
-            .map_err(|e| Error::new(Kind::Other, format!("metadata probe panicked: {e}")))?
-            .map_err(|e| {
-                Error::new(
-                    Kind::Connection,
-                    format!(
-                        "cannot reach kafka at {brokers} within {} ms: {e}",
-                        timeout.as_millis()
-                    ),
-                )
-                .with_source(e)
-            })?;
+            .map_err(|e| Error::new(Kind::Other, format!("metadata probe panicked: {e}")))??;
         Ok(Arc::new(Connector {
             options,
             producer,
@@ -241,6 +234,84 @@ fn record<'a>(
     match message.key() {
         Some(key) => record.key(key),
         None => record,
+    }
+}
+
+/// Ask the cluster for its metadata until `timeout`: librdkafka retries an
+/// unreachable broker forever, so this is what makes `connect` fail in time.
+/// A client whose SASL login the broker refused never gets an answer either;
+/// librdkafka reports the refusal as an error event, which the probe's own
+/// client serves between attempts, so that case is an `Authentication` error.
+fn probe(
+    config: &ClientConfig,
+    timeout: Duration,
+    brokers: &str,
+    secrets: &[String],
+) -> Result<()> {
+    let client: BaseProducer<AuthWatch> = config
+        .create_with_context(AuthWatch::default())
+        .map_err(|e| {
+            let text = scrub(&e.to_string(), secrets);
+            Error::new(
+                Kind::InvalidInput,
+                format!("invalid kafka settings: {text}"),
+            )
+        })?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let attempt = client
+            .client()
+            .fetch_metadata(None, left.min(Duration::from_millis(500)));
+        client.poll(Duration::ZERO);
+        if let Some(reason) = polybus_core::backend::lock(&client.context().0).take() {
+            return Err(Error::new(
+                Kind::Authentication,
+                format!(
+                    "kafka at {brokers} refused the SASL login: {}",
+                    scrub(&reason, secrets)
+                ),
+            ));
+        }
+        match attempt {
+            Ok(_) => return Ok(()),
+            Err(e) if left.is_zero() => {
+                return Err(Error::new(
+                    Kind::Connection,
+                    format!(
+                        "cannot reach kafka at {brokers} within {} ms: {e}",
+                        timeout.as_millis()
+                    ),
+                )
+                .with_source(e));
+            }
+            // Not answered yet: librdkafka keeps trying the brokers.
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+// The probe produces nothing: no delivery reports to handle.
+impl rdkafka::producer::ProducerContext for AuthWatch {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, (): ()) {}
+}
+
+/// The probe's client context: keeps librdkafka's report of a refused login.
+#[derive(Default)]
+struct AuthWatch(Mutex<Option<String>>);
+
+impl ClientContext for AuthWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let refused = matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed)
+        );
+        if refused {
+            *polybus_core::backend::lock(&self.0) = Some(reason.to_owned());
+        } else {
+            tracing::debug!(%error, reason, "kafka connect probe");
+        }
     }
 }
 

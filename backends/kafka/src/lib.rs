@@ -61,7 +61,7 @@ use polybus_core::backend::{Backend, DeliverySource, Endpoint, ValidSubscription
 use polybus_core::{Bus, Capabilities, Capability, Message, PublishFuture, Result, async_trait};
 
 use crate::connection::Connector;
-pub use crate::options::{Compression, DEFAULT_MAX_PAYLOAD, KafkaOptions};
+pub use crate::options::{Compression, DEFAULT_MAX_PAYLOAD, KafkaOptions, SaslMechanism};
 
 /// A connection to a Kafka cluster.
 pub struct KafkaBus {

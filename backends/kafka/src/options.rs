@@ -63,7 +63,61 @@ pub struct KafkaOptions {
     pub(crate) subscribe_timeout: Duration,
     pub(crate) fetch_wait: Duration,
     pub(crate) linger: Duration,
+    pub(crate) security: Security,
     pub(crate) native: Vec<(String, String)>,
+}
+
+/// How a SASL client proves who it is.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaslMechanism {
+    /// The password in clear (use it over TLS only).
+    Plain,
+    /// SCRAM with SHA-256: the password never crosses the wire.
+    ScramSha256,
+    /// SCRAM with SHA-512 (the default of a URL with credentials).
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// librdkafka's `sasl.mechanism` name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// TLS and SASL: what `security.protocol` and its settings become.
+#[derive(Clone, Default)]
+pub(crate) struct Security {
+    pub(crate) sasl: Option<(SaslMechanism, String, String)>,
+    pub(crate) tls: bool,
+    pub(crate) ca_file: Option<String>,
+}
+
+impl Security {
+    /// The librdkafka settings, applied before the native ones.
+    pub(crate) fn settings(&self) -> Vec<(&'static str, String)> {
+        let protocol = match (&self.sasl, self.tls) {
+            (None, false) => return Vec::new(),
+            (None, true) => "ssl",
+            (Some(_), false) => "sasl_plaintext",
+            (Some(_), true) => "sasl_ssl",
+        };
+        let mut settings = vec![("security.protocol", protocol.to_owned())];
+        if let Some((mechanism, user, password)) = &self.sasl {
+            settings.push(("sasl.mechanism", mechanism.as_str().to_owned()));
+            settings.push(("sasl.username", user.clone()));
+            settings.push(("sasl.password", password.clone()));
+        }
+        if let Some(ca) = &self.ca_file {
+            settings.push(("ssl.ca.location", ca.clone()));
+        }
+        settings
+    }
 }
 
 impl KafkaOptions {
@@ -81,17 +135,19 @@ impl KafkaOptions {
             subscribe_timeout: Duration::from_secs(30),
             fetch_wait: Duration::from_millis(20),
             linger: Duration::from_millis(1),
+            security: Security::default(),
             native: Vec::new(),
         }
     }
 
-    /// Parse `kafka://host:9092,host2:9092?…`.
+    /// Parse `kafka://host:9092,host2:9092?…`, or with SASL credentials
+    /// `kafka://user:password@host:9092?sasl_mechanism=SCRAM-SHA-256`.
     ///
     /// The URL is read by [`polybus_core::backend::url`]: the brokers are a comma
-    /// list of `host:port` (IPv6 as `[::1]:9092`), with no credentials (they go in
-    /// `sasl.username` and `sasl.password`) and no path (a lone trailing `/` is
-    /// allowed); every query key and value is percent-decoded (`%26` is `&`; a `+`
-    /// stays a plus). polybus's own parameters:
+    /// list of `host:port` (IPv6 as `[::1]:9092`), with no path (a lone trailing
+    /// `/` is allowed); credentials, if any, are SASL's, shared by every broker;
+    /// the user name, the password and every query key and value are
+    /// percent-decoded (`%26` is `&`; a `+` stays a plus). polybus's own parameters:
     ///
     /// | parameter | default | meaning |
     /// |---|---|---|
@@ -105,6 +161,9 @@ impl KafkaOptions {
     /// | `subscribe_timeout_ms` | 30000 | how long `subscribe` waits for its partition assignment |
     /// | `fetch_wait_ms` | 20 | the longest a consumer's fetch waits at the broker for records (librdkafka `fetch.wait.max.ms`) |
     /// | `linger_ms` | 1 | how long the producer gathers records into a batch (librdkafka `linger.ms`) |
+    /// | `sasl_mechanism` | SCRAM-SHA-512 | with credentials: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` |
+    /// | `tls` | false | connect over TLS (`security.protocol` `ssl`, or `sasl_ssl` with credentials) |
+    /// | `tls_ca_file` | the system's | a PEM file of CA certificates to trust (implies `tls`) |
     ///
     /// Any other parameter is a native librdkafka setting passed through (decoded)
     /// to the producer and consumers, e.g. `?linger.ms=10&socket.keepalive.enable=true`.
@@ -116,11 +175,13 @@ impl KafkaOptions {
         if parsed.hosts.is_empty() || parsed.path.as_ref().is_some_and(|p| !p.is_empty()) {
             return Err(parsed.invalid(format!("{HOSTS}, with no path")));
         }
-        if parsed.user.is_some() || parsed.password.is_some() {
-            return Err(parsed.invalid(
-                "a kafka url has no credentials: give them as sasl.username and sasl.password",
-            ));
-        }
+        let credentials = match (&parsed.user, &parsed.password) {
+            (Some(user), Some(password)) if !user.is_empty() => {
+                Some((user.clone(), password.clone()))
+            }
+            (None, None) => None,
+            _ => return Err(parsed.invalid("give SASL credentials as user:password@")),
+        };
         let brokers: Vec<String> = parsed
             .hosts
             .iter()
@@ -130,8 +191,33 @@ impl KafkaOptions {
             })
             .collect();
         let mut options = KafkaOptions::new(brokers.join(","));
+        let mut mechanism = None;
         for (k, v) in &parsed.query {
+            if k == "sasl_mechanism" {
+                mechanism = Some(match v.as_str() {
+                    "PLAIN" => SaslMechanism::Plain,
+                    "SCRAM-SHA-256" => SaslMechanism::ScramSha256,
+                    "SCRAM-SHA-512" => SaslMechanism::ScramSha512,
+                    _ => {
+                        return Err(parsed.bad_value(
+                            k,
+                            v,
+                            "is not one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512",
+                        ));
+                    }
+                });
+                continue;
+            }
             options.apply(&parsed, k, v)?;
+        }
+        match (credentials, mechanism) {
+            (Some((user, password)), m) => {
+                options = options.sasl(m.unwrap_or(SaslMechanism::ScramSha512), user, password);
+            }
+            (None, Some(_)) => {
+                return Err(parsed.invalid("sasl_mechanism needs credentials: user:password@"));
+            }
+            (None, None) => {}
         }
         Ok(options)
     }
@@ -160,6 +246,11 @@ impl KafkaOptions {
             "subscribe_timeout_ms" => self.subscribe_timeout = millis(v)?,
             "fetch_wait_ms" => self.fetch_wait = millis(v)?,
             "linger_ms" => self.linger = millis(v)?,
+            "tls" => self.security.tls = url.value(k, v, "is not true or false")?,
+            "tls_ca_file" => {
+                self.security.tls = true;
+                self.security.ca_file = Some(v.into());
+            }
             _ => self.native.push((k.into(), v.into())),
         }
         Ok(())
@@ -242,6 +333,28 @@ impl KafkaOptions {
         self
     }
 
+    /// Authenticate with SASL `mechanism` as `user` (over TLS if
+    /// [`tls`](Self::tls) is on). A wrong password is an
+    /// [`Authentication`](polybus_core::Kind::Authentication) error from
+    /// `connect`, within its time-out; the password is never shown.
+    pub fn sasl(
+        mut self,
+        mechanism: SaslMechanism,
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.security.sasl = Some((mechanism, user.into(), password.into()));
+        self
+    }
+
+    /// Connect over TLS, trusting the CA certificates in the PEM file
+    /// `ca_file`, or the system's with `None`.
+    pub fn tls(mut self, ca_file: Option<String>) -> Self {
+        self.security.tls = true;
+        self.security.ca_file = ca_file;
+        self
+    }
+
     /// The escape hatch: a native librdkafka setting, applied to the producer and
     /// every consumer after polybus's own, so it wins. Settings polybus relies on
     /// (`enable.auto.commit`, `group.id`, ...) can be broken this way; you own it.
@@ -262,6 +375,7 @@ impl KafkaOptions {
             .iter()
             .filter(|(k, _)| is_secret_key(k))
             .map(|(_, v)| v.as_str())
+            .chain(self.security.sasl.as_ref().map(|(_, _, p)| p.as_str()))
             .collect()
     }
 }
@@ -296,6 +410,16 @@ impl fmt::Debug for KafkaOptions {
             .field("subscribe_timeout", &self.subscribe_timeout)
             .field("fetch_wait", &self.fetch_wait)
             .field("linger", &self.linger)
+            .field(
+                "sasl",
+                &self
+                    .security
+                    .sasl
+                    .as_ref()
+                    .map(|(m, user, _)| (m, user, MASK)),
+            )
+            .field("tls", &self.security.tls)
+            .field("tls_ca_file", &self.security.ca_file)
             .field("native", &native)
             .finish()
     }
@@ -358,7 +482,8 @@ mod tests {
         for url in [
             "kafka://127.0.0.1:1?sasl.password=s3cr3t&partitions=abc",
             "kafka://127.0.0.1:1/x?sasl.password=s3cr3t",
-            "kafka://u:s3cr3t@127.0.0.1:1",
+            "kafka://u:s3cr3t@127.0.0.1:1?sasl_mechanism=MD5",
+            "kafka://:s3cr3t@127.0.0.1:1",
             "kafka://127.0.0.1:99999?ssl.key.password=s3cr3t",
             "kafka://h?sasl.oauthbearer.client.secret=s3cr3t&replication=0",
         ] {
@@ -366,5 +491,47 @@ mod tests {
             assert!(e.is_invalid_input(), "{url}");
             assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{url}: {e}");
         }
+    }
+
+    #[test]
+    fn credentials_in_the_url_are_sasl_and_never_shown() {
+        let o = KafkaOptions::from_url("kafka://svc:hunter2@h:9094?sasl_mechanism=SCRAM-SHA-256")
+            .unwrap();
+        let settings = o.security.settings();
+        let get = |k: &str| {
+            settings
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("security.protocol"), Some("sasl_plaintext"));
+        assert_eq!(get("sasl.mechanism"), Some("SCRAM-SHA-256"));
+        assert_eq!(get("sasl.username"), Some("svc"));
+        assert_eq!(get("sasl.password"), Some("hunter2"));
+        assert!(!format!("{o:?}").contains("hunter2"), "{o:?}");
+        assert_eq!(o.secrets(), ["hunter2"]);
+        // SCRAM-SHA-512 by default; TLS with a CA file.
+        let o = KafkaOptions::from_url("kafka://svc:pw@h:9094?tls_ca_file=/etc/ca.pem").unwrap();
+        let settings = o.security.settings();
+        let get = |k: &str| {
+            settings
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(get("ssl.ca.location"), Some("/etc/ca.pem"));
+        let o = KafkaOptions::from_url("kafka://h:9093?tls=true").unwrap();
+        assert_eq!(
+            o.security.settings(),
+            [("security.protocol", "ssl".to_owned())]
+        );
+        assert!(KafkaOptions::new("h:1").security.settings().is_empty());
+        let e = KafkaOptions::from_url("kafka://h:1?sasl_mechanism=PLAIN").unwrap_err();
+        assert!(
+            e.is_invalid_input() && e.to_string().contains("credentials"),
+            "{e}"
+        );
     }
 }
