@@ -6,7 +6,8 @@
 //!
 //! 1. kills (`kill -9`) the node that leads the group's quorum queue, and
 //!    starts it again;
-//! 2. kills the node the publisher is connected to, and starts it again;
+//! 2. kills a node a client is connected to (the publisher's, or, when that
+//!    node now leads the queue, the consumer's), and starts it again;
 //! 3. stops a node gracefully, and starts it again.
 //!
 //! An independent oracle counts every publish that returned `Ok`: each must be

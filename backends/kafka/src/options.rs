@@ -493,35 +493,32 @@ mod tests {
         }
     }
 
+    /// The librdkafka setting `key` that `o`'s security makes.
+    fn setting(o: &KafkaOptions, key: &str) -> Option<String> {
+        let settings = o.security.settings();
+        settings
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    }
+
     #[test]
     fn credentials_in_the_url_are_sasl_and_never_shown() {
         let o = KafkaOptions::from_url("kafka://svc:hunter2@h:9094?sasl_mechanism=SCRAM-SHA-256")
             .unwrap();
-        let settings = o.security.settings();
-        let get = |k: &str| {
-            settings
-                .iter()
-                .find(|(n, _)| *n == k)
-                .map(|(_, v)| v.as_str())
-        };
-        assert_eq!(get("security.protocol"), Some("sasl_plaintext"));
-        assert_eq!(get("sasl.mechanism"), Some("SCRAM-SHA-256"));
-        assert_eq!(get("sasl.username"), Some("svc"));
-        assert_eq!(get("sasl.password"), Some("hunter2"));
+        let get = |k| setting(&o, k);
+        assert_eq!(get("security.protocol").as_deref(), Some("sasl_plaintext"));
+        assert_eq!(get("sasl.mechanism").as_deref(), Some("SCRAM-SHA-256"));
+        assert_eq!(get("sasl.username").as_deref(), Some("svc"));
+        assert_eq!(get("sasl.password").as_deref(), Some("hunter2"));
         assert!(!format!("{o:?}").contains("hunter2"), "{o:?}");
         assert_eq!(o.secrets(), ["hunter2"]);
         // SCRAM-SHA-512 by default; TLS with a CA file.
         let o = KafkaOptions::from_url("kafka://svc:pw@h:9094?tls_ca_file=/etc/ca.pem").unwrap();
-        let settings = o.security.settings();
-        let get = |k: &str| {
-            settings
-                .iter()
-                .find(|(n, _)| *n == k)
-                .map(|(_, v)| v.as_str())
-        };
-        assert_eq!(get("security.protocol"), Some("sasl_ssl"));
-        assert_eq!(get("sasl.mechanism"), Some("SCRAM-SHA-512"));
-        assert_eq!(get("ssl.ca.location"), Some("/etc/ca.pem"));
+        let get = |k| setting(&o, k);
+        assert_eq!(get("security.protocol").as_deref(), Some("sasl_ssl"));
+        assert_eq!(get("sasl.mechanism").as_deref(), Some("SCRAM-SHA-512"));
+        assert_eq!(get("ssl.ca.location").as_deref(), Some("/etc/ca.pem"));
         let o = KafkaOptions::from_url("kafka://h:9093?tls=true").unwrap();
         assert_eq!(
             o.security.settings(),

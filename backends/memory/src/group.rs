@@ -534,23 +534,10 @@ impl Group {
         let mut dead_letter = None;
         match settlement {
             Settlement::Ack => {}
-            Settlement::Retry { delay } => {
-                let mut entry = inflight.into_entry();
-                entry.attempt = entry.attempt.saturating_add(1);
-                entry.redelivered = true;
-                let mut state = self.lock();
-                if !state.deleted {
-                    state.retry_after(entry, delay);
-                }
-            }
+            Settlement::Retry { delay } => self.hold_back(inflight.into_entry().returned(), delay),
             Settlement::DeadLetter(why) => dead_letter = Some((inflight, why)),
             // An early scheduled message: held back as the same attempt.
-            Settlement::Defer { delay } => {
-                let mut state = self.lock();
-                if !state.deleted {
-                    state.retry_after(inflight.into_entry(), delay);
-                }
-            }
+            Settlement::Defer { delay } => self.hold_back(inflight.into_entry(), delay),
             // A settlement this backend does not know is a bug in the core; keep
             // the message rather than lose it.
             #[allow(unreachable_patterns)]
@@ -560,6 +547,14 @@ impl Group {
             dead_letter,
             member_closing,
         })
+    }
+
+    /// Keep `entry` back for `delay`, unless the group is gone.
+    fn hold_back(&self, entry: Entry, delay: Duration) {
+        let mut state = self.lock();
+        if !state.deleted {
+            state.retry_after(entry, delay);
+        }
     }
 
     /// Stop handing deliveries to the member; wakes it so its stream ends.
