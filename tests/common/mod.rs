@@ -238,14 +238,16 @@ impl Traffic {
         let duplicated = received.len() - unique.len();
         let published = self.seq.load(Ordering::Acquire);
         let unexpected = unique.iter().filter(|&&n| n >= published).count();
-        println!(
+        let mut lines = vec![format!(
             "{label}: published {published} confirmed {} failed {} received {} lost {lost} duplicated {duplicated} unexpected {unexpected}",
             confirmed.len(),
             self.failed.load(Ordering::Acquire),
             unique.len(),
-        );
-        for recovery in self.recoveries() {
-            println!("{label}: {recovery}");
+        )];
+        lines.extend(self.recoveries().iter().map(|r| format!("{label}: {r}")));
+        for line in &lines {
+            println!("{line}");
+            report(line);
         }
         assert_eq!(unexpected, 0, "messages nobody published");
         assert!(
@@ -253,6 +255,23 @@ impl Traffic {
             "too little traffic to prove anything"
         );
         assert_eq!(lost, 0, "confirmed messages that never arrived");
+    }
+}
+
+/// Add `line` to the report `scripts/test` prints after the tests (cargo
+/// shows a passing test's output only with `--nocapture`).
+pub fn report(line: &str) {
+    use std::io::Write;
+    let Some(path) = std::env::var_os("POLYBUS_REPORT") else {
+        return;
+    };
+    // One short write with O_APPEND: lines from parallel tests do not interleave.
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(format!("outage\t{line}\n").as_bytes());
     }
 }
 
@@ -298,9 +317,11 @@ impl Scheduled {
             .expect("the scheduled message came after the restart")
             .expect("the scheduled consumer");
         assert!(at >= self.due, "delivered before its time");
-        eprintln!(
-            "scheduled: delivered {:?} after its time, across the restart",
+        let line = format!(
+            "scheduled message: delivered {:?} after its time, across the restart",
             at.duration_since(self.due).unwrap_or_default()
         );
+        eprintln!("{line}");
+        report(&line);
     }
 }
