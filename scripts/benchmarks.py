@@ -231,6 +231,16 @@ def median(xs):
     return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
+def cpu_cell(row, key):
+    """Median CPU microseconds per message over the rounds (min–max), or — where
+    it was not read (an older run, no broker process of our scripts, or the
+    mock cluster, which runs inside the client's process)."""
+    xs = [x for x in row.get(key) or [] if x is not None]
+    if not xs:
+        return "—"
+    return f"{median(xs):.1f} ({min(xs):.1f}–{max(xs):.1f})"
+
+
 def sustained_section(w):
     """Sustained streams on the brokers, from target/polybus-bench/sustained-*.json."""
     rows = []
@@ -242,7 +252,8 @@ def sustained_section(w):
         w("Not run: no target/polybus-bench/sustained-*.json (the amqp and kafka benches "
           "write them unless `POLYBUS_BENCH_SUSTAINED=0`).\n")
         return
-    r0 = rows[0]
+    # An end-to-end row says the backlog bound (publish-only rows have none).
+    r0 = next((r for r in rows if r["backlog"] is not None), rows[0])
     w(f"Producers and a consumer group running continuously: {r0['producers']} producer "
       f"tasks, each with {r0['in_flight']} publishes in flight awaited together (publisher "
       f"confirms; `acks=all` and idempotence on Kafka), {r0['size']} B payloads, a consumer "
@@ -256,7 +267,14 @@ def sustained_section(w):
       f"ratios (min–max). A ratio is **indistinguishable** when the two implementations' "
       f"rates overlap across rounds: then neither met nor missed can be told on this "
       f"machine. `kafka-mock` is librdkafka's in-process mock cluster (3 brokers, "
-      f"replication factor 3): the broker is not the bottleneck there, the clients are.\n\n")
+      f"replication factor 3): the broker is not the bottleneck there, the clients are. "
+      f"**CPU µs/msg** is the CPU time (user and system, from `/proc`) spent in the window "
+      f"per message done, median over rounds (min–max): *client* is the bench process, every "
+      f"thread (for `kafka-mock` it includes the mock brokers, which run inside it); *broker* "
+      f"is RabbitMQ's `beam.smp` or tansu, found through `scripts/brokers/<broker>.sh pid`. "
+      f"It says whether a client that is slower works more per message or waits more, and "
+      f"it is steadier than a rate on a shared machine; RabbitMQ's schedulers spin while "
+      f"they wait, which counts as its CPU.\n\n")
     by = {}
     for r in rows:
         by.setdefault((r["backend"], r["kind"]), []).append(r)
@@ -265,7 +283,8 @@ def sustained_section(w):
         poly = next((r for r in rs if r["impl"] == "polybus"), None)
         w(f"**{backend}, {kind.replace('_', ' ')}**\n\n")
         waits = "publish waits for" if kind == "publish" else "ack"
-        w(f"| impl | msg/s median (min–max) | polybus / impl (min–max) | {waits} |\n|---|---|---|---|\n")
+        w(f"| impl | msg/s median (min–max) | polybus / impl (min–max) | client CPU µs/msg | "
+          f"broker CPU µs/msg | {waits} |\n|---|---|---|---|---|---|\n")
         for r in rs:
             rates = r["rates"]
             ratio = "—"
@@ -278,7 +297,8 @@ def sustained_section(w):
             table = SUSTAINED_CONFIRMS if kind == "publish" else SUSTAINED_ACKS
             ack = table.get((backend.split("-")[0], r["impl"]), "")
             w(f"| {r['impl']} | {fmt_rate(median(rates))} ({fmt_rate(min(rates))}–"
-              f"{fmt_rate(max(rates))}) | {ratio} | {ack} |\n")
+              f"{fmt_rate(max(rates))}) | {ratio} | {cpu_cell(r, 'client_us_per_msg')} | "
+              f"{cpu_cell(r, 'broker_us_per_msg')} | {ack} |\n")
         w("\n")
     w("Targets, on the median ratio:\n\n| target | polybus / impl (min–max) | |\n|---|---|---|\n")
     for backend, kind, imp, least in SUSTAINED_TARGETS:

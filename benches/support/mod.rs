@@ -560,6 +560,8 @@ pub async fn sustained(
         (Duration::from_secs(2), Duration::from_secs(10))
     };
     let mut rates = vec![Vec::new(); impls.len()];
+    let mut cpu = vec![Vec::new(); impls.len()];
+    let broker = Cpu::broker(backend);
     for round in 0..rounds() {
         for k in 0..impls.len() {
             let i = (round + k) % impls.len();
@@ -580,6 +582,7 @@ pub async fn sustained(
             }
             tokio::time::sleep(warm_up).await;
             let (before, started) = (stream.count(), Instant::now());
+            let ticks = (Cpu::ticks("self"), broker.as_ref().and_then(Cpu::now));
             tokio::time::sleep(window).await;
             // An aged broker (tansu after CI's tests) may do nothing in quick
             // mode's one-second window: it then lasts until something is done.
@@ -591,7 +594,9 @@ pub async fn sustained(
                 );
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            let rate = (stream.count() - before) as f64 / started.elapsed().as_secs_f64();
+            let done = stream.count() - before;
+            let rate = done as f64 / started.elapsed().as_secs_f64();
+            cpu[i].push(Cpu::per_message(ticks, broker.as_ref(), done));
             stream
                 .stop
                 .store(true, std::sync::atomic::Ordering::Release);
@@ -608,7 +613,7 @@ pub async fn sustained(
             rates[i].push(rate);
         }
     }
-    rows(
+    let mut rows = rows(
         impls.iter().map(|(name, _)| *name),
         rates,
         serde_json::json!({
@@ -616,8 +621,88 @@ pub async fn sustained(
             "warm_up_s": warm_up.as_secs_f64(), "window_s": window.as_secs_f64(),
             "producers": PRODUCERS, "in_flight": IN_FLIGHT,
             "backlog": if consumed { Some(BACKLOG) } else { None },
+            "broker_process": broker.as_ref().map(|b| b.name),
         }),
-    )
+    );
+    for (row, cpu) in rows.iter_mut().zip(cpu) {
+        row["client_us_per_msg"] = cpu.iter().map(|c| c.0).collect::<Vec<_>>().into();
+        row["broker_us_per_msg"] = cpu.iter().map(|c| c.1).collect::<Vec<_>>().into();
+    }
+    rows
+}
+
+/// CPU time of a process, read from `/proc`: where a sustained stream's time
+/// goes, per message, on the client's side (this process, every thread: tokio's
+/// workers, lapin's I/O thread, librdkafka's threads) and on the broker's.
+/// Less noisy than a rate on a shared machine, and it tells a client that works
+/// more per message from one that waits more.
+pub struct Cpu {
+    pid: String,
+    /// What the broker process is, for BENCHMARKS.md.
+    name: &'static str,
+}
+
+impl Cpu {
+    /// The broker process of `backend`, asked of the script that starts it
+    /// (`scripts/brokers/<script> pid`); none when that script's broker is not
+    /// the one running, or the broker runs inside this process (the mock cluster).
+    fn broker(backend: &str) -> Option<Cpu> {
+        let (script, name) = match backend {
+            "amqp" => ("rabbitmq.sh", "RabbitMQ's beam.smp"),
+            "kafka" => ("tansu.sh", "tansu"),
+            _ => return None,
+        };
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .ancestors()
+            .find(|d| d.join("scripts/brokers").is_dir())?;
+        let out = std::process::Command::new("bash")
+            .arg(root.join("scripts/brokers").join(script))
+            .arg("pid")
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()?;
+        let pid = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+        (out.status.success() && Cpu::ticks(&pid).is_some()).then_some(Cpu { pid, name })
+    }
+
+    fn now(&self) -> Option<u64> {
+        Cpu::ticks(&self.pid)
+    }
+
+    /// User and system time of `pid` (or `self`) so far, in clock ticks.
+    fn ticks(pid: &str) -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name, which may hold spaces: state is the
+        // first; utime and stime are the 12th and 13th.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    }
+
+    /// Microseconds of CPU per message done since `before`, for this process
+    /// and the broker.
+    fn per_message(
+        before: (Option<u64>, Option<u64>),
+        broker: Option<&Cpu>,
+        done: u64,
+    ) -> (Option<f64>, Option<f64>) {
+        static TICK_US: OnceLock<f64> = OnceLock::new();
+        let tick_us = *TICK_US.get_or_init(|| {
+            std::process::Command::new("getconf")
+                .arg("CLK_TCK")
+                .output()
+                .ok()
+                .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse::<f64>().ok())
+                .map_or(10_000.0, |hz| 1e6 / hz)
+        });
+        let per = |before: Option<u64>, now: Option<u64>| {
+            let spent = now?.checked_sub(before?)?;
+            (done > 0).then(|| spent as f64 * tick_us / done as f64)
+        };
+        (
+            per(before.0, Cpu::ticks("self")),
+            per(before.1, broker.and_then(Cpu::now)),
+        )
+    }
 }
 
 /// Write sustained rows as `target/polybus-bench/sustained-<name>.json`.

@@ -4,6 +4,7 @@
 #   scripts/brokers/rabbitmq.sh start   install if missing, start if not running, wait
 #   scripts/brokers/rabbitmq.sh stop    stop the node, if `start` started it
 #   scripts/brokers/rabbitmq.sh install install Debian's rabbitmq-server if missing
+#   scripts/brokers/rabbitmq.sh pid     the running node's OS pid (the benches read its CPU time)
 #
 # Installs Debian's rabbitmq-server with apt (seconds; skipped when installed).
 # The tests use the vhost `polybus-test`, deleted and made anew at every start, so
@@ -162,5 +163,7 @@ case "${1:-}" in
   stop) stop ;;
   # For rabbitmq-cluster.sh, which runs the same package.
   install) install ;;
-  *) echo "usage: $0 start|stop|install" >&2; exit 2 ;;
+  # Whoever started it: the node answers with its own pid.
+  pid) running && rabbitmqctl -q eval 'list_to_integer(os:getpid()).' ;;
+  *) echo "usage: $0 start|stop|install|pid" >&2; exit 2 ;;
 esac

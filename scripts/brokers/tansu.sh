@@ -11,6 +11,8 @@
 #                                      store slows down as it grows by gigabytes)
 #   scripts/brokers/tansu.sh stop      stop the broker, if `start` started it
 #   scripts/brokers/tansu.sh install   build the binary if it is not cached
+#   scripts/brokers/tansu.sh pid       the pid of the broker this script started
+#                                      (the benches read its CPU time)
 #
 # With POLYBUS_TANSU_SASL=1 (what tansu-sasl.sh sets) the same commands run a
 # second broker that requires SASL: on 127.0.0.1:9094, data in
@@ -211,5 +213,6 @@ case "${1:-}" in
   restart) restart "${2:-0}" ;;
   reset) reset ;;
   stop) stop ;;
-  *) echo "usage: $0 start|restart [SECONDS]|reset|stop|install" >&2; exit 2 ;;
+  pid) ours && cat "$pidfile" ;;
+  *) echo "usage: $0 start|restart [SECONDS]|reset|stop|install|pid" >&2; exit 2 ;;
 esac
