@@ -210,10 +210,15 @@ SUSTAINED_ACKS = {
 # What each implementation's publish waits for (publish only), from its source.
 SUSTAINED_CONFIRMS = {
     ("amqp", "polybus"): "publisher confirm (broker `basic.ack`) of each message",
-    ("amqp", "raw"): "publisher confirm of each message",
-    ("amqp", "raw-default-exchange"): "publisher confirm of each message; published to the "
-                                      "default exchange, straight to the queue (as ruststream "
-                                      "does), not through a topic exchange",
+    ("amqp", "raw"): "publisher confirm of each message; each `basic_publish` awaited "
+                     "(written) before the next",
+    ("amqp", "raw-pipelined"): "publisher confirm of each message; a batch's `basic_publish` "
+                               "calls awaited together, as polybus's batch and ruststream go",
+    ("amqp", "raw-default-exchange"): "as raw, published to the default exchange, straight "
+                                      "to the queue (as ruststream does), not through a "
+                                      "topic exchange",
+    ("amqp", "raw-pipelined-default-exchange"): "as raw-pipelined, through the default "
+                                                "exchange: what ruststream does",
     ("amqp", "ruststream"): "publisher confirm of each message (`LapinPublish::confirms()`, "
                             "a confirm channel per publisher), default exchange",
     ("amqp", "omniqueue"): "**no confirm**: the frame written to the socket (omniqueue never "

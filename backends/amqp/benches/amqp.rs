@@ -161,7 +161,8 @@ async fn declare_quorum(channel: &Channel, queue: &str) {
 }
 
 /// Publish `n` persistent messages on the confirm channel `channel`, all in
-/// flight, and wait for every confirm.
+/// flight, and wait for every confirm. Each `basic_publish` is awaited (lapin's
+/// I/O thread has written it) before the next is made, as a plain loop does.
 async fn publish_on(
     channel: &Channel,
     (exchange, routing_key): (&str, &str),
@@ -186,6 +187,31 @@ async fn publish_on(
     for c in futures::future::join_all(confirms).await {
         assert!(c.unwrap().is_ack());
     }
+}
+
+/// [`publish_on`] with every `basic_publish` awaited together, so lapin writes
+/// the batch's frames in few writes (as ruststream's publishes, and polybus's
+/// batches, go): what pipelining saves the client and the broker.
+async fn publish_pipelined(
+    channel: &Channel,
+    (exchange, routing_key): (&str, &str),
+    payload: &[u8],
+    n: usize,
+) {
+    let publishes = (0..n).map(|_| async {
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                payload,
+                raw_properties(),
+            )
+            .await
+            .unwrap();
+        assert!(confirm.await.unwrap().is_ack());
+    });
+    futures::future::join_all(publishes).await;
 }
 
 /// What polybus puts on each message, made by hand: a message id, the time in
@@ -476,7 +502,7 @@ async fn raw_stream(
         .await
         .unwrap();
     let mut consumer = raw.queue_on(&channel, &topic).await;
-    let mut tasks = raw_producers(raw, (RAW_EXCHANGE, &topic), &stream, false).await;
+    let mut tasks = raw_producers(raw, (RAW_EXCHANGE, &topic), &stream, false, false).await;
     tasks.push(tokio::spawn(async move {
         let mut n = 0u64;
         while let Some(d) = consumer.next().await {
@@ -503,6 +529,7 @@ async fn raw_producers(
     (exchange, topic): (&'static str, &str),
     stream: &support::Stream,
     count: bool,
+    pipelined: bool,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let payload = Bytes::from(vec![7u8; support::SUSTAINED_SIZE]);
     let mut tasks = Vec::new();
@@ -515,7 +542,12 @@ async fn raw_producers(
         let (stream, topic, payload) = (stream.clone(), topic.to_owned(), payload.clone());
         tasks.push(tokio::spawn(async move {
             while stream.may_publish(support::IN_FLIGHT).await {
-                publish_on(&channel, (exchange, &topic), &payload, support::IN_FLIGHT).await;
+                let target = (exchange, topic.as_str());
+                if pipelined {
+                    publish_pipelined(&channel, target, &payload, support::IN_FLIGHT).await;
+                } else {
+                    publish_on(&channel, target, &payload, support::IN_FLIGHT).await;
+                }
                 if count {
                     stream.done(support::IN_FLIGHT as u64);
                 }
@@ -717,32 +749,34 @@ fn sustained(rt: &tokio::runtime::Runtime) {
         ],
     ));
     // Publish only: the same producers, bound to a group queue nobody consumes.
-    let raw_publish: support::Start<'_> = Box::new(move |stream| {
-        Box::pin(async move {
-            let topic = support::name("suspubraw");
-            let queue = raw.declare(&raw.consume, &topic).await;
-            queues_ref.lock().unwrap().push(queue);
-            raw_producers(raw, (RAW_EXCHANGE, &topic), &stream, true).await
+    // Raw lapin also publishes pipelined (every publish of a batch awaited
+    // together) and straight to the queue through the default exchange, as
+    // ruststream does: what pipelining and the topic exchange's routing cost.
+    let raw_publish = |direct: bool, pipelined: bool| -> support::Start<'_> {
+        Box::new(move |stream| {
+            Box::pin(async move {
+                let topic = support::name("suspubraw");
+                let queue = raw.declare(&raw.consume, &topic).await;
+                queues_ref.lock().unwrap().push(queue.clone());
+                let target = if direct {
+                    ("", queue.as_str())
+                } else {
+                    (RAW_EXCHANGE, topic.as_str())
+                };
+                raw_producers(raw, target, &stream, true, pipelined).await
+            })
         })
-    });
-    // Raw lapin straight to the queue through the default exchange, as
-    // ruststream publishes: what the topic exchange's routing costs the broker.
-    let raw_direct: support::Start<'_> = Box::new(move |stream| {
-        Box::pin(async move {
-            let topic = support::name("suspubdirect");
-            let queue = raw.declare(&raw.consume, &topic).await;
-            queues_ref.lock().unwrap().push(queue.clone());
-            raw_producers(raw, ("", &queue), &stream, true).await
-        })
-    });
+    };
     rows.extend(rt.block_on(support::sustained(
         "amqp",
         "publish",
         false,
         &[
             ("polybus", polybus(true)),
-            ("raw", raw_publish),
-            ("raw-default-exchange", raw_direct),
+            ("raw", raw_publish(false, false)),
+            ("raw-pipelined", raw_publish(false, true)),
+            ("raw-default-exchange", raw_publish(true, false)),
+            ("raw-pipelined-default-exchange", raw_publish(true, true)),
             ("ruststream", ruststream_peer(true)),
             ("omniqueue", omniqueue_peer(true)),
         ],
