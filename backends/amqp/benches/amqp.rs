@@ -160,29 +160,32 @@ async fn declare_quorum(channel: &Channel, queue: &str) {
         .unwrap();
 }
 
-/// Publish `n` persistent messages on the confirm channel `channel`, all in
-/// flight, and wait for every confirm. Each `basic_publish` is awaited (lapin's
-/// I/O thread has written it) before the next is made, as a plain loop does.
-async fn publish_on(
+/// One persistent publish of `payload` on the confirm channel `channel`,
+/// resolved once lapin's I/O thread has written it.
+async fn raw_publish_one(
     channel: &Channel,
     (exchange, routing_key): (&str, &str),
     payload: &[u8],
-    n: usize,
-) {
+) -> lapin::PublisherConfirm {
+    channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            payload,
+            raw_properties(),
+        )
+        .await
+        .unwrap()
+}
+
+/// Publish `n` persistent messages on the confirm channel `channel`, all in
+/// flight, and wait for every confirm. Each `basic_publish` is awaited (lapin's
+/// I/O thread has written it) before the next is made, as a plain loop does.
+async fn publish_on(channel: &Channel, target: (&str, &str), payload: &[u8], n: usize) {
     let mut confirms = Vec::with_capacity(n);
     for _ in 0..n {
-        confirms.push(
-            channel
-                .basic_publish(
-                    exchange.into(),
-                    routing_key.into(),
-                    BasicPublishOptions::default(),
-                    payload,
-                    raw_properties(),
-                )
-                .await
-                .unwrap(),
-        );
+        confirms.push(raw_publish_one(channel, target, payload).await);
     }
     for c in futures::future::join_all(confirms).await {
         assert!(c.unwrap().is_ack());
@@ -192,23 +195,9 @@ async fn publish_on(
 /// [`publish_on`] with every `basic_publish` awaited together, so lapin writes
 /// the batch's frames in few writes (as ruststream's publishes, and polybus's
 /// batches, go): what pipelining saves the client and the broker.
-async fn publish_pipelined(
-    channel: &Channel,
-    (exchange, routing_key): (&str, &str),
-    payload: &[u8],
-    n: usize,
-) {
+async fn publish_pipelined(channel: &Channel, target: (&str, &str), payload: &[u8], n: usize) {
     let publishes = (0..n).map(|_| async {
-        let confirm = channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                payload,
-                raw_properties(),
-            )
-            .await
-            .unwrap();
+        let confirm = raw_publish_one(channel, target, payload).await;
         assert!(confirm.await.unwrap().is_ack());
     });
     futures::future::join_all(publishes).await;

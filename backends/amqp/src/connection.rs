@@ -53,42 +53,11 @@ pub(crate) struct Live {
 }
 
 /// Publishes of a batch queued before their writes are awaited together
-/// ([`in_order`] polls every pending one on each wake, so the chunk bounds that
+/// ([`crate::in_order::in_order`] polls every pending one on each wake, so the chunk bounds that
 /// work). A whole sustained-bench batch (100) in one chunk took polybus from
 /// 25.5 k to 30.0 k msg/s publishing, and the broker from 53 to 44 µs of CPU a
 /// message, against chunks of 30 (benches/NOTES.md).
 const WRITE_CHUNK: usize = 256;
-
-/// Await `futures` together, polling each pending one in order on every wake,
-/// so their first polls (where lapin queues a publish's frames and numbers its
-/// confirm) run in the order given: the batch keeps its order (C5).
-/// `join_all` does this only for lists of up to 30; longer ones go through
-/// `FuturesOrdered`, whose first polls need not run in order.
-async fn in_order<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut pending: Vec<_> = futures.map(|f| Some(Box::pin(f))).collect();
-    let mut outputs: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut waiting = false;
-        for (slot, output) in pending.iter_mut().zip(outputs.iter_mut()) {
-            if let Some(future) = slot {
-                match future.as_mut().poll(cx) {
-                    Poll::Ready(out) => {
-                        *output = Some(out);
-                        *slot = None;
-                    }
-                    Poll::Pending => waiting = true,
-                }
-            }
-        }
-        if waiting {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    })
-    .await;
-    outputs.into_iter().flatten().collect()
-}
 
 /// One confirm channel of the publish pool.
 struct Publisher {
@@ -406,7 +375,7 @@ impl Connector {
                 let writes = chunk
                     .iter()
                     .map(|message| publisher.write(exchange, routing_key, false, message, &[]));
-                for written in in_order(writes).await {
+                for written in crate::in_order::in_order(writes).await {
                     match written {
                         Ok(confirm) => confirms.push(confirm),
                         // What follows a failed write is published again after
@@ -655,25 +624,5 @@ mod tests {
         assert_eq!(a, retry_queue_name(&long, 7_000_000_000), "stable");
         let other = format!("{}h", &long[..long.len() - 1]);
         assert_ne!(a, retry_queue_name(&other, 7_000_000_000));
-    }
-
-    /// C5 for a batch: lapin queues a publish in its first poll, so first polls
-    /// must run in the batch's order, beyond the 30 that `join_all` keeps in order.
-    #[tokio::test]
-    async fn batch_writes_are_first_polled_in_order_and_answered_in_order() {
-        let first_polls = StdMutex::new(Vec::new());
-        let writes = (0..WRITE_CHUNK).map(|i| {
-            let first_polls = &first_polls;
-            async move {
-                first_polls.lock().unwrap().push(i);
-                // Pending once, answered later, as a write is.
-                tokio::task::yield_now().await;
-                i * 2
-            }
-        });
-        let outputs = in_order(writes).await;
-        let order: Vec<usize> = (0..WRITE_CHUNK).collect();
-        assert_eq!(*first_polls.lock().unwrap(), order);
-        assert_eq!(outputs, order.iter().map(|i| i * 2).collect::<Vec<_>>());
     }
 }

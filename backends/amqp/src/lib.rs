@@ -30,6 +30,7 @@
 mod acks;
 mod connection;
 mod depth;
+mod in_order;
 mod mapping;
 mod options;
 mod subscriber;
