@@ -53,10 +53,10 @@ pub(crate) struct Live {
 }
 
 /// Publishes of a batch queued before their writes are awaited together
-/// ([`crate::in_order::in_order`] polls every pending one on each wake, so the chunk bounds that
-/// work). A whole sustained-bench batch (100) in one chunk took polybus from
-/// 25.5 k to 30.0 k msg/s publishing, and the broker from 53 to 44 µs of CPU a
-/// message, against chunks of 30 (benches/NOTES.md).
+/// ([`crate::in_order::in_order`] polls every pending one on each wake, so the
+/// chunk bounds that work). Chunks of 30, the most `join_all` keeps in order,
+/// cost the broker more CPU a message and the bench a sixth of its rate
+/// (benches/NOTES.md, "RabbitMQ publishing beside the peers").
 const WRITE_CHUNK: usize = 256;
 
 /// One confirm channel of the publish pool.
